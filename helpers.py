@@ -1,0 +1,839 @@
+"""Plumbing shared by the lessons: command line, device, seeding, data, training loop, tables, plots.
+
+Nothing here teaches residual networks; the ideas live in the numbered lessons. A lesson uses it like this:
+
+    # --- constants ---------------------------------------------------------------
+    DEPTH = 56  # layers in the network (6n+2)
+    DEVICE = "auto"  # auto | cpu | cuda | mps
+    # --- end constants -----------------------------------------------------------
+
+    def main(**overrides):
+        cfg = helpers.config(globals(), overrides)  # cfg.depth == 56 unless overridden
+        ...
+
+    if __name__ == "__main__":
+        helpers.run_cli(main, globals())
+
+`run_cli` turns every constant of that block into a flag (`DEPTH` -> `--depth`), with the comment as help
+text and the value as default, so the constants block stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_DIR = Path(__file__).resolve().parent
+CONSTANTS_START = "# --- constants"
+CONSTANTS_END = "# --- end constants"
+
+
+# =====================================================================================================
+# Errors a user can fix
+# =====================================================================================================
+class UserError(Exception):
+    """A problem the user can fix; `run_cli` prints it as one `error: ...` line and exits with status 1."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `UserError(message)` unless `condition` holds. Message style: `<what> (<how to fix>)`."""
+    if not condition:
+        raise UserError(message)
+
+
+# =====================================================================================================
+# Constants block -> config object and command-line flags
+# =====================================================================================================
+@dataclass(frozen=True)
+class Constant:
+    name: str  # UPPER_CASE name in the lesson
+    default: Any  # the value it has in the lesson file
+    help: str  # the comment beside it
+
+    @property
+    def key(self) -> str:  # the keyword `main` accepts
+        return self.name.lower()
+
+    @property
+    def flag(self) -> str:  # the command-line flag
+        return "--" + self.key.replace("_", "-")
+
+
+def read_constants(module_globals: dict) -> list[Constant]:
+    """The constants between the `# --- constants` and `# --- end constants` lines of a lesson file."""
+    source = Path(module_globals["__file__"]).read_text(encoding="utf-8").splitlines()
+    try:
+        start = next(i for i, line in enumerate(source) if line.startswith(CONSTANTS_START))
+        end = next(i for i, line in enumerate(source) if line.startswith(CONSTANTS_END))
+    except StopIteration:
+        raise RuntimeError(f"{module_globals['__file__']} has no constants block") from None
+    constants = []
+    for line in source[start + 1 : end]:
+        if not line or line.startswith("#") or line.startswith(" "):
+            continue
+        code, _, comment = line.partition("  # ")
+        name = code.split("=", 1)[0].strip().split(":")[0].strip()
+        if not name.isupper():
+            continue
+        constants.append(Constant(name, module_globals[name], comment.strip()))
+    return constants
+
+
+class Config(dict):
+    """The lesson's constants in lower case, with overrides applied; read as `cfg.depth` or `cfg["depth"]`.
+
+    `cfg.explicit` is the set of keys the caller set on purpose (a flag on the command line or a keyword
+    to `main`), which lets a lesson tell "the default dataset" from "the dataset you asked for".
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    explicit: frozenset = frozenset()
+
+
+def config(module_globals: dict, overrides: dict, full_overrides: dict | None = None) -> Config:
+    """Build the config for one run: constants as defaults, then `full_overrides` when `full=True`, then
+    the caller's overrides. Unknown keys are a `TypeError`, as for any Python function."""
+    constants = {c.key: c.default for c in read_constants(module_globals)}
+    unknown = sorted(set(overrides) - set(constants))
+    if unknown:
+        raise TypeError(f"main() got unexpected keyword arguments: {', '.join(unknown)}")
+    cfg = Config(constants)
+    if overrides.get("full", constants.get("full", False)) and full_overrides:
+        cfg.update(full_overrides)
+    cfg.update(overrides)
+    for key, value in cfg.items():  # lists from the command line become tuples, like the constants
+        if isinstance(value, list):
+            cfg[key] = tuple(value)
+    cfg.explicit = frozenset(overrides)
+    return cfg
+
+
+def _flag_type(default: Any) -> dict:
+    if isinstance(default, bool):
+        return {"action": argparse.BooleanOptionalAction}
+    if isinstance(default, (tuple, list)):
+        item = type(default[0]) if default else str
+        return {"nargs": "+", "type": item, "metavar": item.__name__.upper()}
+    if default is None:
+        return {"type": str}
+    return {"type": type(default), "metavar": type(default).__name__.upper()}
+
+
+def build_parser(module_globals: dict, choices: dict[str, Iterable[str]] | None = None):
+    """An argparse parser with one flag per constant. Defaults are SUPPRESSed so that the parsed
+    namespace holds only what the user typed; `main` fills in the rest from the constants."""
+    doc = (module_globals.get("__doc__") or "").strip().splitlines()
+    parser = argparse.ArgumentParser(
+        prog=f"python {Path(module_globals['__file__']).name}",
+        description=doc[0] if doc else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    choices = choices or {}
+    for constant in read_constants(module_globals):
+        kwargs = _flag_type(constant.default)
+        if constant.key in choices:
+            kwargs["choices"] = list(choices[constant.key])
+            kwargs.pop("metavar", None)
+        parser.add_argument(
+            constant.flag,
+            dest=constant.key,
+            default=argparse.SUPPRESS,
+            help=f"{constant.help} (default: {constant.default!r})",
+            **kwargs,
+        )
+    return parser
+
+
+def run_cli(main: Callable[..., Any], module_globals: dict, choices: dict | None = None) -> None:
+    """Parse flags, call `main(**flags)`, and turn a `UserError` into one line on stderr and exit 1."""
+    choices = {"device": ("auto", "cpu", "cuda", "mps"), **(choices or {})}
+    args = build_parser(module_globals, choices).parse_args()
+    try:
+        main(**vars(args))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# =====================================================================================================
+# Loading a numbered lesson as a module
+# =====================================================================================================
+def load_lesson(number: str | int):
+    """Import a lesson file by its number: `load_lesson(2)` returns `02_resnet_implementation.py` as a
+    module. File names start with digits, which `import` cannot spell. The module is registered as
+    `lesson02` so that pickling and `torch.save` can find its classes again."""
+    prefix = f"{int(str(number)[:2]):02d}_"
+    matches = sorted(REPO_DIR.glob(prefix + "*.py"))
+    if len(matches) != 1:
+        raise FileNotFoundError(f"expected one lesson file named {prefix}*.py in {REPO_DIR}")
+    name = "lesson" + prefix[:2]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, matches[0])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+# =====================================================================================================
+# Device, precision, seeding
+# =====================================================================================================
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU. Asking for one that is absent is a UserError."""
+    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
+    require(name in ("cpu", "cuda", "mps"), f"unknown device {name!r} (use auto, cpu, cuda or mps)")
+    require(name != "cuda" or torch.cuda.is_available(), "CUDA is not available here (use --device cpu or auto)")
+    require(name != "mps" or mps_available, "MPS is not available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX on x86, BF16 on Arm).
+
+    Without them, bf16 autocast on the CPU is emulated and slower than fp32, so it must be detected."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2", "DEFAULT"
+    except AttributeError:
+        capability = ""
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    if platform.machine() in ("arm64", "aarch64"):
+        return "bf16" in flags or sys.platform == "darwin"
+    return "AVX512" in capability and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype to autocast to, or None for plain fp32.
+
+    `auto`: bf16 where the hardware does it natively (CUDA compute capability >= 8.0, CPUs with
+    AVX512-BF16/AMX), fp16 on older CUDA GPUs (then a GradScaler is needed), fp32 elsewhere (MPS included)."""
+    require(
+        precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)"
+    )
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context for the forward pass; a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for data order, so that the data order does
+    not depend on how many random numbers the model's initialisation drew."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings measure the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# =====================================================================================================
+# Output: tables, progress, results.json, figures, atomic writes
+# =====================================================================================================
+def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> str:
+    """A fixed-width text table. `columns` is a list of (key, format), e.g. [("depth", "d"), ("ratio", ".2e")];
+    headers are the keys. Numbers are right-aligned, text left-aligned."""
+    if not rows:
+        return title or ""
+    columns = columns or [(key, "") for key in rows[0]]
+    cells = [[format(row[key], spec) if row.get(key) is not None else "-" for key, spec in columns] for row in rows]
+    widths = [max(len(key), *(len(r[i]) for r in cells)) for i, (key, _) in enumerate(columns)]
+    numeric = [all(isinstance(row.get(key), (int, float)) for row in rows) for key, _ in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line([key for key, _ in columns]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def print_table(rows, columns=None, title=None) -> None:
+    print(format_table(rows, columns, title), end="\n\n", flush=True)
+
+
+class Progress:
+    """A progress bar (tqdm) with throughput on a terminal, plain periodic lines when output is a file or a
+    pipe, so that logs stay readable. Use as `for step in Progress(range(n), "train", unit="img", scale=B)`.
+    `scale` converts one step into units (e.g. images per batch) for the throughput figure."""
+
+    def __init__(
+        self, iterable, desc: str, total: int | None = None, unit: str = "it", scale: int = 1, every_s: float = 10.0
+    ):
+        self.iterable, self.desc, self.unit, self.scale, self.every_s = iterable, desc, unit, scale, every_s
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.postfix = ""
+
+    def set_postfix(self, text: str) -> None:
+        self.postfix = text
+        if getattr(self, "_bar", None) is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+
+    def __iter__(self):
+        if sys.stdout.isatty() and not os.environ.get("NO_PROGRESS_BAR"):
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=None if self.total is None else self.total * self.scale,
+                desc=self.desc,
+                unit=self.unit,
+                unit_scale=True,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            with self._bar:
+                for item in self.iterable:
+                    yield item
+                    self._bar.update(self.scale)
+            self._bar = None
+            return
+        start = last = time.perf_counter()
+        for done, item in enumerate(self.iterable, start=1):
+            yield item
+            now = time.perf_counter()
+            if now - last >= self.every_s:
+                last = now
+                of = f"/{self.total}" if self.total else ""
+                rate = done * self.scale / (now - start)
+                print(f"  {self.desc}: {done}{of} ({rate:,.0f} {self.unit}/s) {self.postfix}".rstrip(), flush=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file so that a crash never leaves it half-written: `write(tmp)` fills a temporary file in
+    the same folder, which then replaces `path` in one `os.replace` (atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or infinity
+    if isinstance(value, (Path, torch.device, torch.dtype)):
+        return str(value)
+    return value
+
+
+def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
+    """Write `results.json`: the lesson's numbers plus the run's context (device, seed, versions, runtime)."""
+    record = {
+        "lesson": Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else None,
+        "device": str(device),
+        "device_name": device_name(device),
+        "seed": cfg.get("seed"),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "runtime_s": round(time.perf_counter() - started, 3),
+        "config": dict(cfg),
+        **results,
+    }
+    text = json.dumps(_jsonable(record), indent=2)
+    return atomic_write(Path(out_dir) / "results.json", lambda tmp: tmp.write_text(text + "\n"))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
+
+
+def use_headless_matplotlib() -> None:
+    """Select the file-only backend unless a notebook already chose an inline one."""
+    import matplotlib
+
+    if "inline" not in matplotlib.get_backend().lower():
+        matplotlib.use("Agg")
+
+
+def output_dir(cfg: Config) -> Path:
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create output folder {out}: {error.strerror} (pass --out with a writable folder)"
+        ) from None
+    return out
+
+
+# =====================================================================================================
+# Model inspection
+# =====================================================================================================
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Convolutions and linear layers, in registration order: the layers a ResNet's name counts."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
+    """Multiply-adds of one forward pass, from torch's own FLOP counter (which counts 2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(input_shape, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+# =====================================================================================================
+# Data: CIFAR-10/100, Fashion-MNIST and a synthetic set, as uint8 tensors (N, 3, 32, 32)
+# =====================================================================================================
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+
+
+class DataUnavailableError(UserError):
+    """The dataset is neither on disk nor downloadable."""
+
+
+@dataclass
+class ImageData:
+    """A dataset held as uint8 image tensors of shape (N, 3, 32, 32) and int64 labels.
+
+    `val` is held out of the training set (it chooses things: checkpoints, settings); `test` is the official
+    test set, only ever reported. Fashion-MNIST's 28x28 grey images are zero-padded to 32x32 and repeated over
+    three channels so that every CIFAR model runs on them unchanged."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, float, float]  # per-channel mean of the training images, in [0, 1]
+    std: tuple[float, float, float]  # per-channel standard deviation of the training images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device: torch.device) -> ImageData:
+        """Move every tensor to `device` (the whole dataset: CIFAR-10 is 150 MB as uint8)."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return ImageData(**moved)
+
+
+def _download_hint(name: str, data_dir: Path) -> str:
+    if name == "fashion-mnist":
+        return (
+            f"connect to the internet once, or on Debian/Ubuntu run `sudo apt-get install dataset-fashion-mnist` "
+            f"(the lessons then read {DEBIAN_FASHION_MNIST} offline), or use --dataset synthetic"
+        )
+    archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+    return (
+        f"connect to the internet once, or copy {archive} from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, "
+        f"or use --dataset fashion-mnist (offline on Debian: apt-get install dataset-fashion-mnist) or --dataset synthetic"
+    )
+
+
+def _torchvision_cifar(name: str, data_dir: Path, download: bool):
+    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies the MD5 of every file."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    sets = []
+    for train in (True, False):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
+                ds = cls(root=str(data_dir), train=train, download=download)
+        except (RuntimeError, OSError, ValueError) as error:  # not found / corrupted / no network
+            raise DataUnavailableError(
+                f"{name} is not in {data_dir} and could not be downloaded: {str(error).splitlines()[0][:120]} ({_download_hint(name, data_dir)})"
+            ) from None
+        x = (
+            torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        )  # (N, H, W, C) -> (N, C, H, W)
+        sets += [x, torch.as_tensor(ds.targets, dtype=torch.int64)]
+    return (*sets, tuple(ds.classes))
+
+
+# MD5 of the four uncompressed Fashion-MNIST files. Debian recompresses the .gz archives (so their MD5s differ
+# from the ones torchvision checks), but the uncompressed bytes are Zalando's originals.
+FASHION_MNIST_RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+
+def _install_debian_fashion_mnist(raw_dir: Path, source: Path) -> bool:
+    """Unpack the Fashion-MNIST files that Debian's `dataset-fashion-mnist` ships into torchvision's raw
+    folder, checking each against its known MD5. Returns False when the package is not installed."""
+    if not all((source / f"{name}.gz").exists() for name in FASHION_MNIST_RAW_MD5):
+        return False
+    for name, md5 in FASHION_MNIST_RAW_MD5.items():
+        data = gzip.decompress((source / f"{name}.gz").read_bytes())
+        require(
+            hashlib.md5(data).hexdigest() == md5,
+            f"{source / name}.gz does not match its known MD5 checksum (reinstall dataset-fashion-mnist)",
+        )
+        atomic_write(raw_dir / name, lambda tmp, data=data: tmp.write_bytes(data))
+    return True
+
+
+def _torchvision_fashion_mnist(data_dir: Path, download: bool, debian_dir: Path = DEBIAN_FASHION_MNIST):
+    import torchvision
+
+    cls = torchvision.datasets.FashionMNIST
+    raw_dir = data_dir / cls.__name__ / "raw"
+    if not all((raw_dir / name).exists() for name in FASHION_MNIST_RAW_MD5):
+        _install_debian_fashion_mnist(raw_dir, debian_dir)
+    sets = []
+    for train in (True, False):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                ds = cls(root=str(data_dir), train=train, download=download)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise DataUnavailableError(
+                f"fashion-mnist is not in {data_dir} and could not be downloaded: {str(error).splitlines()[0][:120]} ({_download_hint('fashion-mnist', data_dir)})"
+            ) from None
+        x = F.pad(ds.data, (2, 2, 2, 2))  # (N, 28, 28) -> (N, 32, 32), zero border like LeNet's input
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 32, 32) -> (N, 3, 32, 32)
+        sets += [x, ds.targets.to(torch.int64)]
+    return (*sets, FASHION_CLASSES)
+
+
+def make_synthetic(
+    num_images: int, seed: int, num_classes: int = 10, size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A procedurally generated image set that needs no download: learnable, but not trivially.
+
+    Class k is a sinusoidal grating at orientation k*180/num_classes degrees; each image draws its own
+    spatial frequency, phase, colour, contrast, a random dark blob occluding part of it and pixel noise,
+    and its orientation is jittered by up to a third of the gap between classes. Telling neighbouring
+    classes apart therefore needs a real orientation detector, and a small CNN gets most but not all of
+    them right after a few hundred steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (num_images,), generator=g)
+    gap = math.pi / num_classes
+    theta = labels.float() * gap + (torch.rand(num_images, generator=g) - 0.5) * (2 / 3) * gap
+    freq = 0.25 + 0.35 * torch.rand(num_images, generator=g)  # radians per pixel
+    phase = 2 * math.pi * torch.rand(num_images, generator=g)
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W) each
+    along = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]  # (N, H, W)
+    grating = torch.sin(along * freq[:, None, None] + phase[:, None, None])  # (N, H, W) in [-1, 1]
+    contrast = 0.3 + 0.7 * torch.rand(num_images, 1, 1, generator=g)
+    colour = 0.3 + 0.7 * torch.rand(num_images, 3, 1, 1, generator=g)  # (N, 3, 1, 1)
+    image = 0.5 + 0.5 * contrast[:, None] * grating[:, None] * colour  # (N, 3, H, W)
+    centre = (torch.rand(num_images, 2, generator=g) - 0.5) * size  # occluding blob
+    radius = 3 + 6 * torch.rand(num_images, generator=g)
+    dist = (xx[None] - centre[:, 0, None, None]) ** 2 + (yy[None] - centre[:, 1, None, None]) ** 2
+    image = image * (dist >= radius[:, None, None] ** 2)[:, None]
+    image = image + 0.15 * torch.randn(image.shape, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path = "data",
+    val_size: int = 5000,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+    fallback: bool = False,
+    synthetic_size: int = 12000,
+) -> ImageData:
+    """Load a dataset as `ImageData`, holding `val_size` training images out for validation.
+
+    `train_size` / `test_size` keep a seeded random subset (None keeps all). With `fallback=True` a dataset
+    that cannot be had is replaced by the synthetic set, with a loud notice on stderr: meant for the quick
+    default run only; an explicitly requested dataset should fail with instructions instead."""
+    require(name in DATASETS, f"unknown dataset {name!r} (use one of: {', '.join(DATASETS)})")
+    data_dir = Path(data_dir)
+    try:
+        if name == "synthetic":
+            x, y = make_synthetic(synthetic_size + max(synthetic_size // 6, 1000), seed=12345)
+            split = synthetic_size
+            train_x, train_y, test_x, test_y = x[:split], y[:split], x[split:], y[split:]
+            classes = tuple(f"{int(round(k * 180 / 10))}deg" for k in range(10))
+        elif name == "fashion-mnist":
+            train_x, train_y, test_x, test_y, classes = _torchvision_fashion_mnist(data_dir, download)
+        else:
+            train_x, train_y, test_x, test_y, classes = _torchvision_cifar(name, data_dir, download)
+    except DataUnavailableError as error:
+        if not fallback:
+            raise
+        banner = "!" * 100
+        print(
+            f"\n{banner}\nNOTICE: {error}\nFalling back to the SYNTHETIC dataset so that this quick run still works. Its numbers are\nnot {name} numbers. Pass --dataset {name} to make a missing dataset an error instead.\n{banner}\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        return load_dataset("synthetic", data_dir, val_size, train_size, test_size, seed, download=False)
+
+    require(0 < val_size < len(train_x), f"--val-size must be between 1 and {len(train_x) - 1} for {name}")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    if train_size is not None:
+        require(train_size > 0, "--train-size must be positive")
+        train_idx = train_idx[:train_size]
+    if test_size is not None:
+        test_idx = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed + 1))[:test_size]
+        test_x, test_y = test_x[test_idx], test_y[test_idx]
+    val_x, val_y = train_x[val_idx], train_y[val_idx]
+    train_x, train_y = train_x[train_idx], train_y[train_idx]
+    scaled = train_x.float().div_(255)
+    mean = tuple(scaled.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return ImageData(name, classes, train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
+
+
+# =====================================================================================================
+# Training plumbing: batches on the device, augmentation in batches, an SGD loop, evaluation
+# =====================================================================================================
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) in [0, 255] -> float (B, C, H, W) with zero mean and unit variance per channel."""
+    mean = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image random crop after zero padding by `pad` pixels, and a horizontal flip with probability 1/2,
+    done for the whole batch at once on the batch's own device. (B, C, H, W) -> (B, C, H, W), dtype kept."""
+    batch, channels, height, width = images.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)  # (2, B)
+    flips = (torch.rand(batch, generator=generator) < 0.5).to(images.device)  # (B,)
+    padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # reading columns backwards flips the image
+    batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def epoch_batches(
+    num_items: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
+) -> Iterator[torch.Tensor]:
+    """Shuffled index batches for one pass over the data (CPU indices; index device tensors with `.to`)."""
+    order = torch.randperm(num_items, generator=generator)
+    stop = num_items - num_items % batch_size if drop_last else num_items
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def endless_batches(num_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches forever, reshuffling after every epoch (used by iteration-based schedules)."""
+    require(
+        batch_size <= num_items,
+        f"batch size {batch_size} is larger than the {num_items} training images (lower --batch-size)",
+    )
+    while True:
+        yield from epoch_batches(num_items, batch_size, generator)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean,
+    std,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 500,
+    channels_last: bool = False,
+) -> dict:
+    """Loss, accuracy and logits of `model` in eval mode on a uint8 image tensor (kept on any device)."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits.append(model(x).float())
+    model.train(was_training)
+    logits = torch.cat(logits) if logits else torch.zeros(0, 1, device=device)
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
+    accuracy = (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+    return {"loss": loss, "accuracy": accuracy, "error": 1 - accuracy, "logits": logits}
+
+
+def sgd_train(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    device: torch.device,
+    generator: torch.Generator,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    lr_milestones: Iterable[int] = (),
+    warmup_steps: int = 0,
+    warmup_lr: float | None = None,
+    amp_dtype: torch.dtype | None = None,
+    augment: bool = False,
+    channels_last: bool = False,
+    on_backward: Callable[[int, nn.Module], None] | None = None,
+    desc: str = "train",
+) -> list[dict]:
+    """Train with SGD for `steps` mini-batches, the way He et al. 2015 train their CIFAR nets: momentum,
+    weight decay, the learning rate divided by 10 at each milestone, and optionally a constant warm-up
+    learning rate for the first `warmup_steps` (their 110-layer net used 0.01 until training error fell
+    below 80%, about 400 iterations). `data` may live on `device` already (fastest) or on the CPU.
+
+    Returns one record per step: loss and error of that mini-batch (the quantity the paper plots as
+    training error), the learning rate, and the elapsed time. `on_backward(step, model)` runs after the
+    gradients exist and before the update, for measuring them."""
+    require(steps > 0, "the number of training steps must be positive (raise --iterations or --epochs)")
+    require(batch_size > 0, "the batch size must be positive (raise --batch-size)")
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    milestones = sorted(lr_milestones)
+    batches = endless_batches(len(data.train_x), batch_size, generator)
+    history, started = [], time.perf_counter()
+    progress = Progress(range(steps), desc, unit="img", scale=batch_size)
+    for step in progress:
+        rate = lr * 0.1 ** sum(step >= m for m in milestones)
+        if step < warmup_steps:
+            rate = warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        index = next(batches).to(data.train_x.device)
+        images, labels = (
+            data.train_x[index].to(device, non_blocking=True),
+            data.train_y[index].to(device, non_blocking=True),
+        )
+        if augment:
+            images = random_crop_flip(images, generator=generator)
+        x = normalize(images, data.mean, data.std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels)
+        require(torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if on_backward is not None:
+            scaler.unscale_(optimizer)
+            on_backward(step, model)
+        scaler.step(optimizer)
+        scaler.update()
+        error = (logits.argmax(1) != labels).float().mean().item()
+        history.append(
+            {"step": step + 1, "loss": loss.item(), "error": error, "lr": rate, "time_s": time.perf_counter() - started}
+        )
+        progress.set_postfix(f"loss {loss.item():.3f} err {error:.1%}")
+    synchronize(device)
+    return history
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` points (mini-batch curves are noisy)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
