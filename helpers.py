@@ -653,13 +653,20 @@ def load_dataset(
     except DataUnavailableError as error:
         if not fallback:
             raise
+        # Real data beats generated data: prefer Fashion-MNIST when it is already on this machine.
+        substitute = "synthetic"
+        if name != "fashion-mnist":
+            with contextlib.suppress(DataUnavailableError):
+                _torchvision_fashion_mnist(data_dir, download=False)
+                substitute = "fashion-mnist"
         banner = "!" * 100
         print(
-            f"\n{banner}\nNOTICE: {error}\nFalling back to the SYNTHETIC dataset so that this quick run still works. Its numbers are\nnot {name} numbers. Pass --dataset {name} to make a missing dataset an error instead.\n{banner}\n",
+            f"\n{banner}\nNOTICE: {error}\nFalling back to the {substitute.upper()} dataset so that this quick run still works: "
+            f"its numbers are\nnot {name} numbers. Pass --dataset {name} to make a missing dataset an error instead.\n{banner}\n",
             file=sys.stderr,
             flush=True,
         )
-        return load_dataset("synthetic", data_dir, val_size, train_size, test_size, seed, download=False)
+        return load_dataset(substitute, data_dir, val_size, train_size, test_size, seed, download=False)
 
     require(0 < val_size < len(train_x), f"--val-size must be between 1 and {len(train_x) - 1} for {name}")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
