@@ -59,11 +59,26 @@ class BasicBlock(lesson01.ResidualBlock):
         return self.bn2
 
 
+# Why a bottleneck. A basic block that carries 256 channels costs 2 * 9 * 256^2 = 1.18M weights. The
+# bottleneck (He et al. 2015, section 4.1 "Deeper Bottleneck Architectures", Fig. 5) reduces to 64
+# channels with a 1x1 convolution, runs the 3x3 at 64 and expands back with another 1x1: 70k weights,
+# about what a basic block at 64 channels costs, for four times the channels between blocks. That is how
+# ResNet-50 gets 50 layers for 12% more multiply-adds than ResNet-34 (this lesson's tables measure both).
+#
+# Where the stride goes. The paper downsamples in the first block of stages 2-4 ("conv3_1, conv4_1, and
+# conv5_1 with a stride of 2", Table 1), and its released Caffe models put that stride on the first
+# 1x1 convolution ("v1"). A 1x1 convolution with stride 2 reads one pixel in four, so that block's branch
+# (and its 1x1 projection shortcut) never sees three quarters of its input. torchvision moves the stride
+# to the 3x3 convolution, whose windows cover every pixel; this is known as "ResNet v1.5", and its
+# resnet.py cites NVIDIA's "ResNet50 v1.5 for PyTorch" model card (DeepLearningExamples), which reports
+# about 0.5% higher top-1 accuracy and about 5% lower throughput than v1. The price in compute: the first
+# 1x1 now runs at the full input resolution, 0.231 GMACs more for ResNet-50/101/152 alike (measured below).
 class Bottleneck(nn.Module):
-    """The bottleneck block of He et al. 2015 (Fig. 5 right): 1x1 reduce, 3x3, 1x1 expand by 4.
+    """The bottleneck block of He et al. 2015 (Fig. 5 right): 1x1 reduce to `width`, 3x3, 1x1 expand to
+    4 * `width` channels, y = relu(F(x) + shortcut(x)).
 
     `stride_on="3x3"` subsamples in the 3x3 convolution (torchvision, "ResNet v1.5");
-    `stride_on="1x1"` subsamples in the first 1x1 convolution (the 2015 paper and its Caffe models, "v1")."""
+    `stride_on="1x1"` subsamples in the first 1x1 convolution (the paper's Caffe models, "v1")."""
 
     expansion = 4
 
@@ -132,12 +147,18 @@ def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride
     return nn.Sequential(*blocks)
 
 
+# Why zero-initialise the last batch norm. Goyal et al. 2017 ("Accurate, Large Minibatch SGD: Training
+# ImageNet in 1 Hour", arXiv:1706.02677) set the scale gamma of the last batch norm of every residual
+# branch to 0 at initialisation: each branch then outputs 0, each identity-shortcut block computes
+# relu(0 + x) = x (its input x is already a ReLU output), and a 50-layer network starts as a stem, four
+# projections and a classifier, which eased their large-batch training. torchvision offers it as
+# `zero_init_residual` (off by default; its comment credits it with 0.2-0.3% accuracy). The lesson counts
+# the blocks that are exact identities at initialisation, with and without it.
 def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
-    """He et al. 2015's initialisation as torchvision applies it: Kaiming normal (fan_out, ReLU gain) for
-    convolutions, batch norm scale 1 and shift 0; the classifier keeps PyTorch's default.
-
-    `zero_init_residual` sets the scale of each branch's last batch norm to 0, so every residual block
-    starts as the identity (Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 5.1)."""
+    """The initialisation He et al. 2015 use (from their "Delving Deep into Rectifiers") as
+    torchvision applies it: Kaiming normal with fan_out and ReLU gain for convolutions, batch norm scale 1
+    and shift 0; the classifier keeps PyTorch's default. Plain and residual nets get the same scheme.
+    `zero_init_residual=True` then zeroes the scale of each branch's last batch norm."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -171,14 +192,13 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         self.blocks_per_stage = list(blocks_per_stage)
-        if small_input_stem:
+        if small_input_stem:  # 32x32 images have no resolution to spare: keep it all
             self.conv1 = conv3x3(3, 64)  # (B, 3, 32, 32) -> (B, 64, 32, 32)
-        else:
+            self.bn1 = nn.BatchNorm2d(64)
+            self.maxpool = nn.Identity()
+        else:  # 224x224 images: divide the side by 4 before the first block
             self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)  # 224 -> 112
-        self.bn1 = nn.BatchNorm2d(64)
-        if small_input_stem:
-            self.maxpool = nn.Identity()  # no pooling: 32x32 images have no resolution to spare
-        else:
+            self.bn1 = nn.BatchNorm2d(64)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # 112 -> 56
         make_block = block
         if block is Bottleneck:
@@ -248,12 +268,26 @@ IMAGENET_MODELS = {
 
 
 # %% CIFAR ResNets
+# Option A or B. Where a stage halves the resolution and doubles the channels, the shortcut must change
+# shape too. He et al. 2015 (section 3.3, Table 3) compare (A) subsampling plus zero channels, free of
+# parameters, (B) 1x1 projections only there, and (C) projections everywhere; on ImageNet B beat A by
+# about half a point of top-1 error and C beat B slightly, so the ImageNet models use B. On CIFAR
+# (section 4.2) they use A "in all cases", so that each residual net has exactly the parameters of its
+# plain counterpart and the comparison of lesson 03 is between the same layers with and without
+# shortcuts. Option B adds two projections (16->32 and 32->64, with their batch norms): 2,752 parameters.
 class CifarResNet(nn.Module):
     """The CIFAR-10 networks of He et al. 2015, section 4.2: a 3x3 convolution with 16 filters, then three
     stages of n blocks with 16, 32, 64 filters on 32x32, 16x16, 8x8 maps, global average pooling and a
     fully connected layer: 6n + 2 weighted layers."""
 
-    def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        shortcut: str = "A",
+        plain: bool = False,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
@@ -274,7 +308,7 @@ class CifarResNet(nn.Module):
         self.layer3 = make_stage(make_block, 32, 64, blocks_per_stage, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        init_like_torchvision(self)
+        init_like_torchvision(self, zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
@@ -287,14 +321,23 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # (B, 64) -> (B, num_classes)
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False) -> CifarResNet:
+def cifar_resnet(
+    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
+) -> CifarResNet:
     """ResNet-`depth` for 32x32 images (depth = 6n+2); `plain=True` removes every shortcut."""
-    return CifarResNet(depth, num_classes, shortcut, plain)
+    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
 
 
-def cifar_resnet18(num_classes: int = 10) -> ResNet:
+# Why not the ImageNet stem on 32x32 images. The 7x7 stride-2 convolution and the max-pool divide the
+# side by 4 before the first block, which suits 224x224 photos. A 32x32 image leaves 8x8 maps for layer1
+# and 1x1 maps for layer4, where eight of the nine taps of every 3x3 kernel read zero padding: layer4's
+# 3x3 convolutions act as 1x1 convolutions and most of its 8.4M weights can never see a neighbour. The
+# CIFAR stem (a 3x3 stride-1 convolution, no max-pool) keeps 32x32 maps in layer1 and 4x4 in layer4; it
+# costs 15x the multiply-adds (555 vs 37 MMACs, measured below) because every layer now works on 16x
+# more positions. Lesson 06 trains this network.
+def cifar_resnet18(num_classes: int = 10, zero_init_residual: bool = False) -> ResNet:
     """ResNet-18 with the small-input stem (3x3 stride-1 convolution, no max-pool) for 32x32 images."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, small_input_stem=True)
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, zero_init_residual, small_input_stem=True)
 
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -305,28 +348,42 @@ CIFAR_MODELS = {  # name -> builder(num_classes); ResNet-1202 is left out (19.4M
 
 
 # %% Counting what the names promise
+def on_meta(build, *args, **kwargs) -> nn.Module:
+    """Build a model on PyTorch's "meta" device: shapes without storage. Counting parameters and
+    multiply-adds needs only shapes, so ResNet-152 is counted in milliseconds without computing anything."""
+    with torch.device("meta"):
+        return build(*args, **kwargs)
+
+
+def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one forward pass, from torch's FLOP counter, on the device the model lives on."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return helpers.count_multiply_adds(model, input_shape, device=device)
+
+
 def layers_on_main_path(model: nn.Module) -> int:
     """Weighted layers (convolutions and the classifier) that a signal passes through in sequence: what
-    "ResNet-50" counts. Projection shortcuts (`downsample`) run beside the branch and are not counted."""
+    the 50 of "ResNet-50" counts. Projection shortcuts (`downsample`) run beside a branch, not in sequence
+    with it, and the paper does not count them."""
     return sum(1 for name, _ in helpers.weighted_layers(model) if "downsample" not in name)
 
 
-def blocks_per_stage(model: nn.Module) -> list[int]:
-    return [len(stage) for name, stage in model.named_children() if name.startswith("layer")]
+def blocks_per_stage(model: nn.Module) -> str:
+    return "/".join(str(len(stage)) for name, stage in model.named_children() if name.startswith("layer"))
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, seconds: float) -> dict:
-    """Median forward time in milliseconds (inference mode, eval, fp32). Repeats until `seconds` have been
-    spent, at least once, after one warm-up pass; the warm-up is skipped when one pass would take longer
-    than `seconds` (estimated from batch size 1), because on a CPU the first large pass costs about what
-    the second does, while repeating it would blow the run's time budget."""
+    """Median forward time in milliseconds (inference mode, eval, fp32), repeated until `seconds` are spent
+    and at least once. A warm-up pass at batch 1 pays the one-time costs (allocation, kernel choice); a
+    second warm-up at the full batch runs only if it is cheaper than `seconds`, because on a CPU a large
+    first pass costs about what the next one does and repeating it would blow the run's time budget."""
     model.eval()
     with torch.inference_mode():
-        x1 = torch.randn((1, *input_shape[1:]), device=device)
-        model(x1)  # first pass: allocations, kernel selection, weight layout
+        single = torch.randn((1, *input_shape[1:]), device=device)
+        model(single)
         helpers.synchronize(device)
         begin = time.perf_counter()
-        model(x1)
+        model(single)
         helpers.synchronize(device)
         estimate = (time.perf_counter() - begin) * input_shape[0]
         x = torch.randn(input_shape, device=device)
@@ -342,43 +399,241 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], device: torc
     return {"ms": 1000 * sorted(times)[len(times) // 2], "repeats": len(times)}
 
 
-def stage_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
-    """Output shape, parameters and multiply-adds of each top-level child, from one forward pass with hooks."""
-    shapes = {}
+def add_latency(row: dict, build, side: int, device: torch.device, cfg) -> None:
+    """Time a freshly built model (real weights, on `device`) at each batch size of the config."""
+    if not cfg.measure_latency:
+        return
+    torch.manual_seed(cfg.seed)
+    model = build().to(device)
+    for batch in cfg.latency_batch_sizes:
+        timing = measure_latency(model, (batch, 3, side, side), device, cfg.latency_seconds)
+        row[f"ms@{batch}"], row[f"repeats@{batch}"] = timing["ms"], timing["repeats"]
+
+
+def stage_shapes(model: nn.Module, side: int) -> list[dict]:
+    """Output shape, parameters and multiply-adds of each top-level module for one side x side image, from
+    a forward pass with hooks (on the meta device when the model lives there)."""
+    inputs_outputs = {}
     hooks = [
-        child.register_forward_hook(
-            lambda _m, inputs, out, name=name: shapes.update({name: (inputs[0].shape, out.shape)})
-        )
+        child.register_forward_hook(lambda _m, args, out, name=name: inputs_outputs.update({name: (args[0], out)}))
         for name, child in model.named_children()
     ]
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(input_shape))
+        model(torch.zeros(1, 3, side, side, device=next(model.parameters()).device))
     for hook in hooks:
         hook.remove()
     rows = []
     for name, child in model.named_children():
-        if name not in shapes:  # not called in forward (none in these models)
-            continue
-        in_shape, out_shape = shapes[name]
-        macs = helpers.count_multiply_adds(child, tuple(in_shape))
+        x, out = inputs_outputs[name]
         rows.append(
             {
                 "module": name,
                 "blocks": len(child) if isinstance(child, nn.Sequential) else None,
-                "output shape": "x".join(str(d) for d in out_shape),
+                "output shape": "x".join(str(d) for d in out.shape),  # B x C x H x W
                 "params": helpers.count_parameters(child),
-                "MMACs": macs / 1e6,
+                "MMACs": helpers.count_multiply_adds(child, tuple(x.shape), device=x.device) / 1e6,
             }
         )
     return rows
 
 
 def fraction_of_taps_on_data(height: int, width: int) -> float:
-    """Share of a padded 3x3 convolution's (output pixel, tap) pairs that read real input rather than the
-    zero padding, on an H x W map. 1x1 maps: only the centre tap, 1/9."""
+    """Share of a padded 3x3 convolution's (output pixel, tap) pairs that read the input rather than the
+    zero padding, on an H x W map. On a 1x1 map only the centre tap does: 1/9."""
     ones = torch.ones(1, 1, height, width)
     return (F.conv2d(ones, torch.ones(1, 1, 3, 3), padding=1).mean() / 9).item()
+
+
+# Every model the lesson measures: name -> (builder without arguments, input side in pixels).
+MEASURED_MODELS = {
+    **{name: (build, 224) for name, build in IMAGENET_MODELS.items()},
+    **{f"cifar-resnet{depth}": (functools.partial(cifar_resnet, depth), 32) for depth in CIFAR_DEPTHS},
+    "cifar-resnet18": (cifar_resnet18, 32),
+}
+PAPER_TABLE1_GFLOPS = {  # He et al. 2015, Table 1, "FLOPs" (they count multiply-adds)
+    "resnet18": 1.8,
+    "resnet34": 3.6,
+    "resnet50": 3.8,
+    "resnet101": 7.6,
+    "resnet152": 11.3,
+}
+
+
+# %% The measurements, one table each
+def imagenet_table(cfg, device: torch.device) -> list[dict]:
+    """Blocks, layers, parameters and multiply-adds of the five ImageNet ResNets, against torchvision's
+    published figures (its weights' metadata, "_ops" = GMACs at 224x224), and their forward latency."""
+    import torchvision
+
+    rows = []
+    for name, build in IMAGENET_MODELS.items():
+        model = on_meta(build)
+        row = {
+            "model": name,
+            "blocks/stage": blocks_per_stage(model),
+            "layers": layers_on_main_path(model),
+            "params": helpers.count_parameters(model),
+            "GMACs": multiply_adds(model, (1, 3, cfg.image_size, cfg.image_size)) / 1e9,
+            "published": torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"],
+        }
+        if cfg.image_size != 224:  # published figures are for 224x224
+            row["published"] = None
+        row["off %"] = None if row["published"] is None else 100 * (row["GMACs"] / row["published"] - 1)
+        add_latency(row, build, cfg.image_size, device, cfg)
+        rows.append(row)
+    timed = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
+    helpers.print_table(
+        rows,
+        [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("GMACs", ".3f")]
+        + [("published", ".3f"), ("off %", "+.2f"), *timed],
+        f"ImageNet ResNets at {cfg.image_size}x{cfg.image_size} (published: torchvision's weights metadata; "
+        f"ms@B: median forward time at batch B on {helpers.device_name(device)})",
+    )
+    return rows
+
+
+def cifar_table(cfg, device: torch.device) -> list[dict]:
+    """The 6n+2 CIFAR ResNets with option A and option B shortcuts, and the CIFAR-stem ResNet-18."""
+    rows = []
+    for name, (build, side) in MEASURED_MODELS.items():
+        if not name.startswith("cifar-"):
+            continue
+        model = on_meta(build)
+        row = {
+            "model": name,
+            "blocks/stage": blocks_per_stage(model),
+            "layers": layers_on_main_path(model),
+            "params": helpers.count_parameters(model),
+            "params (B)": None,
+            "MMACs": multiply_adds(model, (1, 3, side, side)) / 1e6,
+        }
+        if isinstance(model, CifarResNet):
+            row["params (B)"] = helpers.count_parameters(on_meta(cifar_resnet, model.depth, shortcut="B"))
+        if name != "cifar-resnet1202":  # at batch 32 it alone would take seconds on a laptop CPU
+            add_latency(row, build, side, device, cfg)
+        rows.append(row)
+    timed = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
+    helpers.print_table(
+        rows,
+        [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("params (B)", ",d")]
+        + [("MMACs", ".1f"), *timed],
+        "CIFAR ResNets at 32x32, 10 classes (params: option A shortcuts; params (B): projection shortcuts; "
+        "ResNet-1202 is not timed)",
+    )
+    return rows
+
+
+def stride_table(cfg) -> dict:
+    """Bottleneck stride on the first 1x1 convolution (v1, the paper) or on the 3x3 (v1.5, torchvision)."""
+    rows = []
+    for name in ("resnet50", "resnet101", "resnet152"):
+        v1 = multiply_adds(on_meta(IMAGENET_MODELS[name], bottleneck_stride="1x1"), (1, 3, 224, 224)) / 1e9
+        v15 = multiply_adds(on_meta(IMAGENET_MODELS[name], bottleneck_stride="3x3"), (1, 3, 224, 224)) / 1e9
+        rows.append({"model": name, "v1": v1, "v1.5": v15, "v1.5 - v1": v15 - v1, "paper": PAPER_TABLE1_GFLOPS[name]})
+    # The only difference is the first 1x1 of the first block of stages 2-4: v1.5 runs it on the block's
+    # input resolution (H x W), v1 on a quarter of it, so v1.5 costs C_in * w * H * W * 3/4 more per stage.
+    predicted = sum(
+        c_in * width * side * side * 3 / 4 for c_in, width, side in ((256, 128, 56), (512, 256, 28), (1024, 512, 14))
+    )
+    helpers.print_table(
+        rows,
+        [("model", ""), ("v1", ".3f"), ("v1.5", ".3f"), ("v1.5 - v1", ".3f"), ("paper", ".1f")],
+        "Bottleneck stride on the first 1x1 (v1) or the 3x3 (v1.5), GMACs at 224x224; paper: He et al. 2015, "
+        f"Table 1; predicted v1.5 - v1 = {predicted / 1e9:.3f}",
+    )
+    return {"rows": rows, "predicted_difference_gmacs": predicted / 1e9}
+
+
+def block_table() -> list[dict]:
+    """BasicBlock vs Bottleneck on a 56x56 map: the same 3x3 width (He et al. 2015, Fig. 5), and the same
+    number of channels carried between blocks."""
+    side = 56
+    blocks = {
+        "basic 64->64, 3x3 width 64": on_meta(BasicBlock, 64, 64),
+        "bottleneck 256->256, 3x3 width 64": on_meta(Bottleneck, 256, 64),
+        "basic 256->256, 3x3 width 256": on_meta(BasicBlock, 256, 256),
+    }
+    rows = [
+        {
+            "block": label,
+            "layers": len(helpers.weighted_layers(block)),
+            "params": helpers.count_parameters(block),
+            "MMACs": multiply_adds(block, (1, block.conv1.in_channels, side, side)) / 1e6,
+        }
+        for label, block in blocks.items()
+    ]
+    helpers.print_table(
+        rows, [("block", ""), ("layers", "d"), ("params", ",d"), ("MMACs", ".1f")], f"One block on a {side}x{side} map"
+    )
+    return rows
+
+
+def zero_init_table(cfg) -> list[dict]:
+    """How far each ResNet-50 block without a projection moves its input at initialisation, with and
+    without `zero_init_residual` (train mode, as in the first steps of training)."""
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(cfg.seed))  # (B, 3, H, W)
+    rows = []
+    for zero_init in (False, True):
+        torch.manual_seed(cfg.seed)
+        model = resnet50(zero_init_residual=zero_init).train()
+        changes = []
+        hooks = [
+            block.register_forward_hook(
+                lambda _block, args, out, changes=changes: changes.append(
+                    ((out - args[0]).norm() / args[0].norm()).item()
+                )
+            )
+            for block in model.modules()
+            if isinstance(block, Bottleneck) and block.downsample is None
+        ]
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+        rows.append(
+            {
+                "zero_init_residual": str(zero_init),
+                "blocks": len(changes),
+                "exact identities": sum(change == 0 for change in changes),
+                "mean |y-x|/|x|": sum(changes) / len(changes),
+            }
+        )
+    helpers.print_table(
+        rows,
+        [("zero_init_residual", ""), ("blocks", "d"), ("exact identities", "d"), ("mean |y-x|/|x|", ".3f")],
+        "ResNet-50 at initialisation, the 12 blocks without a projection, 4 images of 64x64 (train mode)",
+    )
+    return rows
+
+
+def stem_table() -> list[dict]:
+    """ResNet-18 on 32x32 images with the ImageNet stem and with the CIFAR stem."""
+    rows = []
+    for label, model in (
+        ("ImageNet stem: 7x7/2 conv + max-pool", on_meta(resnet18, num_classes=10)),
+        ("CIFAR stem: 3x3/1 conv", on_meta(cifar_resnet18)),
+    ):
+        shapes = {r["module"]: r["output shape"] for r in stage_shapes(model, 32)}
+        layer4_side = int(shapes["layer4"].split("x")[-1])
+        rows.append(
+            {
+                "stem": label,
+                "layer1 map": shapes["layer1"].split("x", 2)[-1],
+                "layer4 map": shapes["layer4"].split("x", 2)[-1],
+                "layer4 taps on data": fraction_of_taps_on_data(layer4_side, layer4_side),
+                "params": helpers.count_parameters(model),
+                "MMACs": multiply_adds(model, (1, 3, 32, 32)) / 1e6,
+            }
+        )
+    helpers.print_table(
+        rows,
+        [("stem", ""), ("layer1 map", ""), ("layer4 map", ""), ("layer4 taps on data", ".3f")]
+        + [("params", ",d"), ("MMACs", ".1f")],
+        "ResNet-18 on a 32x32 image, 10 classes (taps on data: share of layer4's 3x3 taps that read the map, "
+        "not the zero padding)",
+    )
+    return rows
 
 
 # %% Loading torchvision's ImageNet weights (optional, needs the network once)
@@ -444,281 +699,74 @@ def default_sample_image() -> str | None:
 def main(**overrides):
     cfg = helpers.config(globals(), overrides)
     started = time.perf_counter()
-    helpers.require(cfg.image_size >= 32, "--image-size must be at least 32 pixels (ResNets downsample by 32)")
+    helpers.require(cfg.image_size >= 32, "--image-size must be at least 32 pixels (a ResNet downsamples by 32)")
     helpers.require(cfg.latency_seconds >= 0, "--latency-seconds must be zero or positive")
-    helpers.require(all(b > 0 for b in cfg.latency_batch_sizes), "--latency-batch-sizes must be positive")
+    helpers.require(all(b > 0 for b in cfg.latency_batch_sizes), "--latency-batch-sizes must be positive integers")
     helpers.require(
-        cfg.shape_model in IMAGENET_MODELS or cfg.shape_model in CIFAR_MODELS,
-        f"unknown --shape-model {cfg.shape_model!r} (use one of {', '.join(sorted({*IMAGENET_MODELS, *CIFAR_MODELS}))})",
+        cfg.shape_model in MEASURED_MODELS, f"unknown --shape-model (use one of {', '.join(MEASURED_MODELS)})"
     )
     helpers.require(
-        cfg.pretrained_model in IMAGENET_MODELS, f"--pretrained-model must be one of {', '.join(IMAGENET_MODELS)}"
+        cfg.pretrained_model in IMAGENET_MODELS, f"unknown --pretrained-model (use one of {', '.join(IMAGENET_MODELS)})"
     )
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)
-    results = {}
-    latency_columns = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
 
-    # ImageNet models: blocks, layers, parameters, multiply-adds against torchvision's published figures.
-    import torchvision
-
-    imagenet_rows = []
-    for name, build in IMAGENET_MODELS.items():
-        model = build()
-        published = torchvision.models.get_model_weights(name).DEFAULT.meta  # "_ops" is GMACs at 224x224
-        macs = helpers.count_multiply_adds(model, (1, 3, cfg.image_size, cfg.image_size))
-        row = {
-            "model": name,
-            "blocks/stage": "/".join(map(str, blocks_per_stage(model))),
-            "layers": layers_on_main_path(model),
-            "params": helpers.count_parameters(model),
-            "GMACs": macs / 1e9,
-            "published": published["_ops"] if cfg.image_size == 224 else None,
-        }
-        row["off %"] = None if row["published"] is None else 100 * (row["GMACs"] / row["published"] - 1)
-        if cfg.measure_latency:
-            model.to(device)
-            for batch in cfg.latency_batch_sizes:
-                timing = measure_latency(model, (batch, 3, cfg.image_size, cfg.image_size), device, cfg.latency_seconds)
-                row[f"ms@{batch}"], row[f"repeats@{batch}"] = timing["ms"], timing["repeats"]
-        imagenet_rows.append(row)
-        print(f"  measured {name}", flush=True)
-    helpers.print_table(
-        imagenet_rows,
-        [
-            ("model", ""),
-            ("blocks/stage", ""),
-            ("layers", "d"),
-            ("params", ",d"),
-            ("GMACs", ".3f"),
-            ("published", ".3f"),
-            ("off %", "+.2f"),
-            *latency_columns,
-        ],
-        f"ImageNet ResNets at {cfg.image_size}x{cfg.image_size} (published = torchvision's weights metadata; "
-        f"ms@B = forward latency at batch B on {helpers.device_name(device)})",
-    )
-    results["imagenet_models"] = imagenet_rows
-
-    # CIFAR models: 6n+2 layers, option A (no parameters in any shortcut) against option B (projections).
-    cifar_rows = []
-    cifar_builders = {f"resnet{d}": functools.partial(cifar_resnet, d) for d in CIFAR_DEPTHS}
-    cifar_builders["resnet18"] = cifar_resnet18
-    for name, build in cifar_builders.items():
-        model = build(10)
-        row = {
-            "model": name if name != "resnet18" else "resnet18 (CIFAR stem)",
-            "blocks/stage": "/".join(map(str, blocks_per_stage(model))),
-            "layers": layers_on_main_path(model),
-            "params": helpers.count_parameters(model),
-            "params (B)": helpers.count_parameters(cifar_resnet(model.depth, shortcut="B"))
-            if name != "resnet18"
-            else None,
-            "MMACs": helpers.count_multiply_adds(model, (1, 3, 32, 32)) / 1e6,
-        }
-        if cfg.measure_latency and name != "resnet1202":  # 1202 at batch 32 alone would take seconds on a CPU
-            model.to(device)
-            for batch in cfg.latency_batch_sizes:
-                timing = measure_latency(model, (batch, 3, 32, 32), device, cfg.latency_seconds)
-                row[f"ms@{batch}"], row[f"repeats@{batch}"] = timing["ms"], timing["repeats"]
-        cifar_rows.append(row)
-    helpers.print_table(
-        cifar_rows,
-        [
-            ("model", ""),
-            ("blocks/stage", ""),
-            ("layers", "d"),
-            ("params", ",d"),
-            ("params (B)", ",d"),
-            ("MMACs", ".1f"),
-            *latency_columns,
-        ],
-        "CIFAR ResNets at 32x32, 10 classes (params = option A shortcuts, params (B) = projection shortcuts; "
-        "ResNet-1202 not timed)",
-    )
-    results["cifar_models"] = cifar_rows
-
-    # Where the bottleneck subsamples: the 1x1 (paper, "v1") or the 3x3 (torchvision, "v1.5").
-    paper_table1 = {"resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}  # He et al. 2015, Table 1, "FLOPs" (x10^9)
-    stride_rows = []
-    for name, paper in paper_table1.items():
-        v1 = helpers.count_multiply_adds(IMAGENET_MODELS[name](bottleneck_stride="1x1"), (1, 3, 224, 224)) / 1e9
-        v15 = (
-            next(r["GMACs"] for r in imagenet_rows if r["model"] == name)
-            if cfg.image_size == 224
-            else (helpers.count_multiply_adds(IMAGENET_MODELS[name](), (1, 3, 224, 224)) / 1e9)
-        )
-        stride_rows.append({"model": name, "v1 GMACs": v1, "v1.5 GMACs": v15, "extra GMACs": v15 - v1, "paper": paper})
-    # The only difference: the first 1x1 of each stage's first block (stages 2-4) runs at the input's
-    # resolution in v1.5, at a quarter of it in v1. Per stage: C_in * w * H * W * (1 - 1/4) multiply-adds.
-    predicted_extra = sum(
-        cin * width * side * side * 3 / 4 for cin, width, side in ((256, 128, 56), (512, 256, 28), (1024, 512, 14))
-    )
-    helpers.print_table(
-        stride_rows,
-        [("model", ""), ("v1 GMACs", ".3f"), ("v1.5 GMACs", ".3f"), ("extra GMACs", ".3f"), ("paper", ".1f")],
-        f"Bottleneck stride on the first 1x1 (v1, the paper) or the 3x3 (v1.5, torchvision), 224x224; "
-        f"predicted extra: {predicted_extra / 1e9:.3f} GMACs",
-    )
-    results["stride_placement"] = {"rows": stride_rows, "predicted_extra_gmacs": predicted_extra / 1e9}
-
-    # Per-stage shapes of one model.
-    side = 32 if cfg.shape_model in CIFAR_MODELS and cfg.shape_model not in IMAGENET_MODELS else cfg.image_size
-    shape_model = (IMAGENET_MODELS.get(cfg.shape_model) or CIFAR_MODELS[cfg.shape_model])()
-    shape_rows = stage_shapes(shape_model, (1, 3, side, side))
+    results = {"imagenet_models": imagenet_table(cfg, device), "cifar_models": cifar_table(cfg, device)}
+    results["stride_placement"] = stride_table(cfg)
+    build, side = MEASURED_MODELS[cfg.shape_model]
+    side = cfg.image_size if side == 224 else side
+    shape_rows = stage_shapes(on_meta(build), side)
     helpers.print_table(
         shape_rows,
         [("module", ""), ("blocks", "d"), ("output shape", ""), ("params", ",d"), ("MMACs", ".1f")],
-        f"{cfg.shape_model}, one {side}x{side} image, stage by stage (B x C x H x W)",
+        f"{cfg.shape_model} module by module, one {side}x{side} image (output shape: B x C x H x W)",
     )
-    results["stage_shapes"] = {"model": cfg.shape_model, "input": side, "rows": shape_rows}
-
-    # BasicBlock vs Bottleneck: the same 3x3 width (He et al. 2015, Fig. 5) and the same output width.
-    side = 56
-    blocks = {
-        "basic, 64 -> 64 (3x3 width 64)": BasicBlock(64, 64),
-        "bottleneck, 256 -> 256 (3x3 width 64)": Bottleneck(256, 64),
-        "basic, 256 -> 256 (3x3 width 256)": BasicBlock(256, 256),
-    }
-    block_rows = []
-    for label, block in blocks.items():
-        channels = block.conv1.in_channels
-        block_rows.append(
-            {
-                "block": label,
-                "layers": len(helpers.weighted_layers(block)),
-                "params": helpers.count_parameters(block),
-                "MMACs": helpers.count_multiply_adds(block, (1, channels, side, side)) / 1e6,
-            }
-        )
-    helpers.print_table(
-        block_rows,
-        [("block", ""), ("layers", "d"), ("params", ",d"), ("MMACs", ".1f")],
-        f"One block on a {side}x{side} map",
-    )
-    results["block_comparison"] = block_rows
-
-    # zero_init_residual: with gamma = 0 in each branch's last BN, every block without a projection is
-    # exactly the identity at initialisation (its input is a ReLU output, so relu(0 + x) = x).
-    identity_rows = []
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(cfg.seed))
-    for zero_init in (False, True):
-        torch.manual_seed(cfg.seed)
-        model = resnet50(zero_init_residual=zero_init).train()  # batch statistics, as in the first steps
-        changes = []
-        hooks = [
-            block.register_forward_hook(
-                lambda _block, inputs, out, changes=changes: changes.append(
-                    ((out - inputs[0]).norm() / inputs[0].norm()).item()
-                )
-            )
-            for block in model.modules()
-            if isinstance(block, Bottleneck) and block.downsample is None
-        ]
-        with torch.no_grad():
-            model(x)
-        for hook in hooks:
-            hook.remove()
-        identity_rows.append(
-            {
-                "zero_init_residual": str(zero_init),
-                "identity-shaped blocks": len(changes),
-                "exact identities": sum(c == 0 for c in changes),
-                "mean |y-x|/|x|": sum(changes) / len(changes),
-            }
-        )
-    helpers.print_table(
-        identity_rows,
-        [
-            ("zero_init_residual", ""),
-            ("identity-shaped blocks", "d"),
-            ("exact identities", "d"),
-            ("mean |y-x|/|x|", ".3f"),
-        ],
-        "ResNet-50 at initialisation: how far each block without a projection moves its input (train mode, 64x64)",
-    )
-    results["zero_init_residual"] = identity_rows
-
-    # The ImageNet stem on 32x32 images: the map is 8x8 before the first block and 1x1 in the last stage.
-    stem_rows = []
-    for label, model in (
-        ("ImageNet stem (7x7/2 + max-pool)", resnet18(num_classes=10)),
-        ("CIFAR stem (3x3/1)", cifar_resnet18()),
-    ):
-        rows = {r["module"]: r for r in stage_shapes(model, (1, 3, 32, 32))}
-        last_side = int(rows["layer4"]["output shape"].split("x")[-1])
-        stem_rows.append(
-            {
-                "stem": label,
-                "layer1 map": rows["layer1"]["output shape"].split("x", 2)[-1],
-                "layer4 map": rows["layer4"]["output shape"].split("x", 2)[-1],
-                "layer4 taps on data": fraction_of_taps_on_data(last_side, last_side),
-                "params": helpers.count_parameters(model),
-                "MMACs": helpers.count_multiply_adds(model, (1, 3, 32, 32)) / 1e6,
-            }
-        )
-    helpers.print_table(
-        stem_rows,
-        [
-            ("stem", ""),
-            ("layer1 map", ""),
-            ("layer4 map", ""),
-            ("layer4 taps on data", ".3f"),
-            ("params", ",d"),
-            ("MMACs", ".1f"),
-        ],
-        "ResNet-18 on one 32x32 image, 10 classes ('taps on data': share of layer4's 3x3 taps that read pixels, not padding)",
-    )
-    results["stem_on_32x32"] = stem_rows
+    results["stage_shapes"] = {"model": cfg.shape_model, "side": side, "rows": shape_rows}
+    results["block_comparison"] = block_table()
+    results["zero_init_residual"] = zero_init_table(cfg)
+    results["stem_on_32x32"] = stem_table()
 
     if cfg.pretrained:
         image = cfg.image or default_sample_image()
-        helpers.require(image is not None, "no sample image found in matplotlib's sample data (pass --image PATH)")
-        helpers.require(Path(image).is_file(), f"--image {image} does not exist (pass the path of a JPEG or PNG file)")
+        helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")
+        helpers.require(Path(image).is_file(), f"--image {image} is not a file (pass the path of a JPEG or PNG)")
         results["pretrained"] = classify_with_pretrained(cfg.pretrained_model, image)
 
-    figure = plot_models(imagenet_rows, stride_rows, out_dir / "resnet_family.png")
-    print(f"figure: {figure}")
+    print(f"figure: {plot_models(results, out_dir / 'resnet_family.png')}")
     path = helpers.save_results(out_dir, results, cfg, device, started)
     print(f"results: {path}  ({time.perf_counter() - started:.1f} s)")
     return results
 
 
-def plot_models(imagenet_rows: list[dict], stride_rows: list[dict], path: Path) -> Path:
+def plot_models(results: dict, path: Path) -> Path:
+    """Parameters, multiply-adds (v1 and v1.5) and, if measured, latency of the five ImageNet ResNets."""
     helpers.use_headless_matplotlib()
     import matplotlib.pyplot as plt
 
-    names = [r["model"].replace("resnet", "ResNet-") for r in imagenet_rows]
-    timed = [k for k in imagenet_rows[0] if k.startswith("ms@")]
+    rows = results["imagenet_models"]
+    names = [r["model"].replace("resnet", "ResNet-") for r in rows]
+    timed = [key for key in rows[0] if key.startswith("ms@")]
     fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(14 if timed else 9.5, 3.8))
-    axes[0].bar(names, [r["params"] / 1e6 for r in imagenet_rows], color="tab:blue")
+    axes[0].bar(names, [r["params"] / 1e6 for r in rows], color="tab:blue")
     axes[0].set_ylabel("parameters (millions)")
     axes[0].set_title("Parameters")
-    v1 = {r["model"]: r["v1 GMACs"] for r in stride_rows}
-    positions = range(len(names))
-    axes[1].bar(
-        [p - 0.2 for p in positions], [r["GMACs"] for r in imagenet_rows], width=0.4, label="v1.5 (stride on 3x3)"
-    )
-    axes[1].bar(
-        [p + 0.2 for p, r in zip(positions, imagenet_rows) if r["model"] in v1],
-        [v1[r["model"]] for r in imagenet_rows if r["model"] in v1],
-        width=0.4,
-        label="v1 (stride on first 1x1)",
-    )
-    axes[1].set_xticks(list(positions), names)
+    v1 = {r["model"]: r["v1"] for r in results["stride_placement"]["rows"]}
+    positions = list(range(len(rows)))
+    axes[1].bar([p - 0.2 for p in positions], [r["GMACs"] for r in rows], width=0.4, label="as built (v1.5 bottleneck)")
+    bottlenecked = [(p, v1[r["model"]]) for p, r in zip(positions, rows) if r["model"] in v1]
+    axes[1].bar([p + 0.2 for p, _ in bottlenecked], [g for _, g in bottlenecked], width=0.4, label="v1 bottleneck")
+    axes[1].set_xticks(positions, names)
     axes[1].set_ylabel("multiply-adds per image (G)")
-    axes[1].set_title("Compute at 224x224")
+    axes[1].set_title("Compute per 224x224 image")
     axes[1].legend(fontsize=8)
     if timed:
         for key in timed:
-            axes[2].plot(
-                [r["GMACs"] for r in imagenet_rows], [r[key] for r in imagenet_rows], "o-", label=f"batch {key[3:]}"
-            )
-        for r, name in zip(imagenet_rows, names):
+            axes[2].plot([r["GMACs"] for r in rows], [r[key] for r in rows], "o-", label=f"batch {key[3:]}")
+        for r, name in zip(rows, names):
             axes[2].annotate(name, (r["GMACs"], r[timed[-1]]), fontsize=7, textcoords="offset points", xytext=(3, 3))
         axes[2].set_xlabel("multiply-adds per image (G)")
-        axes[2].set_ylabel("forward time (ms)")
+        axes[2].set_ylabel("forward time per batch (ms)")
         axes[2].set_yscale("log")
         axes[2].set_title("Measured forward latency")
         axes[2].legend(fontsize=8)
@@ -729,4 +777,4 @@ def plot_models(imagenet_rows: list[dict], stride_rows: list[dict], path: Path) 
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals())
+    helpers.run_cli(main, globals(), choices={"shape_model": MEASURED_MODELS, "pretrained_model": IMAGENET_MODELS})
