@@ -1,0 +1,907 @@
+"""Lesson 04: residual variants. (Lesson card written after the measurements; see the end of this work.)"""
+
+# %%
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import helpers
+
+L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_resnet, CIFAR_MODELS
+
+# --- constants ---------------------------------------------------------------------------------------
+SEED = 0  # random seed for weights, inputs and data order
+DEVICE = "auto"  # auto | cpu | cuda | mps
+OUT = "outputs/04_residual_variants"  # folder for results.json and figures
+FULL = False  # longer comparison training on all of the training set (meant for a GPU)
+DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
+DATA_DIR = "data"  # where datasets are stored or downloaded
+DOWNLOAD = True  # download a missing dataset (needs the internet)
+TRAIN_SIZE = 8000  # training images kept for the comparison (the quick run sees fewer than that)
+VAL_SIZE = 1000  # training images held out (not used for any choice here; kept for the data split)
+TEST_SIZE = 2000  # test images the comparison is evaluated on
+TRAIN_STEPS = 40  # SGD steps per model in the equal-budget comparison
+BATCH_SIZE = 32  # images per SGD step in the comparison
+LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up
+WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
+AUGMENT = False  # random crop and flip during the comparison (worth it only for long runs)
+PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype of the comparison training
+BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics before evaluation
+TIMING_BATCH = 2  # images per batch when timing every variant
+TIMING_REPEATS = 2  # timed repetitions per measurement (the fastest is reported), after one warm-up
+CIFAR_TIMING_SIZE = 32  # input height and width (pixels) for timing the CIFAR variants
+IMAGENET_TIMING_SIZE = 64  # input height and width (pixels) for timing the ImageNet variants (MACs: at 224)
+DEEP_DEPTH = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2)
+DEEP_BATCH = 2  # images in the very deep network's forward and backward pass
+# --- end constants -----------------------------------------------------------------------------------
+
+FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "augment": True, "warmup_steps": 200}
+
+
+# %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+conv3x3 = helpers.load_lesson(1).conv3x3  # 3x3, padding 1, no bias (a norm layer's shift makes a bias redundant)
+
+
+class PreActBlock(nn.Module):
+    """The basic pre-activation unit: x_{l+1} = x_l + F(x_l), F = conv(relu(BN(conv(relu(BN(x)))))).
+
+    Moving BN and ReLU in front of each convolution leaves the identity path bare: nothing is applied to x
+    after the addition, so the signal and its gradient travel from any unit to any other unchanged (He et
+    al. 2016, Eqs. 4 and 5). Where the shape changes, the 1x1 projection reads the pre-activated input, as
+    in the paper's code, so the first unit of a stage also normalises what its shortcut sees. `dropout`
+    between the convolutions is Wide ResNet's option (Zagoruyko and Komodakis 2016, Sec. 2.4)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, dropout: float = 0.0):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv3x3(in_channels, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = conv3x3(width, out_channels)
+        shape_changes = stride != 1 or in_channels != out_channels
+        self.shortcut = conv1x1(in_channels, out_channels, stride) if shape_changes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))  # (B, C_in, H, W), the pre-activation
+        out = self.conv1(pre)  # (B, C_in, H, W) -> (B, width, H/s, W/s)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))  # (B, width, H/s, W/s) -> (B, C_out, H/s, W/s)
+        identity = x if self.shortcut is None else self.shortcut(pre)  # bare x, or a projection of it
+        return identity + out  # x_{l+1} = x_l + F(x_l, W_l)  (He et al. 2016, Eq. 3): nothing after the sum
+
+
+class PreActBottleneck(PreActBlock):
+    """The pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3 (stride here, as torchvision places it;
+    the paper's code strides the first 1x1), BN-ReLU-1x1 expanding to 4x the width."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        out_channels = width * self.expansion
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv3 = conv1x1(width, out_channels)
+        shape_changes = stride != 1 or in_channels != out_channels
+        self.shortcut = conv1x1(in_channels, out_channels, stride) if shape_changes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))  # (B, C_in, H, W)
+        out = self.conv1(pre)  # (B, C_in, H, W) -> (B, width, H, W)
+        out = self.conv2(F.relu(self.bn2(out)))  # (B, width, H, W) -> (B, width, H/s, W/s)
+        out = self.conv3(self.dropout(F.relu(self.bn3(out))))  # (B, width, H/s, W/s) -> (B, 4 width, H/s, W/s)
+        identity = x if self.shortcut is None else self.shortcut(pre)
+        return identity + out  # x_{l+1} = x_l + F(x_l, W_l)  (He et al. 2016, Eq. 3)
+
+
+class PreActResNet(nn.Module):
+    """CIFAR pre-activation ResNet: a 3x3 stem, three stages of `blocks_per_stage` units at 32x32, 16x16
+    and 8x8, then the BN-ReLU that the last unit leaves out, global average pooling and a linear layer.
+
+    `widths` are the units' inner widths (16, 32, 64 for He et al.; times k for a Wide ResNet)."""
+
+    def __init__(
+        self,
+        block: type[PreActBlock],
+        blocks_per_stage: int,
+        widths: tuple[int, int, int] = (16, 32, 64),
+        num_classes: int = 10,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.conv1 = conv3x3(3, 16)
+        stages, channels = [], 16
+        for index, width in enumerate(widths):
+            units = []
+            for unit in range(blocks_per_stage):
+                stride = 2 if index > 0 and unit == 0 else 1
+                units.append(block(channels, width, stride, dropout))
+                channels = width * block.expansion
+            stages.append(nn.Sequential(*units))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(channels)  # the units add un-normalised signals: normalise once at the end
+        self.fc = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # (B, 3, 32, 32) -> (B, 16, 32, 32)
+        x = self.layer1(x)  # -> (B, 16 e, 32, 32)   e = block.expansion times the width factor
+        x = self.layer2(x)  # -> (B, 32 e, 16, 16)
+        x = self.layer3(x)  # -> (B, 64 e, 8, 8)
+        x = F.relu(self.bn(x)).mean(dim=(2, 3))  # (B, 64 e, 8, 8) -> (B, 64 e)
+        return self.fc(x)  # (B, num_classes)
+
+
+def preact_resnet(depth: int, num_classes: int = 10, bottleneck: bool | None = None) -> PreActResNet:
+    """Depth 6n+2 with basic units (2 layers each) or 9n+2 with bottlenecks (3 layers each); the paper's
+    164- and 1001-layer nets are bottleneck nets (n = 18 and 111)."""
+    bottleneck = depth >= 164 if bottleneck is None else bottleneck
+    layers_per_unit = 3 if bottleneck else 2
+    helpers.require(
+        (depth - 2) % (3 * layers_per_unit) == 0 and depth > 2,
+        f"a pre-activation ResNet with {'bottleneck' if bottleneck else 'basic'} units has depth "
+        f"{3 * layers_per_unit}n+2 (got {depth})",
+    )
+    block = PreActBottleneck if bottleneck else PreActBlock
+    return PreActResNet(block, (depth - 2) // (3 * layers_per_unit), num_classes=num_classes)
+
+
+# %% Wide ResNet (Zagoruyko and Komodakis 2016): fewer, wider pre-activation units
+def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0) -> PreActResNet:
+    """WRN-d-k: the pre-activation basic unit with k times the width (16k, 32k, 64k channels) and
+    n = (d - 4) / 6 units per stage. The paper counts the stem and the two projection shortcuts among the
+    d layers, hence 6n + 4. Its dropout (0.3 on CIFAR) sits between the two convolutions of each unit."""
+    helpers.require((depth - 4) % 6 == 0 and depth > 4, f"a Wide ResNet has depth 6n+4, e.g. 16, 28, 40 (got {depth})")
+    helpers.require(widen_factor >= 1, f"the widening factor k must be at least 1 (got {widen_factor})")
+    widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+    return PreActResNet(PreActBlock, (depth - 4) // 6, widths, num_classes, dropout)
+
+
+def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
+    """ImageNet WRN-50-2-bottleneck: lesson 02's ResNet-50 with the bottleneck's inner width doubled
+    (the 1x1 reduction and the 3x3 convolution); the blocks' output widths stay those of ResNet-50."""
+    return L02.ResNet(WideBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+
+
+# %% ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution is split into C groups
+class GroupedBottleneck(L02.Bottleneck):
+    """Lesson 02's bottleneck with the 3x3 convolution split into `groups` independent groups (ResNeXt's
+    cardinality C) of `base_width` channels per 64 of the stage's width (d): Xie et al. 2017, Fig. 3c.
+
+    The block computes y = relu(x + sum_{i=1}^{C} T_i(x)) (Eq. 3): each group is one narrow path T_i
+    (1x1 reduce to d, 3x3, 1x1 expand), and the last 1x1 convolution adds the C paths up, because a 1x1
+    convolution over concatenated groups is the sum of 1x1 convolutions over each group
+    (`aggregated_paths` checks this numerically). With groups=1 and a larger base width it is the Wide
+    ResNet bottleneck. Only conv1, bn1, conv2, bn2 and conv3 change; the names stay torchvision's."""
+
+    groups = 1  # C, the cardinality (class attributes: lesson 02's ResNet builds blocks as block(in, width, stride))
+    base_width = 64  # d for a stage of width 64; lesson 02's plain bottleneck is groups=1, base_width=64
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, groups: int | None = None, base_width=None):
+        super().__init__(in_channels, width, stride)
+        self.groups = groups = groups or self.groups
+        self.base_width = base_width = base_width or self.base_width
+        inner = width * base_width // 64 * groups  # C * d channels inside the block
+        self.conv1 = L02.conv1x1(in_channels, inner)  # (B, C_in, H, W) -> (B, C d, H, W)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, groups=groups, bias=False)  # C groups
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = L02.conv1x1(inner, width * self.expansion)  # sums the C paths: (B, C d, ..) -> (B, 4 width, ..)
+
+
+class ResNeXtBottleneck32x4d(GroupedBottleneck):
+    groups, base_width = 32, 4
+
+
+class WideBottleneck(GroupedBottleneck):
+    groups, base_width = 1, 128
+
+
+def resnext50_32x4d(num_classes: int = 1000) -> nn.Module:
+    """ResNeXt-50 (32x4d): lesson 02's ResNet-50 built from bottlenecks with 32 groups of 4 channels per 64
+    of width (128 channels inside the first stage's blocks, twice ResNet-50's 64, at about the same cost)."""
+    return L02.ResNet(ResNeXtBottleneck32x4d, [3, 4, 6, 3], num_classes=num_classes)
+
+
+def aggregated_paths(block: GroupedBottleneck, x: torch.Tensor) -> torch.Tensor:
+    """The block's branch computed as C separate narrow paths T_i and summed (Fig. 3a, Eq. 2), with the
+    grouped block's own weights: path i owns channels [i d, (i+1) d) of conv1, bn1, conv2 and bn2, and
+    the matching input channels of conv3. Call with the block in eval mode (BN as a fixed affine map)."""
+    cardinality = block.conv2.groups
+    d = block.conv2.out_channels // cardinality
+    total = 0
+    for i in range(cardinality):
+        part = slice(i * d, (i + 1) * d)
+
+        def bn(norm: nn.BatchNorm2d, h: torch.Tensor, part=part) -> torch.Tensor:
+            mean, var, weight, bias = (
+                norm.running_mean[part],
+                norm.running_var[part],
+                norm.weight[part],
+                norm.bias[part],
+            )
+            return F.batch_norm(h, mean, var, weight, bias, training=False, eps=norm.eps)
+
+        h = F.relu(bn(block.bn1, F.conv2d(x, block.conv1.weight[part])))  # (B, C_in, H, W) -> (B, d, H, W)
+        h = F.conv2d(h, block.conv2.weight[part], stride=block.conv2.stride, padding=1)  # -> (B, d, H/s, W/s)
+        h = F.relu(bn(block.bn2, h))
+        total = total + F.conv2d(h, block.conv3.weight[:, part])  # T_i(x): (B, d, ..) -> (B, 4 width, ..)
+    return block.bn3(total)  # F(x) = sum_i T_i(x)  (Eq. 2), then the block's last BN
+
+
+class CifarResNeXt(nn.Module):
+    """ResNeXt-29 for CIFAR (Xie et al. 2017, Sec. 5.3): a 64-channel 3x3 stem, three stages of three
+    blocks with 256, 512 and 1024 output channels; the path width d doubles at every stage."""
+
+    def __init__(self, cardinality: int = 8, base_width: int = 64, depth: int = 29, num_classes: int = 10):
+        super().__init__()
+        helpers.require((depth - 2) % 9 == 0 and depth > 2, f"a CIFAR ResNeXt has depth 9n+2, e.g. 29 (got {depth})")
+        blocks_per_stage = (depth - 2) // 9
+        make_block = functools.partial(GroupedBottleneck, groups=cardinality, base_width=base_width)
+        self.conv1 = conv3x3(3, 64)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = L02.make_stage(make_block, 64, 64, blocks_per_stage, stride=1)
+        self.layer2 = L02.make_stage(make_block, 256, 128, blocks_per_stage, stride=2)
+        self.layer3 = L02.make_stage(make_block, 512, 256, blocks_per_stage, stride=2)
+        self.fc = nn.Linear(1024, num_classes)
+        L02.init_like_torchvision(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 64, 32, 32)
+        x = self.layer1(x)  # -> (B, 256, 32, 32)
+        x = self.layer2(x)  # -> (B, 512, 16, 16)
+        x = self.layer3(x)  # -> (B, 1024, 8, 8)
+        return self.fc(x.mean(dim=(2, 3)))  # (B, 1024) -> (B, num_classes)
+
+
+# %% DenseNet (Huang et al. 2017): concatenate instead of add
+class DenseLayer(nn.Module):
+    """H_l of DenseNet-B: BN-ReLU-1x1 conv to bn_size*k channels, BN-ReLU-3x3 conv to k new channels."""
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int = 4):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv1x1(in_channels, bn_size * growth_rate)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.conv2 = conv3x3(bn_size * growth_rate, growth_rate)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, dim=1)  # [x_0, x_1, ..., x_{l-1}]: (B, C_0 + (l-1) k, H, W)
+        x = self.conv1(F.relu(self.norm1(x)))  # -> (B, bn_size k, H, W): the bottleneck caps the cost
+        return self.conv2(F.relu(self.norm2(x)))  # x_l = H_l([x_0, ..., x_{l-1}])  (Huang et al. 2017, Eq. 2)
+
+
+class DenseBlock(nn.ModuleDict):
+    """`num_layers` DenseLayers; each reads every earlier output, so the block's width grows by k per layer."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int = 4):
+        super().__init__()
+        for i in range(num_layers):
+            self[f"denselayer{i + 1}"] = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))  # the input of layer l is never overwritten, only extended
+        return torch.cat(features, dim=1)  # (B, C_0, H, W) -> (B, C_0 + L k, H, W)
+
+
+class Transition(nn.Module):
+    """Between dense blocks: BN-ReLU-1x1 conv keeping a fraction theta of the channels (compression,
+    DenseNet-C), then 2x2 average pooling. (B, C, H, W) -> (B, floor(theta C), H/2, W/2)"""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.conv = conv1x1(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC with torchvision's module names (`features.denseblock1.denselayer1.conv1`, ...), so that
+    torchvision's state_dicts load into it. `cifar=True` swaps the ImageNet stem (7x7/2 conv, max pool)
+    for one 3x3 convolution to 2k channels, as the paper does for its CIFAR nets."""
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: tuple[int, ...] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        compression: float = 0.5,
+        num_classes: int = 1000,
+        cifar: bool = False,
+    ):
+        super().__init__()
+        if cifar:
+            stem = [("conv0", conv3x3(3, num_init_features))]
+        else:
+            stem = [
+                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        self.features = nn.Sequential(OrderedDict(stem))
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            self.features.add_module(f"denseblock{i + 1}", DenseBlock(num_layers, channels, growth_rate, bn_size))
+            channels += num_layers * growth_rate
+            if i < len(block_config) - 1:
+                compressed = int(math.floor(channels * compression))
+                self.features.add_module(f"transition{i + 1}", Transition(channels, compressed))
+                channels = compressed
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.classifier = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.features(x))  # (B, 3, H, W) -> (B, C, H/32, W/32) (ImageNet) or (B, C, H/4, W/4) (CIFAR)
+        return self.classifier(x.mean(dim=(2, 3)))  # (B, C) -> (B, num_classes)
+
+
+def densenet121(num_classes: int = 1000) -> DenseNet:
+    """DenseNet-121 (k = 32, blocks of 6, 12, 24, 16 layers, theta = 0.5), as torchvision builds it."""
+    return DenseNet(32, (6, 12, 24, 16), 64, num_classes=num_classes)
+
+
+def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10) -> DenseNet:
+    """CIFAR DenseNet-BC with L = depth: three dense blocks of (L - 4) / 6 bottleneck layers (2 convolutions
+    each), 2k stem channels, compression 0.5."""
+    helpers.require((depth - 4) % 6 == 0 and depth > 4, f"a CIFAR DenseNet-BC has depth 6n+4 (got {depth})")
+    n = (depth - 4) // 6
+    return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, cifar=True)
+
+
+# %% Squeeze-and-Excitation (Hu et al. 2018): rescale the branch's channels by a gate computed from itself
+class SqueezeExcitation(nn.Module):
+    """Squeeze (global average pool), excite (a two-layer bottleneck MLP with reduction r and a sigmoid),
+    scale (multiply each channel by its gate in (0, 1))."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, channels)
+
+    def scales(self, u: torch.Tensor) -> torch.Tensor:
+        z = u.mean(dim=(2, 3))  # z_c = mean over H, W of u_c  (Hu et al. 2018, Eq. 2): (B, C, H, W) -> (B, C)
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(z))))  # s = sigmoid(W2 relu(W1 z))  (Eq. 3): (B, C)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u * self.scales(u)[:, :, None, None]  # x~_c = s_c u_c  (Eq. 4): (B, C, H, W)
+
+
+class SEBottleneck(L02.Bottleneck):
+    """Lesson 02's bottleneck with an SE module at the end of the residual branch, before the addition
+    (Hu et al. 2018, Fig. 3): y = relu(x + SE(F(x))). The identity path is left alone."""
+
+    reduction = 16  # r: the excitation MLP's hidden layer has C / r units
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=L02.projection_shortcut):
+        super().__init__(in_channels, width, stride, make_shortcut)
+        self.se = SqueezeExcitation(width * self.expansion, self.reduction)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(super().branch(x))  # F(x) -> s * F(x): (B, 4 width, H/s, W/s), same shape
+
+
+class SEBasicBlock(L02.BasicBlock):
+    """Lesson 02's basic block with the SE module on its branch, for the CIFAR SE-ResNets."""
+
+    reduction = 16
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=L02.ShortcutA):
+        super().__init__(in_channels, width, stride, make_shortcut)
+        self.se = SqueezeExcitation(width, self.reduction)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(super().branch(x))  # (B, width, H/s, W/s), channels rescaled
+
+
+class SECifarResNet(L02.CifarResNet):
+    """Lesson 02's CIFAR ResNet (option A shortcuts) with SE basic blocks in its three stages."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__(depth, num_classes, shortcut="A")
+        n = (depth - 2) // 6
+        self.layer1 = L02.make_stage(SEBasicBlock, 16, 16, n, stride=1)
+        self.layer2 = L02.make_stage(SEBasicBlock, 16, 32, n, stride=2)
+        self.layer3 = L02.make_stage(SEBasicBlock, 32, 64, n, stride=2)
+        L02.init_like_torchvision(self)
+
+
+def se_resnet50(num_classes: int = 1000) -> nn.Module:
+    """SE-ResNet-50 with reduction 16: lesson 02's ResNet-50 built from SEBottleneck."""
+    return L02.ResNet(SEBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+
+
+# %% Every variant by name, with what its paper reports
+def _cifar(builder: Callable[..., nn.Module], *args) -> Callable[[int], nn.Module]:
+    return functools.partial(builder, *args)
+
+
+CIFAR_VARIANTS = {  # name -> builder(num_classes): the CIFAR networks of the papers, 32x32 inputs
+    "resnet20": L02.CIFAR_MODELS["resnet20"],
+    "resnet110": L02.CIFAR_MODELS["resnet110"],
+    "preact_resnet164": _cifar(preact_resnet, 164),
+    "wrn_16_8": _cifar(wide_resnet, 16, 8),
+    "wrn_40_4": _cifar(wide_resnet, 40, 4),
+    "wrn_28_10": _cifar(wide_resnet, 28, 10),
+    "resnext29_8x64d": lambda num_classes=10: CifarResNeXt(8, 64, 29, num_classes),
+    "densenet_bc_100_12": _cifar(densenet_bc, 100, 12),
+}
+IMAGENET_VARIANTS = {  # name -> builder(num_classes): 224x224 inputs
+    "resnet50": L02.resnet50,
+    "wide_resnet50_2": wide_resnet50_2,
+    "resnext50_32x4d": resnext50_32x4d,
+    "densenet121": densenet121,
+    "se_resnet50": se_resnet50,
+}
+SMALL_CIFAR_VARIANTS = {  # the equal-budget comparison: small members of each family
+    "resnet20": L02.CIFAR_MODELS["resnet20"],
+    "preact_resnet20": _cifar(preact_resnet, 20),
+    "se_resnet20": _cifar(SECifarResNet, 20),
+    "wrn_16_2": _cifar(wide_resnet, 16, 2),
+    "resnext11_4x4d": lambda num_classes=10: CifarResNeXt(4, 4, 11, num_classes),
+    "densenet_bc_40_12": _cifar(densenet_bc, 40, 12),
+}
+# Parameter counts the issue and torchvision give (CIFAR nets with 10 classes, ImageNet nets with 1000).
+EXPECTED_PARAMETERS = {
+    "preact_resnet164": 1_703_258,  # "about 1.7M" (He et al. 2016, Table 3)
+    "wrn_16_8": 10_961_370,  # "11.0M" (Zagoruyko and Komodakis 2016)
+    "wrn_40_4": 8_949_210,
+    "wrn_28_10": 36_479_194,
+    "resnext29_8x64d": 34_426_698,  # "34.4M" (Xie et al. 2017, Table 7)
+    "densenet_bc_100_12": 769_162,  # "0.8M" (Huang et al. 2017, Table 2)
+    "wide_resnet50_2": 68_883_240,  # torchvision
+    "resnext50_32x4d": 25_028_904,  # torchvision
+    "densenet121": 7_978_856,  # torchvision
+    "se_resnet50": 28_088_024,  # ResNet-50's 25,557,032 + 2,530,992 in the SE modules
+}
+# Test error (%) each paper reports: CIFAR-10 with standard augmentation (crop + flip) for the CIFAR nets,
+# ImageNet top-1 on single 224x224 centre crops for the ImageNet nets.
+PAPER_ERRORS = {
+    "resnet20": (8.75, "He et al. 2015, Table 6"),
+    "resnet110": (6.43, "He et al. 2015, Table 6"),
+    "preact_resnet164": (5.46, "He et al. 2016, Table 3"),
+    "preact_resnet1001": (4.92, "He et al. 2016, Table 3"),
+    "wrn_16_8": (4.27, "Zagoruyko & Komodakis 2016, CIFAR table"),
+    "wrn_40_4": (4.53, "Zagoruyko & Komodakis 2016, CIFAR table"),
+    "wrn_28_10": (4.00, "Zagoruyko & Komodakis 2016 (3.89 w/ dropout)"),
+    "resnext29_8x64d": (3.65, "Xie et al. 2017, Table 7"),
+    "densenet_bc_100_12": (4.51, "Huang et al. 2017, Table 2"),
+    "resnet50": (23.9, "Xie et al. 2017, Table 3 (their ResNet-50)"),
+    "wide_resnet50_2": (21.9, "Zagoruyko & Komodakis 2016, ImageNet table"),
+    "resnext50_32x4d": (22.2, "Xie et al. 2017, Table 3"),
+    "densenet121": (25.02, "Huang et al. 2017, Table 3"),
+    "se_resnet50": (23.29, "Hu et al. 2018, Table 2"),
+}
+
+
+# %% Measuring: latency, peak memory
+def best_seconds(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Shortest wall-clock time of `fn` over `repeats` calls (call it once untimed first). The minimum, not
+    the mean: other work on the machine only ever adds time, so the fastest run is the least disturbed."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        helpers.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_memory_bytes(step: Callable[[], None], model: nn.Module, optimizer, device: torch.device) -> int | None:
+    """Peak bytes of live tensors during one call of `step` (a training step): weights, gradients,
+    optimizer state, activations kept for the backward pass and temporaries.
+
+    CUDA: the allocator's own high-water mark. CPU: torch's MemTracker, which follows every tensor the
+    step creates and frees (the CPU allocator keeps no high-water mark; process RSS would also count
+    the Python heap and freed pages the allocator has not returned). None where neither is available."""
+    if device.type == "cuda":
+        helpers.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        helpers.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:  # a torch build without torch.distributed
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    return int(tracker.get_tracker_snapshot("peak")[device]["Total"])
+
+
+def measure(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, repeats: int) -> dict:
+    """Forward latency (eval mode, no gradients), training-step latency (forward, cross-entropy, backward,
+    SGD-with-momentum update) and the training step's peak memory, all in fp32 at `input_shape`."""
+    model.to(device)
+    x = torch.randn(input_shape, device=device)
+    labels = torch.zeros(input_shape[0], dtype=torch.long, device=device)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # warm-up: first calls pick algorithms and allocate
+        forward_s = best_seconds(lambda: model(x), repeats, device)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    train_step()  # warm-up, and it creates the momentum buffers that the memory measurement should count
+    peak = peak_memory_bytes(train_step, model, optimizer, device)
+    train_s = best_seconds(train_step, repeats, device)
+    return {"forward_ms": 1000 * forward_s, "train_step_ms": 1000 * train_s, "peak_mb": peak and peak / 2**20}
+
+
+def variant_table(cfg, device: torch.device) -> list[dict]:
+    """Build every variant once: count its parameters, time it, then count its multiply-adds at its native
+    input size on the meta device (shapes only, no arithmetic, so 224x224 costs nothing)."""
+    rows = []
+    jobs = [(n, b, "CIFAR", 10, 32, cfg.cifar_timing_size) for n, b in CIFAR_VARIANTS.items()]
+    jobs += [(n, b, "ImageNet", 1000, 224, cfg.imagenet_timing_size) for n, b in IMAGENET_VARIANTS.items()]
+    for name, build, family, num_classes, native, timed in helpers.Progress(jobs, "timing variants"):
+        torch.manual_seed(cfg.seed)
+        model = build(num_classes=num_classes)
+        parameters = helpers.count_parameters(model)
+        timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
+        macs = helpers.count_multiply_adds(model.to("meta"), (1, 3, native, native), device="meta")
+        paper_error, source = PAPER_ERRORS[name]
+        rows.append(
+            {
+                "model": name,
+                "data": family,
+                "params_M": parameters / 1e6,
+                "parameters": parameters,
+                "expected": EXPECTED_PARAMETERS.get(name),
+                "GMACs": macs / 1e9,
+                "timed_at": f"{cfg.timing_batch}x{timed}x{timed}",
+                **timing,
+                "paper_err_%": paper_error,
+                "source": source,
+            }
+        )
+        del model
+    return rows
+
+
+# %% A 1001-layer pre-activation ResNet at initialisation
+def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device) -> dict:
+    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images, recording
+    for every unit the size of its input x_l and of the gradient dE/dx_l that reaches it.
+
+    He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity
+    path: the gradient at the deepest unit arrives at the first one undiminished, whatever the units do."""
+    torch.manual_seed(seed)
+    model = preact_resnet(depth).to(device).train()
+    units = [m for m in model.modules() if isinstance(m, PreActBlock)]
+    unit_inputs = []
+
+    def keep_input(module, args):
+        args[0].retain_grad()  # keep dE/dx_l of this non-leaf tensor after backward
+        unit_inputs.append(args[0])
+
+    handles = [unit.register_forward_pre_hook(keep_input) for unit in units]
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    helpers.synchronize(device)
+    seconds = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    grad_norms = [x.grad.norm().item() / math.sqrt(x[0].numel()) for x in unit_inputs]  # RMS per image
+    signal_rms = [x.detach().pow(2).mean().sqrt().item() for x in unit_inputs]
+    weight_grads = [m.weight.grad.norm().item() for _, m in helpers.weighted_layers(model)]
+    per_stage = len(units) // 3
+    return {
+        "depth": depth,
+        "units": len(units),
+        "weighted_layers": len(helpers.weighted_layers(model)),
+        "parameters": helpers.count_parameters(model),
+        "batch": batch,
+        "seconds": seconds,
+        "loss": loss.item(),
+        "all_finite": all(math.isfinite(g) for g in grad_norms + weight_grads),
+        "grad_rms_first_unit": grad_norms[0],
+        "grad_rms_last_unit": grad_norms[-1],
+        "grad_rms_min": min(grad_norms),
+        "grad_rms_max": max(grad_norms),
+        "grad_ratio_first_to_last": grad_norms[0] / grad_norms[-1],
+        "signal_rms_first_unit": signal_rms[0],
+        "signal_rms_last_unit": signal_rms[-1],
+        "stage_ends": [
+            {"unit": i + 1, "grad_rms": grad_norms[i], "signal_rms": signal_rms[i]}
+            for i in (0, per_stage - 1, per_stage, 2 * per_stage - 1, 2 * per_stage, len(units) - 1)
+        ],
+        "weight_grad_norm_min": min(weight_grads),
+        "weight_grad_norm_max": max(weight_grads),
+        "grad_rms_per_unit": grad_norms,
+        "signal_rms_per_unit": signal_rms,
+    }
+
+
+# %% The equal-budget training comparison
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, data: helpers.ImageData, batches: int, batch_size: int, device) -> None:
+    """Re-estimate every BN layer's running mean and variance as a plain average over `batches` training
+    batches with the final weights. After a short run at a high learning rate the running averages still
+    mix in statistics of much earlier weights, and eval-mode accuracy falls far below train-mode accuracy."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: cumulative moving average, i.e. the plain mean over the batches seen
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
+        index = index.to(data.train_x.device)
+        model(helpers.normalize(data.train_x[index].to(device), data.mean, data.std))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+
+
+def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
+    """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the
+    same number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
+    fallback = "dataset" not in cfg.explicit and not cfg.full
+    data = helpers.load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        train_size=cfg.train_size,
+        test_size=cfg.test_size,
+        seed=cfg.seed,
+        download=cfg.download,
+        fallback=fallback,
+    ).to(device)
+    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
+    milestones = (cfg.train_steps // 2, cfg.train_steps * 3 // 4) if cfg.full else ()
+    rows, curves = [], {}
+    for name, build in SMALL_CIFAR_VARIANTS.items():
+        generator = helpers.seed_everything(cfg.seed)  # same data order for every model
+        model = build(num_classes=data.num_classes)
+        start = time.perf_counter()
+        history = helpers.sgd_train(
+            model,
+            data,
+            steps=cfg.train_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            device=device,
+            generator=generator,
+            lr_milestones=milestones,
+            warmup_steps=cfg.warmup_steps,
+            amp_dtype=amp_dtype,
+            augment=cfg.augment,
+            desc=name,
+        )
+        train_s = time.perf_counter() - start
+        recalibrate_batch_norm(model, data, cfg.bn_recalibration_batches, cfg.batch_size, device)
+        test = helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype)
+        window = max(1, cfg.train_steps // 5)
+        rows.append(
+            {
+                "model": name,
+                "params_M": helpers.count_parameters(model) / 1e6,
+                "steps": cfg.train_steps,
+                "images_seen": cfg.train_steps * cfg.batch_size,
+                "train_s": train_s,
+                "last_train_loss": statistics.mean(h["loss"] for h in history[-window:]),
+                "test_err_%": 100 * test["error"],
+            }
+        )
+        curves[name] = [h["loss"] for h in history]
+    return rows, {
+        "dataset": data.name,
+        "train_images": len(data.train_x),
+        "test_images": len(data.test_x),
+        "curves": curves,
+    }
+
+
+# %% Two checks of what the new blocks compute
+def grouped_equals_paths(seed: int) -> dict:
+    """A ResNeXt-29 8x64d stage-2 block (8 paths of width 128) computed both ways on the same weights."""
+    torch.manual_seed(seed)
+    block = GroupedBottleneck(256, 128, stride=2, groups=8, base_width=64)
+    for norm in (block.bn1, block.bn2, block.bn3):  # non-trivial BN statistics and affine parameters
+        norm.running_mean.normal_(0, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        nn.init.normal_(norm.weight, 1.0, 0.3)
+        nn.init.normal_(norm.bias, 0.0, 0.3)
+    block.eval()
+    x = torch.randn(2, 256, 16, 16)
+    with torch.no_grad():
+        grouped, paths = block.branch(x), aggregated_paths(block, x)
+    return {
+        "cardinality": block.conv2.groups,
+        "path_width": block.conv2.out_channels // block.conv2.groups,
+        "output_shape": list(grouped.shape),
+        "max_abs_difference": (grouped - paths).abs().max().item(),
+        "output_rms": grouped.pow(2).mean().sqrt().item(),
+    }
+
+
+def se_effect(seed: int) -> dict:
+    """The SE gates of one SE-ResNet-50 stage-3 block at initialisation, and how much they change its output."""
+    torch.manual_seed(seed)
+    block = SEBottleneck(1024, 256).eval()
+    x = torch.randn(2, 1024, 14, 14)
+    with torch.no_grad():
+        branch = L02.Bottleneck.branch(block, x)  # F(x) without the SE module
+        gates = block.se.scales(branch)  # (B, C)
+        with_se, without_se = block(x), F.relu(branch + block.shortcut(x))
+    return {
+        "channels": gates.shape[1],
+        "hidden_units": block.se.fc1.out_features,
+        "gate_min": gates.min().item(),
+        "gate_max": gates.max().item(),
+        "gate_mean": gates.mean().item(),
+        "output_relative_change": ((with_se - without_se).norm() / without_se.norm()).item(),
+    }
+
+
+# %% The run
+def plot(results: dict, path) -> None:
+    helpers.use_headless_matplotlib()
+    import matplotlib.pyplot as plt
+
+    fig, (ax_cost, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for family, marker in (("CIFAR", "o"), ("ImageNet", "s")):
+        rows = [r for r in results["variants"] if r["data"] == family]
+        ax_cost.scatter([r["GMACs"] for r in rows], [r["paper_err_%"] for r in rows], marker=marker, label=family)
+        for r in rows:
+            ax_cost.annotate(
+                r["model"], (r["GMACs"], r["paper_err_%"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    ax_cost.set(xscale="log", xlabel="multiply-adds per image (G, log scale)", ylabel="paper's test error (%)")
+    ax_cost.set_title("Cost vs reported error (CIFAR-10 / ImageNet top-1)")
+    ax_cost.legend()
+    window = max(1, results["config"]["train_steps"] // 10)
+    for name, losses in results["training"]["curves"].items():
+        ax_loss.plot(range(1, len(losses) + 1), helpers.smooth(losses, window), label=name)
+    ax_loss.set(xlabel="SGD step", ylabel=f"training loss (moving average of {window})")
+    ax_loss.set_title(f"Equal budget on {results['training']['dataset']}")
+    ax_loss.legend(fontsize=8)
+    helpers.save_figure(fig, path)
+
+
+def main(**overrides):
+    cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
+    for key in ("train_size", "test_size", "train_steps", "batch_size", "timing_batch", "timing_repeats"):
+        helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive (got {cfg[key]})")
+    for key in ("cifar_timing_size", "imagenet_timing_size"):
+        helpers.require(cfg[key] >= 32, f"--{key.replace('_', '-')} must be at least 32 pixels (got {cfg[key]})")
+    helpers.require(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
+    helpers.require(cfg.deep_batch >= 2, "--deep-batch must be at least 2 (batch norm needs two images in train mode)")
+    started = time.perf_counter()
+    device = helpers.pick_device(cfg.device)
+    out_dir = helpers.output_dir(cfg)
+    print(f"device: {helpers.device_name(device)}\n")
+
+    # 1. ResNeXt: the grouped convolution is C parallel paths, summed.
+    equivalence = grouped_equals_paths(cfg.seed)
+    print(
+        f"ResNeXt block, grouped form vs {equivalence['cardinality']} separate paths of width "
+        f"{equivalence['path_width']}: max |difference| = {equivalence['max_abs_difference']:.1e} "
+        f"(outputs of RMS {equivalence['output_rms']:.2f})"
+    )
+    # 2. SE: gates in (0, 1) that rescale the branch.
+    se = se_effect(cfg.seed)
+    print(
+        f"SE gates of a {se['channels']}-channel block (r = 16, {se['hidden_units']} hidden units) at "
+        f"initialisation: {se['gate_min']:.3f} to {se['gate_max']:.3f}, mean {se['gate_mean']:.3f}; they change "
+        f"the block's output by {100 * se['output_relative_change']:.0f}% (relative L2)\n"
+    )
+
+    # 3. A 1001-layer pre-activation ResNet, forward and backward at initialisation.
+    deep = deep_gradient_check(cfg.deep_depth, cfg.deep_batch, cfg.seed, device)
+    print(
+        f"Pre-activation ResNet-{deep['depth']} ({deep['units']} bottleneck units, {deep['weighted_layers']} "
+        f"weighted layers, {deep['parameters'] / 1e6:.1f}M parameters), batch {deep['batch']}: forward + backward "
+        f"in {deep['seconds']:.1f} s, loss {deep['loss']:.2f}, all gradients finite: {deep['all_finite']}"
+    )
+    helpers.print_table(
+        deep["stage_ends"],
+        [("unit", "d"), ("signal_rms", ".2f"), ("grad_rms", ".2e")],
+        title="RMS of each unit's input x_l and of dE/dx_l, at the first and last unit of each stage",
+    )
+
+    # 4. Every variant on the same footing.
+    variants = variant_table(cfg, device)
+    helpers.print_table(
+        variants,
+        [
+            ("model", ""),
+            ("data", ""),
+            ("params_M", ".2f"),
+            ("GMACs", ".3f"),
+            ("timed_at", ""),
+            ("forward_ms", ".1f"),
+            ("train_step_ms", ".1f"),
+            ("peak_mb", ".0f"),
+            ("paper_err_%", ".2f"),
+            ("source", ""),
+        ],
+        title=(
+            f"Residual variants on {helpers.device_name(device)}, fp32. MACs per image at the native size "
+            f"(32x32 CIFAR, 224x224 ImageNet); latency and peak memory of a training step at B x H x W = timed_at"
+        ),
+    )
+    mismatched = [r["model"] for r in variants if r["expected"] is not None and r["parameters"] != r["expected"]]
+    print(f"parameter counts equal to the papers' / torchvision's: {mismatched or 'all'}\n")
+
+    # 5. The small CIFAR variants trained with the same budget.
+    training_rows, training = compare_training(cfg, device)
+    helpers.print_table(
+        training_rows,
+        [
+            ("model", ""),
+            ("params_M", ".3f"),
+            ("steps", "d"),
+            ("images_seen", "d"),
+            ("train_s", ".1f"),
+            ("last_train_loss", ".3f"),
+            ("test_err_%", ".1f"),
+        ],
+        title=(
+            f"Equal budget on {training['dataset']}: {cfg.train_steps} steps of {cfg.batch_size} images each "
+            f"(test error on {training['test_images']} test images, after BN recalibration)"
+        ),
+    )
+
+    results = {
+        "grouped_conv_equivalence": equivalence,
+        "squeeze_excitation": se,
+        "deep_preact": deep,
+        "variants": variants,
+        "parameter_mismatches": mismatched,
+        "training": {**training, "rows": training_rows},
+    }
+    record = {"config": dict(cfg), **results}
+    plot(record, out_dir / "variants.png")
+    helpers.save_results(out_dir, results, cfg, device, started)
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'variants.png'} in {time.perf_counter() - started:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    helpers.run_cli(
+        main, globals(), choices={"dataset": helpers.DATASETS, "precision": ("auto", "fp32", "bf16", "fp16")}
+    )
