@@ -648,7 +648,8 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
 
     weights = torchvision.models.get_model_weights(model_name).DEFAULT
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints "Downloading: ..." before failing
+        # torch.hub prints "Downloading: ..." before it fails: keep the failure to one line.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = weights.get_state_dict(progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         reason = str(getattr(error, "reason", error)).splitlines()[0][:100]
