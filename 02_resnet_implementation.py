@@ -1,6 +1,80 @@
 """Lesson 02: ResNet-18 to ResNet-152 and the CIFAR ResNets, verified against torchvision and the paper.
 
-(Lesson card in progress: the models below are final; the measurements and prose follow.)
+What you will learn
+-------------------
+* How He et al. assemble residual blocks into whole networks: a stem, stages that halve the resolution
+  and double the width, global average pooling and one fully connected layer (ImageNet: Table 1 of the
+  paper; CIFAR: section 4.2).
+* The two blocks. `BasicBlock` is lesson 01's block (two 3x3 convolutions); `Bottleneck` squeezes the
+  channels with a 1x1 convolution, runs the 3x3 on the narrow tensor and expands again (Fig. 5), which is
+  what makes 50 to 152 layers affordable.
+* How to prove an implementation is the real thing: torchvision's `state_dict()` loads into these models
+  with `strict=True` and both give the same outputs; parameters, layers and multiply-adds match the
+  published figures.
+* The two places where torchvision departs from the 2015 paper (the bottleneck's stride on the 3x3
+  convolution, "ResNet v1.5", and `zero_init_residual`), shortcut options A and B, and why the ImageNet
+  stem is wrong for 32x32 images.
+
+Paper: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
+(arXiv:1512.03385). Every block computes Eq. 1, y = F(x, {W_i}) + x, or Eq. 2, y = F(x, {W_i}) + W_s x
+where the shape changes, followed by a ReLU.
+
+Run
+---
+    python 02_resnet_implementation.py                  # about 35 s on a 2-core laptop CPU, 2/3 of it timing
+    python 02_resnet_implementation.py --no-measure-latency          # the counts only, about 10 s
+    python 02_resnet_implementation.py --pretrained      # also classify a photo with torchvision's weights
+
+`--pretrained` loads torchvision's ImageNet weights for `--pretrained-model` (default resnet50, weights
+IMAGENET1K_V2) into the lesson's model with `strict=True` and classifies `--image`, by default the photo
+of Grace Hopper that matplotlib ships as sample data (`mpl-data/sample_data/grace_hopper.jpg`; torchvision
+ships no image). It needs the network once (torch then caches the file); offline it prints one NOTICE
+line and the rest of the lesson runs. The machine this lesson was written on has no network, so this
+card claims no predicted label.
+
+What you should see (seed 0, CPU; every count below is checked by tests/test_02_resnet_implementation.py)
+------------------------------------------------------------------------------------------------------
+* ResNet-18/34/50/101/152: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808 parameters,
+  exactly torchvision's; 18 / 34 / 50 / 101 / 152 weighted layers counted from the model (convolutions
+  plus the classifier, projection shortcuts excluded, as the paper counts); 1.814 / 3.664 / 4.089 /
+  7.801 / 11.514 G multiply-adds at 224x224, within 0.01% of torchvision's published 1.81 / 3.66 / 4.09 /
+  7.80 / 11.51 G.
+* CIFAR ResNet-20/32/44/56/110/1202 with option A: 269,722 / 464,154 / 658,586 / 853,018 / 1,727,962 /
+  19,421,274 parameters, the same as their plain counterparts; option B adds 2,752. The CIFAR ResNet-18:
+  11,173,962 parameters, 555.4 M multiply-adds per 32x32 image.
+* Stride placement: ResNet-50 costs 3.858 G multiply-adds with the stride on the first 1x1 (v1) and
+  4.089 G with it on the 3x3 (v1.5); the difference is 0.231 G for ResNet-50, -101 and -152 alike,
+  exactly the predicted cost of running three 1x1 convolutions at full instead of quarter resolution. The
+  v1 figures (3.86 / 7.57 / 11.28 G) are the paper's Table 1 (3.8 / 7.6 / 11.3 G): the paper counted v1.
+* ResNet-50 stage by stage: layer3 does the most work (1464 M multiply-adds), layer4 holds the most
+  parameters (15.0 M of 25.6 M) on a 7x7 map.
+* Blocks on a 56x56 map: a bottleneck carrying 256 channels has 70,400 parameters (218 M multiply-adds),
+  fewer than a basic block carrying 64 (73,984; 231 M) and 17x fewer than a basic block carrying 256
+  (1,180,672; 3,699 M).
+* `zero_init_residual=True`: all 12 of ResNet-50's blocks without a projection are exact identities at
+  initialisation (0 of 12 without it, where each moves its input by 0.64 of its norm on average).
+* ImageNet stem on 32x32 images: 8x8 maps in layer1, 1x1 in layer4, where 0.111 (1/9) of each 3x3
+  kernel's taps read data; the CIFAR stem keeps 32x32 and 4x4 (0.694), at 555 instead of 37 M
+  multiply-adds.
+* Forward latency, fp32, on the 2-core machine this was written on with other jobs running (your numbers
+  will differ, and a busy CPU can slow these tenfold): batch 1 took 25 / 46 / 62 / 109 / 149 ms for
+  ResNet-18 to -152, batch 32 about 1.1 / 1.5 / 3.6 / 5.1 / 6.2 s. Latency grows with multiply-adds but
+  not in proportion to them: ResNet-50 has 12% more multiply-adds than ResNet-34 and took longer by a
+  third at batch 1 and more than double at batch 32 (its 1x1 convolutions and 4x wider tensors move more
+  memory per multiply-add).
+
+Try this
+--------
+* `--shape-model cifar-resnet56`: watch the maps go 32 -> 16 -> 8 while the channels go 16 -> 32 -> 64,
+  so each stage costs about the same; then `--shape-model cifar-resnet18` and compare with resnet18.
+* `--image-size 448`: multiply-adds grow 4x (the published column goes blank: it is for 224x224), while
+  the parameter counts do not move: a fully convolutional body plus global pooling takes any size.
+* In a Python shell: `m = resnet50(bottleneck_stride="1x1")` and `m.layer2[0].conv1`: a 1x1 convolution
+  with stride 2 reads one pixel in four. Load torchvision's weights into it: strict loading succeeds (the
+  shapes are identical) but the outputs differ, which is why equal shapes alone prove nothing.
+* `--device cuda` on a GPU machine: compare batch 32 with 32 x batch 1. How much does batching buy on a
+  GPU, and how much on your CPU?
+* `--pretrained --image your_photo.jpg` with network access; then try `--pretrained-model resnet18`.
 """
 
 # %%
@@ -191,7 +265,6 @@ class ResNet(nn.Module):
         small_input_stem: bool = False,
     ):
         super().__init__()
-        self.blocks_per_stage = list(blocks_per_stage)
         if small_input_stem:  # 32x32 images have no resolution to spare: keep it all
             self.conv1 = conv3x3(3, 64)  # (B, 3, 32, 32) -> (B, 64, 32, 32)
             self.bn1 = nn.BatchNorm2d(64)
@@ -490,6 +563,12 @@ def imagenet_table(cfg, device: torch.device) -> list[dict]:
         f"ImageNet ResNets at {cfg.image_size}x{cfg.image_size} (published: torchvision's weights metadata; "
         f"ms@B: median forward time at batch B on {helpers.device_name(device)})",
     )
+    if cfg.measure_latency:
+        repeats = ", ".join(
+            f"batch {b}: {min(r[f'repeats@{b}'] for r in rows)}-{max(r[f'repeats@{b}'] for r in rows)}"
+            for b in cfg.latency_batch_sizes
+        )
+        print(f"latency = median over repeated passes ({repeats} passes per model; raise --latency-seconds for more)\n")
     return rows
 
 
@@ -709,6 +788,10 @@ def main(**overrides):
     helpers.require(
         cfg.pretrained_model in IMAGENET_MODELS, f"unknown --pretrained-model (use one of {', '.join(IMAGENET_MODELS)})"
     )
+    image = cfg.image or default_sample_image()
+    if cfg.pretrained:  # check before the minutes of work, not after
+        helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")
+        helpers.require(Path(image).is_file(), f"--image {image} is not a file (pass the path of a JPEG or PNG)")
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)
@@ -729,9 +812,6 @@ def main(**overrides):
     results["stem_on_32x32"] = stem_table()
 
     if cfg.pretrained:
-        image = cfg.image or default_sample_image()
-        helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")
-        helpers.require(Path(image).is_file(), f"--image {image} is not a file (pass the path of a JPEG or PNG)")
         results["pretrained"] = classify_with_pretrained(cfg.pretrained_model, image)
 
     print(f"figure: {plot_models(results, out_dir / 'resnet_family.png')}")
@@ -754,9 +834,16 @@ def plot_models(results: dict, path: Path) -> Path:
     axes[0].set_title("Parameters")
     v1 = {r["model"]: r["v1"] for r in results["stride_placement"]["rows"]}
     positions = list(range(len(rows)))
-    axes[1].bar([p - 0.2 for p in positions], [r["GMACs"] for r in rows], width=0.4, label="as built (v1.5 bottleneck)")
+    axes[1].bar(
+        [p - 0.2 for p in positions],
+        [r["GMACs"] for r in rows],
+        width=0.4,
+        label="as built (torchvision; v1.5 bottlenecks)",
+    )
     bottlenecked = [(p, v1[r["model"]]) for p, r in zip(positions, rows) if r["model"] in v1]
-    axes[1].bar([p + 0.2 for p, _ in bottlenecked], [g for _, g in bottlenecked], width=0.4, label="v1 bottleneck")
+    axes[1].bar(
+        [p + 0.2 for p, _ in bottlenecked], [g for _, g in bottlenecked], width=0.4, label="v1 bottlenecks (the paper)"
+    )
     axes[1].set_xticks(positions, names)
     axes[1].set_ylabel("multiply-adds per image (G)")
     axes[1].set_title("Compute per 224x224 image")

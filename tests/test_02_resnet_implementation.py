@@ -296,6 +296,8 @@ def test_measure_latency_repeats_within_budget(lesson02):
 def test_bad_flags_are_user_errors(lesson02, tmp_path):
     with pytest.raises(helpers.UserError, match="latency-seconds"):
         lesson02.main(latency_seconds=-1, out=str(tmp_path))
+    with pytest.raises(helpers.UserError, match="--image"):
+        lesson02.main(pretrained=True, image=str(tmp_path / "missing.jpg"), out=str(tmp_path))
     result = run_script("02_resnet_implementation.py", "--shape-model", "resnet9", "--out", str(tmp_path))
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
