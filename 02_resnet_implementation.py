@@ -403,8 +403,9 @@ def cifar_resnet(
 
 # Why not the ImageNet stem on 32x32 images. The 7x7 stride-2 convolution and the max-pool divide the
 # side by 4 before the first block, which suits 224x224 photos. A 32x32 image leaves 8x8 maps for layer1
-# and 1x1 maps for layer4, where eight of the nine taps of every 3x3 kernel read zero padding: layer4's
-# 3x3 convolutions act as 1x1 convolutions and most of its 8.4M weights can never see a neighbour. The
+# and 1x1 maps for layer4. A 3x3 convolution on a 1x1 map reads its one pixel with the centre tap and
+# zero padding with the other eight: layer4's convolutions (all but its first) act as 1x1 convolutions,
+# and 8/9 of their weights only ever multiply zeros, so the net has no spatial context at depth. The
 # CIFAR stem (a 3x3 stride-1 convolution, no max-pool) keeps 32x32 maps in layer1 and 4x4 in layer4; it
 # costs 15x the multiply-adds (555 vs 37 MMACs, measured below) because every layer now works on 16x
 # more positions. Lesson 06 trains this network.
@@ -423,7 +424,7 @@ CIFAR_MODELS = {  # name -> builder(num_classes); ResNet-1202 is left out (19.4M
 # %% Counting what the names promise
 def on_meta(build, *args, **kwargs) -> nn.Module:
     """Build a model on PyTorch's "meta" device: shapes without storage. Counting parameters and
-    multiply-adds needs only shapes, so ResNet-152 is counted in milliseconds without computing anything."""
+    multiply-adds needs only shapes, so even ResNet-1202 is counted without a single multiplication."""
     with torch.device("meta"):
         return build(*args, **kwargs)
 

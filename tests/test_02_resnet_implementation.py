@@ -26,6 +26,16 @@ PUBLISHED_GMACS = {"resnet18": 1.81, "resnet34": 3.66, "resnet50": 4.09, "resnet
 PAPER_TABLE1_V1 = {"resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}  # He et al. 2015, Table 1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests check counts and equalities, not speed: one thread keeps them fast on a shared CPU,
+    where two OpenMP threads competing with other jobs can run 10x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def meta(build, *args, **kwargs):
     with torch.device("meta"):
         return build(*args, **kwargs)
@@ -349,7 +359,10 @@ def test_default_run_with_cached_weights(tmp_path, monkeypatch):
     assert stages["layer3"]["output shape"] == "1x1024x14x14" and stages["layer4"]["output shape"] == "1x2048x7x7"
     assert max(stages.values(), key=lambda r: r["MMACs"])["module"] == "layer3"
     assert max(stages.values(), key=lambda r: r["params"])["module"] == "layer4"
-    block_params = [r["params"] for r in results["block_comparison"]]
-    assert block_params == [73_984, 70_400, 1_180_672]
+    assert round(stages["layer3"]["MMACs"]) == 1464 and round(stages["layer4"]["params"] / 1e6, 1) == 15.0
+    assert [r["params"] for r in results["block_comparison"]] == [73_984, 70_400, 1_180_672]
+    assert [round(r["MMACs"]) for r in results["block_comparison"]] == [231, 218, 3699]
     assert [r["exact identities"] for r in results["zero_init_residual"]] == [0, 12]
+    assert results["zero_init_residual"][0]["mean |y-x|/|x|"] == pytest.approx(0.64, abs=0.01)
     assert [r["layer4 map"] for r in results["stem_on_32x32"]] == ["1x1", "4x4"]
+    assert [round(r["MMACs"], 1) for r in results["stem_on_32x32"]] == [37.0, 555.4]
