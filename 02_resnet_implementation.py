@@ -734,8 +734,8 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         reason = str(getattr(error, "reason", error)).splitlines()[0][:100]
         print(
-            f"NOTICE: --pretrained skipped: torchvision's {model_name} {weights.name} weights are not cached and could "
-            f"not be downloaded ({reason}); the rest of the lesson ran without them.",
+            f"NOTICE: --pretrained skipped: torchvision's {model_name} {weights.name} weights could not be loaded from "
+            f"the torch cache or the network ({reason}); everything above ran without them.",
             flush=True,
         )
         return {"loaded": False, "weights": f"{model_name}.{weights.name}", "reason": reason}
