@@ -21,9 +21,9 @@ where the shape changes, followed by a ReLU.
 
 Run
 ---
-    python 02_resnet_implementation.py                  # about 35 s on a 2-core laptop CPU, 2/3 of it timing
-    python 02_resnet_implementation.py --no-measure-latency          # the counts only, about 10 s
-    python 02_resnet_implementation.py --pretrained      # also classify a photo with torchvision's weights
+    python 02_resnet_implementation.py                        # about 35 s on 2 CPU cores, 2/3 of it timing
+    python 02_resnet_implementation.py --no-measure-latency   # the counts only, about 10 s
+    python 02_resnet_implementation.py --pretrained           # also classify a photo with ImageNet weights
 
 `--pretrained` loads torchvision's ImageNet weights for `--pretrained-model` (default resnet50, weights
 IMAGENET1K_V2) into the lesson's model with `strict=True` and classifies `--image`, by default the photo
@@ -37,8 +37,8 @@ What you should see (seed 0, CPU; every count below is checked by tests/test_02_
 * ResNet-18/34/50/101/152: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808 parameters,
   exactly torchvision's; 18 / 34 / 50 / 101 / 152 weighted layers counted from the model (convolutions
   plus the classifier, projection shortcuts excluded, as the paper counts); 1.814 / 3.664 / 4.089 /
-  7.801 / 11.514 G multiply-adds at 224x224, within 0.01% of torchvision's published 1.81 / 3.66 / 4.09 /
-  7.80 / 11.51 G.
+  7.801 / 11.514 G multiply-adds at 224x224, torchvision's published figures (1.81 / 3.66 / 4.09 / 7.80 /
+  11.51 G in its documentation, three decimals in its weights' metadata) to every digit they give.
 * CIFAR ResNet-20/32/44/56/110/1202 with option A: 269,722 / 464,154 / 658,586 / 853,018 / 1,727,962 /
   19,421,274 parameters, the same as their plain counterparts; option B adds 2,752. The CIFAR ResNet-18:
   11,173,962 parameters, 555.4 M multiply-adds per 32x32 image.
