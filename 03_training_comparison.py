@@ -1,0 +1,443 @@
+"""Lesson 03: plain vs residual networks trained under identical conditions, the degradation problem measured.
+
+(Lesson card: numbers filled in from the seeded default run below.)
+"""
+
+# %%
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import helpers
+
+L02 = helpers.load_lesson(2)  # cifar_resnet(depth, num_classes, shortcut, plain): the paper's CIFAR nets
+
+# --- constants ---------------------------------------------------------------------------------------
+SEED = 0  # random seed for every model's weights and for the (shared) data order
+DEVICE = "auto"  # auto | cpu | cuda | mps
+OUT = "outputs/03_training_comparison"  # folder for results.json and figures
+FULL = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)
+DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (the quick run falls back if absent)
+DATA_DIR = "data"  # where datasets are stored or downloaded
+DOWNLOAD = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
+DEPTHS = (20, 56)  # depths (6n+2) trained, each as a plain and as a residual net (paper: 20 32 44 56 110)
+ITERATIONS = 200  # SGD iterations per model (paper: 64000)
+BATCH_SIZE = 128  # images per iteration (paper: 128)
+LR = 0.1  # learning rate (paper: 0.1)
+MOMENTUM = 0.9  # SGD momentum (paper: 0.9)
+WEIGHT_DECAY = 0.0001  # L2 weight decay (paper: 1e-4)
+LR_MILESTONES = (32000, 48000)  # iterations at which the learning rate is divided by 10 (paper: 32k, 48k)
+WARMUP_DEPTH = 110  # nets at least this deep start with the warm-up learning rate (paper: the 110-layer net)
+WARMUP_LR = 0.01  # warm-up learning rate (paper: 0.01)
+WARMUP_ITERATIONS = 400  # warm-up length (paper: until training error < 80%, "about 400 iterations")
+TRAIN_SIZE = 10000  # training images kept (the quick run sees each about 2.6 times)
+VAL_SIZE = 1000  # training images held out for the held-out error (paper: 5000 of 50000)
+AUGMENT = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
+PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype (auto: bf16 where native, else fp32/fp16)
+CHANNELS_LAST = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
+GRAD_CHECKPOINTS = 4  # times, evenly spaced after initialisation, at which every layer's gradient is recorded
+BN_RECALIBRATION_BATCHES = 20  # training batches that re-estimate batch-norm statistics before evaluation
+END_FRACTION = 0.2  # the verdict compares mean training error over this final fraction of the iterations
+TOLERANCE = 0.02  # error difference (absolute) the verdict treats as a tie
+SMOOTHING = 20  # iterations in the moving average of the plotted training error
+EVAL_TEST = False  # also report test-set error (never used to choose anything)
+# --- end constants -----------------------------------------------------------------------------------
+
+FULL_OVERRIDES = {
+    "depths": (20, 32, 44, 56, 110),
+    "iterations": 64000,
+    "train_size": 45000,
+    "val_size": 5000,
+    "augment": True,
+    "grad_checkpoints": 8,
+    "bn_recalibration_batches": 100,
+    "end_fraction": 0.05,
+    "smoothing": 400,
+    "eval_test": True,
+}
+
+
+# %% The models: one family, with and without shortcuts
+# He et al. 2015 (section 4.2) compare nets that differ only in the shortcuts: the same 6n+2 weighted
+# layers, the same widths (16, 32, 64), option-A shortcuts that add no parameters, batch norm after every
+# convolution, and the same initialisation (Kaiming normal, "Delving Deep into Rectifiers"). Lesson 02's
+# `cifar_resnet(depth, plain=True)` removes every shortcut and nothing else, so any difference in training
+# below comes from the "+ x" alone.
+def build_model(depth: int, plain: bool, num_classes: int, seed: int) -> nn.Module:
+    """Plain or residual CIFAR net, its weights drawn from the same seed as every other model's."""
+    torch.manual_seed(seed)
+    return L02.cifar_resnet(depth, num_classes=num_classes, plain=plain)
+
+
+def model_name(depth: int, plain: bool) -> str:
+    return f"{'plain' if plain else 'resnet'}-{depth}"
+
+
+# %% Gradient norms of every weighted layer
+# The paper (section 4.1) argues that the trouble of deep plain nets is "unlikely to be caused by vanishing
+# gradients": with batch norm the forward signals keep non-zero variance and the backward gradients
+# "exhibit healthy norms". We check by recording ||dL/dW|| for every convolution and the classifier, at
+# initialisation (the first mini-batch, before any update) and at checkpoints during training. Because
+# batch norm makes a convolution's output invariant to the scale of its weights, what a step of SGD does
+# to a layer depends on the gradient relative to the weights, so ||dL/dW|| / ||W|| is recorded too.
+def layer_gradient_norms(model: nn.Module) -> dict:
+    """||dL/dW|| and ||dL/dW|| / ||W|| of every weighted layer, input to output (gradients must exist)."""
+    grads, relative = [], []
+    for _, layer in helpers.weighted_layers(model):
+        grad_norm = layer.weight.grad.detach().float().norm().item()
+        grads.append(grad_norm)
+        relative.append(grad_norm / layer.weight.detach().float().norm().clamp_min(1e-12).item())
+    return {"grad_norm": grads, "relative": relative}
+
+
+def gradient_summary(grad_norms: list[float]) -> dict:
+    """The facts the lesson reads off one gradient profile (weighted layers in order; last is the classifier)."""
+    convs = grad_norms[:-1]
+    return {
+        "first_conv": convs[0],
+        "last_conv": convs[-1],
+        "classifier": grad_norms[-1],
+        "smallest_conv": min(convs),
+        "first_over_last_conv": convs[0] / convs[-1],
+    }
+
+
+def checkpoint_steps(iterations: int, count: int) -> list[int]:
+    """Step indices (0-based) whose gradients are recorded: 0 is initialisation, then `count` even spaces.
+    The gradient of step s is taken after s updates, so it describes the weights after s iterations."""
+    return sorted({0} | {max(0, round(iterations * k / count) - 1) for k in range(1, count + 1)})
+
+
+# %% Batch-norm statistics for evaluation
+# Pitfall. In training mode batch norm normalises with the current batch's mean and variance; in eval mode
+# with running averages updated by momentum 0.1 at every step. After a few hundred steps at learning rate
+# 0.1 the weights still change fast, so the running averages describe weights from tens of steps ago and
+# the eval-mode network is not the network that was trained: measured below, held-out error with the raw
+# running statistics is far above the training error. Re-estimating the statistics with the final weights
+# (a plain average over some training batches, no gradient, no weight change) fixes the mismatch; both
+# numbers are reported. After the paper's 64k iterations, at learning rate 0.001 for the last 16k, the
+# two agree closely.
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module,
+    data: helpers.ImageData,
+    batches: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    seed: int,
+) -> None:
+    """Replace every BN layer's running mean and variance by their average over `batches` training batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: cumulative average, i.e. the plain mean over the batches seen
+    was_training = model.training
+    model.train()
+    generator = torch.Generator().manual_seed(seed)  # its own generator: the training order is untouched
+    for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
+        x = helpers.normalize(data.train_x[index.to(data.train_x.device)].to(device), data.mean, data.std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with helpers.autocast(device, amp_dtype):
+            model(x)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+# %% Training one model
+def train_one(
+    cfg, data: helpers.ImageData, depth: int, plain: bool, device: torch.device, amp_dtype: torch.dtype | None
+) -> dict:
+    """Train one net with the shared recipe; return its curves, gradients, held-out error and timings.
+
+    Identical conditions: the same seed for the weights, a fresh data-order generator with the same seed
+    (so every model sees the same mini-batches in the same order, and the same augmentation), the same
+    optimiser, learning rate, schedule, precision and memory layout."""
+    name = model_name(depth, plain)
+    model = build_model(depth, plain, data.num_classes, cfg.seed)
+    layer_names = [n for n, _ in helpers.weighted_layers(model)]
+    record_at = set(checkpoint_steps(cfg.iterations, cfg.grad_checkpoints))
+    gradients: dict[int, dict] = {}
+
+    def on_backward(step: int, net: nn.Module) -> None:
+        if step in record_at:
+            gradients[step] = layer_gradient_norms(net)
+
+    warmup = cfg.warmup_iterations if depth >= cfg.warmup_depth else 0
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same data order for every model
+    started = time.perf_counter()
+    history = helpers.sgd_train(
+        model,
+        data,
+        steps=cfg.iterations,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        device=device,
+        generator=generator,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        lr_milestones=cfg.lr_milestones,
+        warmup_steps=warmup,
+        warmup_lr=cfg.warmup_lr,
+        amp_dtype=amp_dtype,
+        augment=cfg.augment,
+        channels_last=cfg.channels_last,
+        on_backward=on_backward,
+        desc=name,
+    )
+    train_s = history[-1]["time_s"]
+
+    eval_kwargs = {"device": device, "amp_dtype": amp_dtype, "channels_last": cfg.channels_last}
+    stale = helpers.evaluate(model, data.val_x, data.val_y, data.mean, data.std, **eval_kwargs)
+    recalibrate_batch_norm(
+        model, data, cfg.bn_recalibration_batches, cfg.batch_size, device, amp_dtype, cfg.channels_last, cfg.seed + 1
+    )
+    held_out = helpers.evaluate(model, data.val_x, data.val_y, data.mean, data.std, **eval_kwargs)
+    test = (
+        helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, **eval_kwargs) if cfg.eval_test else None
+    )
+    wall_s = time.perf_counter() - started
+
+    errors = [h["error"] for h in history]
+    losses = [h["loss"] for h in history]
+    return {
+        "name": name,
+        "kind": "plain" if plain else "resnet",
+        "depth": depth,
+        "parameters": helpers.count_parameters(model),
+        "weighted_layers": len(layer_names),
+        "warmup_iterations": warmup,
+        "end_train_error": end_value(errors, cfg.end_fraction),
+        "end_train_loss": end_value(losses, cfg.end_fraction),
+        "val_error_running_stats": stale["error"],
+        "val_error": held_out["error"],
+        "val_loss": held_out["loss"],
+        "test_error": test["error"] if test else None,
+        "images_per_s": cfg.iterations * cfg.batch_size / train_s,
+        "train_s": train_s,
+        "wall_s": wall_s,
+        "gradient_at_init": gradient_summary(gradients[0]["grad_norm"]),
+        "curve": {"error": errors, "loss": losses, "lr": [h["lr"] for h in history]},
+        "gradients": {"layers": layer_names, "by_iteration": {str(s): g for s, g in sorted(gradients.items())}},
+    }
+
+
+# %% The verdict, computed from the curves
+# Mini-batch training error is noisy (a batch of 128 images moves it by 0.8 points per mistake), so "the
+# error a model ends with" is the mean over the last END_FRACTION of the iterations, and two models whose
+# end errors differ by at most TOLERANCE count as a tie. The claim of He et al. (Fig. 1, Fig. 6) has two
+# halves: the deeper plain net ends with a HIGHER training error than the shallower one (degradation; not
+# overfitting, since it is the training error), and the deeper residual net ends with the same or a LOWER
+# training error.
+def end_value(values: list[float], fraction: float) -> float:
+    """Mean of the last `fraction` of `values` (at least one value)."""
+    helpers.require(len(values) > 0, "no values to average (the curve is empty)")
+    count = max(1, math.ceil(len(values) * fraction))
+    return sum(values[-count:]) / count
+
+
+def degradation_verdict(curves: dict[str, dict[int, list[float]]], end_fraction: float, tolerance: float) -> dict:
+    """`curves["plain"][depth]` and `curves["resnet"][depth]` are training-error curves (one value per
+    iteration). Compares the shallowest and deepest depth trained in both families."""
+    depths = sorted(set(curves["plain"]) & set(curves["resnet"]))
+    helpers.require(len(depths) >= 2, "the verdict needs at least two depths in both families (pass --depths 20 56)")
+    shallow, deep = depths[0], depths[-1]
+    end = {kind: {d: end_value(curves[kind][d], end_fraction) for d in depths} for kind in ("plain", "resnet")}
+    plain_gap = end["plain"][deep] - end["plain"][shallow]
+    resnet_gap = end["resnet"][deep] - end["resnet"][shallow]
+    verdict = {
+        "shallow_depth": shallow,
+        "deep_depth": deep,
+        "end_fraction": end_fraction,
+        "tolerance": tolerance,
+        "end_train_error": end,
+        "plain_gap": plain_gap,  # deeper minus shallower: > 0 means the deeper net trains worse
+        "resnet_gap": resnet_gap,
+        "deeper_plain_is_worse": plain_gap > tolerance,
+        "deeper_resnet_matches_or_beats": resnet_gap <= tolerance,
+        "deep_resnet_beats_deep_plain": end["plain"][deep] - end["resnet"][deep] > tolerance,
+    }
+    verdict["degradation_reproduced"] = verdict["deeper_plain_is_worse"] and verdict["deeper_resnet_matches_or_beats"]
+    return verdict
+
+
+def binned_curve(curve: dict, iterations: int, max_points: int = 2000) -> dict:
+    """The curves as means over bins of consecutive iterations, so that results.json of a 64k-iteration run
+    stays small; `bin` iterations per point (1 in the quick run: every iteration is kept)."""
+    size = max(1, math.ceil(iterations / max_points))
+    binned = {
+        key: [sum(v[i : i + size]) / len(v[i : i + size]) for i in range(0, len(v), size)] for key, v in curve.items()
+    }
+    return {"bin": size, **binned}
+
+
+# %% Figures
+def plot_training_error(models: list[dict], smoothing: int, path: Path) -> Path:
+    """Fig. 6 of the paper: training error against iterations, plain nets left, residual nets right;
+    held-out error (after BN recalibration) as a marker at the end of each curve."""
+    helpers.use_headless_matplotlib()
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    depths = sorted({m["depth"] for m in models})
+    colours = {d: plt.cm.viridis(i / max(1, len(depths) - 1) * 0.85) for i, d in enumerate(depths)}
+    for ax, kind, title in zip(axes, ("plain", "resnet"), ("plain networks", "residual networks")):
+        for m in (m for m in models if m["kind"] == kind):
+            curve = [100 * e for e in helpers.smooth(m["curve"]["error"], smoothing)]
+            steps = range(1, len(curve) + 1)
+            ax.plot(steps, curve, color=colours[m["depth"]], lw=1.2, label=f"{m['name']} (training)")
+            ax.plot(len(curve), 100 * m["val_error"], "o", color=colours[m["depth"]], ms=7)
+        ax.set_title(f"{title}: training error (dots: held-out error)")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel(f"error (%), moving average over {smoothing} iterations")
+    fig.tight_layout()
+    return helpers.save_figure(fig, path)
+
+
+def plot_gradients(models: list[dict], path: Path) -> Path:
+    """||dL/dW|| of every weighted layer of the deepest nets, at initialisation and at each checkpoint."""
+    helpers.use_headless_matplotlib()
+    import matplotlib.pyplot as plt
+
+    deepest = max(m["depth"] for m in models)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind in zip(axes, ("plain", "resnet")):
+        model = next(m for m in models if m["kind"] == kind and m["depth"] == deepest)
+        checkpoints = model["gradients"]["by_iteration"]
+        for i, (step, grads) in enumerate(checkpoints.items()):
+            label = "initialisation" if step == "0" else f"after {int(step)} iterations"
+            layers = range(1, len(grads["grad_norm"]) + 1)
+            colour = plt.cm.plasma(i / max(1, len(checkpoints) - 1) * 0.85)
+            ax.plot(layers, grads["grad_norm"], marker=".", ms=3, lw=1, color=colour, label=label)
+        ax.set_yscale("log")
+        ax.set_title(f"{model['name']}: gradient norm by layer")
+        ax.set_xlabel("weighted layer (1 = first convolution, last = classifier)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("||dL/dW|| (Frobenius norm)")
+    fig.tight_layout()
+    return helpers.save_figure(fig, path)
+
+
+# %% Putting it together
+def load_data(cfg) -> helpers.ImageData:
+    """The training set with a held-out part. Only the default quick run may fall back to another dataset;
+    a dataset asked for by name, or any --full run, fails with instructions when it is missing."""
+    fallback = "dataset" not in cfg.explicit and not cfg.full
+    return helpers.load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        train_size=cfg.train_size,
+        test_size=None if cfg.eval_test else 1,
+        seed=cfg.seed,
+        download=cfg.download,
+        fallback=fallback,
+    )
+
+
+def validate(cfg) -> None:
+    for key in ("iterations", "batch_size", "train_size", "val_size", "grad_checkpoints"):
+        helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be a positive integer")
+    helpers.require(cfg.bn_recalibration_batches >= 0, "--bn-recalibration-batches must be zero or positive")
+    helpers.require(len(cfg.depths) >= 1, "--depths needs at least one depth (e.g. --depths 20 56)")
+    for depth in cfg.depths:
+        helpers.require(
+            depth >= 8 and (depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 14, 20, 32, 44, 56, 110, ...)"
+        )
+    helpers.require(cfg.lr > 0 and cfg.warmup_lr > 0, "--lr and --warmup-lr must be positive")
+    helpers.require(0 < cfg.end_fraction <= 1, "--end-fraction must be in (0, 1]")
+    helpers.require(cfg.tolerance >= 0, "--tolerance must be zero or positive")
+    helpers.require(cfg.smoothing > 0, "--smoothing must be a positive integer")
+
+
+def main(**overrides):
+    cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
+    started = time.perf_counter()
+    validate(cfg)
+    device = helpers.pick_device(cfg.device)
+    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
+    out_dir = helpers.output_dir(cfg)
+    helpers.seed_everything(cfg.seed)
+    data = load_data(cfg).to(device)
+    print(
+        f"{data.name}: {len(data.train_x)} training images, {len(data.val_x)} held out; {cfg.iterations} iterations "
+        f"of batch {cfg.batch_size} per model on {helpers.device_name(device)}, "
+        f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}",
+        flush=True,
+    )
+
+    models = []
+    for plain in (True, False):
+        for depth in sorted(cfg.depths):
+            models.append(train_one(cfg, data, depth, plain, device, amp_dtype))
+            m = models[-1]
+            print(
+                f"  {m['name']:>10}: training error {m['end_train_error']:.1%} (mean of last {cfg.end_fraction:.0%}), "
+                f"held-out {m['val_error']:.1%}, {m['images_per_s']:.0f} img/s, {m['wall_s']:.0f} s",
+                flush=True,
+            )
+    rows = [
+        {
+            "model": m["name"],
+            "params": m["parameters"],
+            "train err %": 100 * m["end_train_error"],
+            "train loss": m["end_train_loss"],
+            "held-out err % (stale BN)": 100 * m["val_error_running_stats"],
+            "held-out err %": 100 * m["val_error"],
+            **({"test err %": 100 * m["test_error"]} if cfg.eval_test else {}),
+            "grad 1st/last conv": m["gradient_at_init"]["first_over_last_conv"],
+            "img/s": m["images_per_s"],
+            "wall s": m["wall_s"],
+        }
+        for m in models
+    ]
+    formats = {"model": "", "params": ",d", "grad 1st/last conv": ".3g", "img/s": ".0f", "wall s": ".1f"}
+    helpers.print_table(
+        rows,
+        [(key, formats.get(key, ".3f" if key == "train loss" else ".1f")) for key in rows[0]],
+        f"{data.name}, {cfg.iterations} iterations each; train err/loss: mean over the last {cfg.end_fraction:.0%} "
+        f"of iterations; held-out: {len(data.val_x)} images, BN statistics re-estimated (stale BN: as trained); "
+        "grad: ||dL/dW|| ratio at initialisation",
+    )
+
+    results = {"dataset": data.name, "fell_back_from": cfg.dataset if data.name != cfg.dataset else None}
+    results["precision"] = str(amp_dtype) if amp_dtype else "fp32"
+    results["models"] = [{**m, "curve": binned_curve(m["curve"], cfg.iterations)} for m in models]
+    if len(cfg.depths) >= 2:
+        curves = {
+            kind: {m["depth"]: m["curve"]["error"] for m in models if m["kind"] == kind} for kind in ("plain", "resnet")
+        }
+        verdict = degradation_verdict(curves, cfg.end_fraction, cfg.tolerance)
+        results["verdict"] = verdict
+        s, d = verdict["shallow_depth"], verdict["deep_depth"]
+        print(
+            f"verdict: plain-{d} ends {verdict['plain_gap']:+.1%} vs plain-{s} "
+            f"({'degradation' if verdict['deeper_plain_is_worse'] else 'no degradation'}); "
+            f"resnet-{d} ends {verdict['resnet_gap']:+.1%} vs resnet-{s} "
+            f"({'matches or beats it' if verdict['deeper_resnet_matches_or_beats'] else 'behind it'}) "
+            f"[tie = within {cfg.tolerance:.0%}]",
+            flush=True,
+        )
+    print(f"figure: {plot_training_error(models, cfg.smoothing, out_dir / 'training_error.png')}")
+    print(f"figure: {plot_gradients(models, out_dir / 'gradient_norms.png')}")
+    path = helpers.save_results(out_dir, results, cfg, device, started)
+    print(f"results: {path}  ({time.perf_counter() - started:.1f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    helpers.run_cli(
+        main, globals(), choices={"dataset": helpers.DATASETS, "precision": ("auto", "fp32", "bf16", "fp16")}
+    )
