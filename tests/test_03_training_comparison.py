@@ -61,8 +61,11 @@ def test_tiny_run_verdict_is_recomputed_from_saved_curves(lesson03, tiny_run):
     curves = {
         k: {m["depth"]: m["curve"]["error"] for m in saved["models"] if m["kind"] == k} for k in ("plain", "resnet")
     }
-    again = lesson03.degradation_verdict(curves, TINY_END := 0.2, 0.02)
-    assert TINY_END == saved["verdict"]["end_fraction"]
+    assert (
+        saved["verdict"]["end_fraction"] == lesson03.END_FRACTION
+        and saved["verdict"]["tolerance"] == lesson03.TOLERANCE
+    )
+    again = lesson03.degradation_verdict(curves, lesson03.END_FRACTION, lesson03.TOLERANCE)
     for key in ("plain_gap", "resnet_gap", "deeper_plain_is_worse", "deeper_resnet_matches_or_beats"):
         assert again[key] == pytest.approx(saved["verdict"][key])
 
