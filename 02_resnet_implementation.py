@@ -59,8 +59,8 @@ What you should see (seed 0, CPU; every count below is checked by tests/test_02_
 * Forward latency, fp32, on the 2-core machine this was written on with other jobs running (your numbers
   will differ, and a busy CPU can slow these tenfold): batch 1 took 25 / 46 / 62 / 109 / 149 ms for
   ResNet-18 to -152, batch 32 about 1.1 / 1.5 / 3.6 / 5.1 / 6.2 s. Latency grows with multiply-adds but
-  not in proportion to them: ResNet-50 has 12% more multiply-adds than ResNet-34, yet in three runs it
-  took 30-60% longer at batch 1 and more than twice as long at batch 32 (its 1x1 convolutions and 4x
+  not in proportion to them: ResNet-50 has 12% more multiply-adds than ResNet-34, yet in two runs it
+  took 35-60% longer at batch 1 and more than twice as long at batch 32 (its 1x1 convolutions and 4x
   wider tensors move more memory per multiply-add).
 
 Try this
