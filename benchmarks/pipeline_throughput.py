@@ -190,7 +190,7 @@ def run(args) -> None:
     peak_amp = peak_bf16 if amp_dtype is not None else peak_fp32
     print(f"data: {source}")
     print(f"device: {helpers.device_name(device)}; lesson06 autocast: {amp_dtype or 'off (fp32)'}")
-    print(f"peak estimate: {how} = {peak_fp32} fp32 / {peak_bf16} bf16 GFLOP/s")
+    print(f"peak estimate: {how} = {peak_fp32 or float('nan'):.0f} fp32 / {peak_bf16 or float('nan'):.0f} bf16 GFLOP/s")
     print(
         f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, baseline with {args.workers} workers"
     )
