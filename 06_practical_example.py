@@ -364,7 +364,7 @@ def plot_curves(history: list[dict], lr_curve: list[float], steps_per_epoch: int
     for split in ("train", "val"):
         axes[0].plot(epochs, [h[f"{split}_loss"] for h in history], "o-", label=split)
         axes[1].plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], "o-", label=split)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing, augmented)")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: smoothed targets, augmented; val: plain)")
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     axes[2].plot([(t + 1) / steps_per_epoch for t in range(len(lr_curve))], lr_curve)
     axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning-rate schedule")
