@@ -52,6 +52,7 @@ Try this: see the end of the file.
 # %%
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -282,25 +283,18 @@ def depth_sweep(cfg: helpers.Config, device: torch.device) -> dict:
     settings = [(init, bn, res) for init in cfg.sweep_inits for bn in (False, True) for res in (False, True)]
     runs = [(s, d, r) for s in settings for d in cfg.sweep_depths for r in range(cfg.sweep_repeats)]
     ratios: dict[tuple, list[float]] = {}
-    threads = torch.get_num_threads()
-    # The sweep's tensors are tiny, so its time goes into per-operation overhead, and threads that wait on
-    # each other only add to it: on a busy 2-core machine this sweep took 8 s with one thread, 195 s with two.
-    torch.set_num_threads(1)
-    try:
-        for (init, batch_norm, residual), depth, repeat in helpers.Progress(runs, "depth sweep", unit="stack"):
-            seed = cfg.seed + 1000 * repeat + depth  # the same inputs and labels for plain and residual
-            generator = torch.Generator().manual_seed(seed)
-            shape = (cfg.sweep_batch_size, cfg.sweep_channels, cfg.sweep_side, cfg.sweep_side)
-            x = torch.randn(shape, generator=generator)
-            labels = torch.randint(0, 10, (cfg.sweep_batch_size,), generator=generator)
-            torch.manual_seed(seed)
-            stack = make_stack(depth, cfg.sweep_channels, residual, batch_norm, init).to(device)
-            head = nn.Linear(cfg.sweep_channels, 10).to(device)
-            ratios.setdefault((init, batch_norm, residual, depth), []).append(
-                gradient_ratio(stack, x.to(device), labels.to(device), head)
-            )
-    finally:
-        torch.set_num_threads(threads)
+    for (init, batch_norm, residual), depth, repeat in helpers.Progress(runs, "depth sweep", unit="stack"):
+        seed = cfg.seed + 1000 * repeat + depth  # the same inputs and labels for plain and residual
+        generator = torch.Generator().manual_seed(seed)
+        shape = (cfg.sweep_batch_size, cfg.sweep_channels, cfg.sweep_side, cfg.sweep_side)
+        x = torch.randn(shape, generator=generator)
+        labels = torch.randint(0, 10, (cfg.sweep_batch_size,), generator=generator)
+        torch.manual_seed(seed)
+        stack = make_stack(depth, cfg.sweep_channels, residual, batch_norm, init).to(device)
+        head = nn.Linear(cfg.sweep_channels, 10).to(device)
+        ratios.setdefault((init, batch_norm, residual, depth), []).append(
+            gradient_ratio(stack, x.to(device), labels.to(device), head)
+        )
 
     def geometric_mean(values: list[float]) -> float:
         if any(v == 0 or not math.isfinite(v) for v in values):
@@ -349,6 +343,7 @@ def plot_depth_sweep(sweep: dict, path) -> str:
             ax.plot(*zip(*kept), line, color=color, marker="o", label=f"{row['stack']}, {row['norm']}")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_yscale("log")
         ax.set_xlabel("blocks N (2 conv layers each)")
         ax.set_title(f"{init} init")
@@ -372,8 +367,8 @@ def jacobian_check(cfg: helpers.Config) -> dict:
     def flat(fn):  # the Jacobian of a map from R^size to R^size
         return lambda v: fn(v.view_as(x)).reshape(-1)
 
-    def jacobian(fn):  # (size, size); vectorize=True computes all rows in one batched backward pass
-        return torch.autograd.functional.jacobian(fn, x.reshape(-1), vectorize=True)
+    def jacobian(fn):  # (size, size), one backward pass per row
+        return torch.autograd.functional.jacobian(fn, x.reshape(-1))
 
     j_branch = jacobian(flat(block.branch))  # (size, size)
     j_sum = jacobian(flat(lambda v: block.branch(v) + block.shortcut(v)))
@@ -432,6 +427,19 @@ def zero_init_check(cfg: helpers.Config, device: torch.device) -> list[dict]:
 
 
 # %% Run everything
+@contextlib.contextmanager
+def one_cpu_thread():
+    """Run tiny-tensor work on one CPU thread. Its time is per-operation overhead, which extra threads only
+    add to by waiting on each other: on a busy 2-core machine this lesson's Jacobian took 0.01 s of CPU time
+    with one thread and 3.2 s with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(**overrides):
     cfg = helpers.config(globals(), overrides)
     started = time.perf_counter()
@@ -471,10 +479,11 @@ def main(**overrides):
         "output_shape": list(rows[-1]["shape"]),
     }
 
-    results["fully_connected"] = fully_connected_gradients(cfg, device)
-    results["depth_sweep"] = depth_sweep(cfg, device)
-    results["jacobian"] = jacobian_check(cfg)
-    results["zero_init_residual"] = zero_init_check(cfg, device)
+    with one_cpu_thread():  # everything below works on tiny tensors
+        results["fully_connected"] = fully_connected_gradients(cfg, device)
+        results["depth_sweep"] = depth_sweep(cfg, device)
+        results["jacobian"] = jacobian_check(cfg)
+        results["zero_init_residual"] = zero_init_check(cfg, device)
 
     figure = plot_depth_sweep(results["depth_sweep"], out_dir / "depth_sweep.png")
     print(f"figure: {figure}")

@@ -68,8 +68,6 @@ def test_user_error_is_one_line_and_exit_1(tiny_lesson):
     done = subprocess.run([sys.executable, str(path), "--batch-size", "0"], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr == "error: --batch-size must be positive (pass a number above 0)\n"
-    usage = subprocess.run([sys.executable, str(path), "--batch-size", "many"], capture_output=True, text=True)
-    assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
