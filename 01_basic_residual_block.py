@@ -514,9 +514,10 @@ if __name__ == "__main__":
 # 2. Give the fully connected net a constant width, `--mlp-sizes 64 64 64 64 64 1`: now 4 of the 5 shortcuts
 #    fire in the "when-shapes-match" version, and its gradient column moves towards the projection column.
 # 3. Push the sweep deeper, `--sweep-depths 64 128 256 --sweep-inits he --sweep-repeats 1`. Which settings
-#    overflow or underflow float32? Which stays within a factor of a hundred?
+#    overflow or underflow float32 (inf, nan or 0)? Which grows slowest, and how fast?
 # 4. In `make_stack`, zero the last batch-norm scale of every residual block (as `zero_init_check` does) and
-#    rerun: what does the residual + batch norm ratio become, and why exactly that value?
+#    rerun: the residual + batch norm ratio becomes the same at every depth. Why, and why is it near
+#    sqrt(1/2) = 0.71? (Hint: which ReLU is the only one that zeroes any gradient?)
 # 5. Delete the ReLU after the addition in ResidualBlock.forward, `return self.branch(x) + self.shortcut(x)`
 #    (half of the pre-activation idea of lesson 04), and rerun: which residual rows of the depth sweep change?
 #    (Undo it afterwards: lesson 02 builds its ResNets from this block.)
