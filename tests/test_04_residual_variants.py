@@ -1,6 +1,7 @@
 """Lesson 04: every variant's parameter count, equality with torchvision, the ResNeXt and SE ideas, the
 pre-activation identity path, and the 1001-layer network's gradients at initialisation."""
 
+import json
 import math
 
 import pytest
@@ -184,3 +185,39 @@ def test_bad_flag_is_a_one_line_error(tmp_path):
     result = run_script("04_residual_variants.py", "--train-steps", "0", "--out", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.startswith("error: --train-steps must be positive")
+
+
+@pytest.mark.slow
+def test_default_run_matches_the_lesson_card(tmp_path):
+    """The default run, as the card describes it; timing claims are checked as ratios with margins."""
+    result = run_script("04_residual_variants.py", "--out", str(tmp_path), timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["parameter_mismatches"] == []
+    assert results["grouped_conv_equivalence"]["max_abs_difference"] < 1e-5
+    se = results["squeeze_excitation"]
+    assert 0.40 < se["gate_min"] < se["gate_max"] < 0.60 and 0.02 < se["output_relative_change"] < 0.10
+    deep = results["deep_preact"]
+    assert deep["units"] == 333 and deep["all_finite"] and abs(deep["loss"] - 2.50) < 0.1
+    assert deep["grad_ratio_first_to_last"] > 1e4  # grows on the way back: nothing vanishes
+    g = deep["grad_rms_per_unit"]
+    assert 10 < g[0] / g[10] < 100 and 2 < g[50] / g[110] < 5  # steep at the start of stage 1, flat later
+    rows = {r["model"]: r for r in results["variants"]}
+    assert rows["preact_resnet164"]["activation_mb"] > 2.5 * rows["resnet110"]["activation_mb"]
+    assert rows["densenet_bc_100_12"]["activation_mb"] > 1.2 * rows["preact_resnet164"]["activation_mb"]
+    mac_ratio = rows["wrn_16_8"]["GMACs"] / rows["preact_resnet164"]["GMACs"]
+    assert rows["wrn_16_8"]["train_step_ms"] / rows["preact_resnet164"]["train_step_ms"] < mac_ratio / 2
+    assert rows["resnext50_32x4d"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
+    assert rows["se_resnet50"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
+    assert rows["densenet121"]["train_step_ms"] > 0.69 * rows["resnet50"]["train_step_ms"]  # slower per MAC
+    assert abs(rows["se_resnet50"]["GMACs"] / rows["resnet50"]["GMACs"] - 1) < 0.002
+    training = {r["model"]: r for r in results["training"]["rows"]}
+    assert set(training) == {
+        "resnet20",
+        "preact_resnet20",
+        "se_resnet20",
+        "wrn_16_2",
+        "resnext11_4x4d",
+        "densenet_bc_40_12",
+    }
+    assert all(r["test_err_%"] < 75 for r in training.values())  # every model learned something (chance: 90%)
