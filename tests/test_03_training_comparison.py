@@ -354,14 +354,22 @@ def test_fashion_mnist_debian_file_with_wrong_checksum_is_refused(tmp_path, monk
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_run_shows_what_the_lesson_card_claims(tmp_path):
-    done = run_script("03_training_comparison.py", "--out", str(tmp_path), timeout=1200)
+    done = run_script("03_training_comparison.py", "--out", str(tmp_path), timeout=3600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"] == "fashion-mnist"  # cifar10 is not on this machine; the fallback is real data
     v = results["verdict"]
-    assert v["deeper_plain_is_worse"] and v["plain_gap"] > 0.15
-    assert v["resnet_gap"] < v["plain_gap"] / 2
+    assert v["deeper_plain_is_worse"] and v["plain_gap"] > 0.06  # card: +13.3 points
+    # card: after 200 iterations resnet-56 is still behind resnet-20 (+29.2 points): the residual half of the
+    # claim needs a longer run, and the card says so
+    assert not v["deeper_resnet_matches_or_beats"] and not v["degradation_reproduced"]
     models = {m["name"]: m for m in results["models"]}
-    assert models["plain-56"]["gradient_at_init"]["first_over_last_conv"] > 50
-    for m in models.values():  # stale running statistics make held-out error worse, never better by much
+    plain56, resnet56 = models["plain-56"], models["resnet-56"]
+    assert plain56["gradient_at_init"]["first_over_last_conv"] > 200  # card: 2,020
+    assert plain56["gradient_at_init"]["smallest_conv"] > 0.3 * resnet56["gradient_at_init"]["smallest_conv"]
+    first_layer = plain56["gradients"]["by_iteration"]
+    assert first_layer["0"]["relative"][0] > 20 and first_layer["199"]["relative"][0] < 1e-3  # card: 236, 5e-6
+    for m in models.values():  # card: stale statistics never help much; re-estimated ones track training error
         assert m["val_error_running_stats"] >= m["val_error"] - 0.03
+        assert abs(m["val_error"] - m["end_train_error"]) < 0.06
+    assert models["plain-20"]["val_error_running_stats"] - models["plain-20"]["val_error"] > 0.03  # card: 8 points
