@@ -168,7 +168,7 @@ class PreActBlock(nn.Module):
     after the addition, so the signal and its gradient travel from any unit to any other unchanged (He et
     al. 2016, Eqs. 4 and 5). Where the shape changes, the 1x1 projection reads the pre-activated input, as
     in the paper's code, so the first unit of a stage also normalises what its shortcut sees. `dropout`
-    between the convolutions is Wide ResNet's option (Zagoruyko and Komodakis 2016, Sec. 2.4)."""
+    between the convolutions is Wide ResNet's option (Zagoruyko and Komodakis 2016)."""
 
     expansion = 1
 
@@ -357,7 +357,7 @@ def aggregated_paths(block: GroupedBottleneck, x: torch.Tensor) -> torch.Tensor:
 
 
 class CifarResNeXt(nn.Module):
-    """ResNeXt-29 for CIFAR (Xie et al. 2017, Sec. 5.3): a 64-channel 3x3 stem, three stages of three
+    """ResNeXt-29 for CIFAR (Xie et al. 2017, CIFAR experiments): a 64-channel 3x3 stem, three stages of three
     blocks with 256, 512 and 1024 output channels; the path width d doubles at every stage."""
 
     def __init__(self, cardinality: int = 8, base_width: int = 64, depth: int = 29, num_classes: int = 10):
@@ -940,7 +940,7 @@ def main(**overrides):
     # 3. A 1001-layer pre-activation ResNet, forward and backward at initialisation.
     deep = deep_gradient_check(cfg.deep_depth, cfg.deep_batch, cfg.seed, device)
     print(
-        f"Pre-activation ResNet-{deep['depth']} ({deep['units']} bottleneck units, {deep['weighted_layers']} "
+        f"Pre-activation ResNet-{deep['depth']} ({deep['units']} residual units, {deep['weighted_layers']} "
         f"weighted layers, {deep['parameters'] / 1e6:.1f}M parameters), batch {deep['batch']}: forward + backward "
         f"in {deep['seconds']:.1f} s, loss {deep['loss']:.2f}, all gradients finite: {deep['all_finite']}"
     )
