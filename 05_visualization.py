@@ -1,0 +1,711 @@
+"""Lesson 05: seeing residual networks: gradient flow, loss landscape, block diagrams, feature maps.
+
+(Lesson card: numbers filled in from a measured run below.)
+"""
+
+# %%
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import helpers
+
+L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, cifar_resnet(depth, plain=...)
+
+# --- constants ---------------------------------------------------------------------------------------
+SEED = 0  # random seed for weights, directions and data order
+DEVICE = "auto"  # auto | cpu | cuda | mps
+OUT = "outputs/05_visualization"  # folder for results.json and the four figures
+FULL = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)
+DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
+DATA_DIR = "data"  # where datasets are stored or downloaded
+DOWNLOAD = True  # download a missing dataset (needs the internet)
+TRAIN_SIZE = 5000  # training images the two landscape networks are trained on
+VAL_SIZE = 500  # training images held out; the feature maps show one of them
+GRADIENT_DEPTHS = (20, 56, 110)  # depths (6n+2) whose per-layer gradients are measured at initialisation
+GRADIENT_BATCH = 32  # images in the batch whose loss gradient is measured
+LANDSCAPE_DEPTH = 20  # depth (6n+2) of the plain and residual network whose loss landscape is drawn
+TRAIN_STEPS = 100  # SGD steps per landscape network
+BATCH_SIZE = 32  # images per SGD step
+LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), after a linear warm-up
+WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
+PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype for training only (the landscape is fp32)
+BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics after training
+GRID_POINTS = 9  # landscape grid points per axis (odd, so that the trained weights are a grid point)
+GRID_RADIUS = 1.0  # the grid spans [-r, r] along both filter-normalised directions
+LOSS_IMAGES = 256  # training images the loss at each grid point is averaged over
+SUMMARY_RADIUS = 0.5  # radius of the circle on which the loss rise is measured
+FEATURE_CHANNELS = 4  # feature maps shown per stage
+RESIDUAL_CHECKPOINT = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
+PLAIN_CHECKPOINT = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
+# --- end constants -----------------------------------------------------------------------------------
+
+FULL_OVERRIDES = {
+    "train_size": 45000,
+    "landscape_depth": 56,
+    "train_steps": 6000,
+    "batch_size": 128,
+    "warmup_steps": 200,
+    "grid_points": 51,
+    "loss_images": 10000,
+    "gradient_batch": 128,
+}
+LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 10; higher values are clipped
+
+
+# %% Gradient flow at initialisation
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by an identity, keeping everything else (weights, initialisation)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, nn.Identity())
+        else:
+            without_batch_norm(child)
+    return model
+
+
+def layer_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """Root-mean-square of dL/dW for every convolution and the classifier, from input to output.
+
+    RMS rather than the norm, so that a 16-channel and a 64-channel layer are compared per weight."""
+    model.train()  # BN at initialisation normalises with the batch's own statistics, as in training
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    rows = []
+    for index, (name, layer) in enumerate(helpers.weighted_layers(model), start=1):
+        grad = layer.weight.grad
+        rms = grad.pow(2).mean().sqrt().item() if grad is not None else float("nan")
+        rows.append({"layer": index, "name": name, "grad_rms": rms})
+    return rows
+
+
+def gradient_flow(depths, images: torch.Tensor, labels: torch.Tensor, seed: int) -> list[dict]:
+    """Per-layer gradients of plain and residual CIFAR nets at initialisation, with and without BN."""
+    runs = []
+    for depth in depths:
+        for batch_norm in (True, False):
+            for plain in (True, False):
+                torch.manual_seed(seed)  # the same initial weights for plain and residual
+                model = L02.cifar_resnet(depth, plain=plain)
+                if not batch_norm:
+                    without_batch_norm(model)
+                layers = layer_gradients(model, images, labels)
+                runs.append({"depth": depth, "plain": plain, "batch_norm": batch_norm, "layers": layers})
+    return runs
+
+
+def gradient_table(runs: list[dict]) -> list[dict]:
+    rows = []
+    for run in runs:
+        grads = [layer["grad_rms"] for layer in run["layers"]]
+        first, last = grads[0], grads[-2]  # first and last convolution (grads[-1] is the classifier)
+        rows.append(
+            {
+                "depth": run["depth"],
+                "net": "plain" if run["plain"] else "residual",
+                "BN": "yes" if run["batch_norm"] else "no",
+                "first_conv": first,
+                "last_conv": last,
+                "first/last": first / last if last > 0 else float("inf"),
+                "min": min(grads),
+                "max": max(grads),
+            }
+        )
+    return rows
+
+
+# %% Filter-normalised directions and the loss surface (Li et al. 2018)
+# Why filter normalisation. A ReLU network with batch norm computes the same function when the weights of
+# one filter are multiplied by any positive number, so "a step of size 1 along a random direction" means
+# nothing by itself: it is a small step for a filter with large weights and a huge one for a filter with
+# small weights, and two networks (or two layers) cannot be compared. Li et al. 2018 ("Visualizing the
+# Loss Landscape of Neural Nets", section 4) draw a Gaussian direction d and rescale each filter of it to
+# the norm of the matching filter of the trained weights theta:
+#     d_{i,j} <- d_{i,j} / ||d_{i,j}|| * ||theta_{i,j}||      (i: layer, j: filter)
+# so that alpha = 1 perturbs every filter by as much as its own size. A "filter" is one output unit: one
+# slice along the first dimension of a convolution or linear weight. Biases and BN scale/shift are left
+# out (direction 0), as the authors' code does with `--xignore biasbn` (net_plotter.py zeroes every
+# parameter with dim <= 1). The surface is f(alpha, beta) = L(theta + alpha d1 + beta d2).
+def filter_normalized_direction(model: nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
+    """One random direction, a tensor per parameter of `model`, filter-normalised (Li et al. 2018, sec. 4)."""
+    direction = []
+    for weight in model.parameters():
+        d = torch.randn(weight.shape, generator=generator).to(weight.device)
+        if weight.dim() <= 1:  # bias, BN scale gamma or shift beta: not perturbed
+            d.zero_()
+        else:
+            filter_norms = weight.detach().flatten(1).norm(dim=1)  # (C_out,) ||theta_{i,j}||
+            direction_norms = d.flatten(1).norm(dim=1)  # (C_out,) ||d_{i,j}||
+            scale = filter_norms / (direction_norms + 1e-10)
+            d = d * scale.view(-1, *([1] * (d.dim() - 1)))  # d_{i,j} <- d_{i,j} / ||d_{i,j}|| * ||theta_{i,j}||
+        direction.append(d)
+    return direction
+
+
+# How batch norm is evaluated at a perturbed point. The authors' evaluation.py puts the network in eval
+# mode (`net.eval()`) before computing the loss at each grid point, so every perturbed network uses the
+# running mean and variance stored with the trained weights, unchanged: BN does not re-normalise away the
+# perturbation. We do the same. Their networks were trained for 300 epochs, so those stored statistics
+# match the trained weights. After this lesson's short training at lr 0.1 they do not (measured in this
+# collection: eval-mode accuracy far below train-mode accuracy), so before drawing the surface we
+# re-estimate them once, at the centre, with train-mode passes over training images; then they stay
+# fixed for the whole grid, as in the paper.
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches) -> nn.Module:
+    """Replace BN running statistics by their average over `batches` (train-mode forward passes)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches instead of an exponential one
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Cross-entropy averaged over all images of `batches`, in eval mode (stored BN statistics), fp32."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += F.cross_entropy(model(x), y, reduction="sum").item()
+        count += len(y)
+    return total / count
+
+
+@torch.no_grad()
+def loss_surface(
+    model: nn.Module, directions: tuple[list[torch.Tensor], list[torch.Tensor]], coords: np.ndarray, batches
+) -> np.ndarray:
+    """f(alpha, beta) = L(theta + alpha d1 + beta d2) on the grid coords x coords; rows are beta, columns
+    alpha. The model's own weights are restored afterwards."""
+    params = list(model.parameters())
+    centre = [p.detach().clone() for p in params]
+    d1, d2 = directions
+    surface = np.zeros((len(coords), len(coords)))
+    cells = [(i, j) for i in range(len(coords)) for j in range(len(coords))]
+    try:
+        for i, j in helpers.Progress(cells, "loss grid", unit="pt"):
+            beta, alpha = float(coords[i]), float(coords[j])
+            for p, theta, a, b in zip(params, centre, d1, d2):
+                p.copy_(theta + alpha * a + beta * b)  # theta + alpha d1 + beta d2
+            surface[i, j] = mean_loss(model, batches)
+    finally:
+        for p, theta in zip(params, centre):
+            p.copy_(theta)
+    return surface
+
+
+def circle_mean(coords: np.ndarray, surface: np.ndarray, radius: float, points: int = 64) -> float:
+    """Mean of the surface on a circle of `radius` around the centre, by bilinear interpolation."""
+    step = coords[1] - coords[0]
+    angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    values = []
+    for x, y in zip(radius * np.cos(angles), radius * np.sin(angles)):
+        fx, fy = (x - coords[0]) / step, (y - coords[0]) / step  # fractional column and row
+        j, i = min(int(fx), len(coords) - 2), min(int(fy), len(coords) - 2)
+        tx, ty = fx - j, fy - i
+        top = (1 - tx) * surface[i, j] + tx * surface[i, j + 1]
+        bottom = (1 - tx) * surface[i + 1, j] + tx * surface[i + 1, j + 1]
+        values.append((1 - ty) * top + ty * bottom)
+    return float(np.mean(values))
+
+
+def convex_share(coords: np.ndarray, surface: np.ndarray) -> float:
+    """Share of interior grid points where the surface's finite-difference 2x2 Hessian is positive
+    semi-definite (locally convex). Negative curvature in this 2-D slice implies negative curvature of the
+    full loss too (the slice's Hessian is P^T H P); the converse does not hold (Li et al. 2018, sec. 6)."""
+    h = coords[1] - coords[0]
+    f = surface
+    f_xx = (f[1:-1, 2:] - 2 * f[1:-1, 1:-1] + f[1:-1, :-2]) / h**2  # d2f/dalpha2
+    f_yy = (f[2:, 1:-1] - 2 * f[1:-1, 1:-1] + f[:-2, 1:-1]) / h**2  # d2f/dbeta2
+    f_xy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * h**2)
+    tolerance = 1e-9 * max(1.0, float(np.abs(f).max())) / h**2  # round-off of a flat region is not curvature
+    convex = (f_xx >= -tolerance) & (f_yy >= -tolerance) & (f_xx * f_yy - f_xy**2 >= -(tolerance**2))
+    return float(convex.mean())
+
+
+def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) -> dict:
+    """The numbers printed beside the landscape, all read off the grid."""
+    centre = len(coords) // 2
+    centre_loss = float(surface[centre, centre])
+    return {
+        "centre_loss": centre_loss,
+        "min_loss": float(surface.min()),
+        "rise_at_radius": circle_mean(coords, surface, radius) - centre_loss,
+        "max_rise": float(surface.max()) - centre_loss,
+        "convex_share": convex_share(coords, surface),
+    }
+
+
+# %% Training (or loading) the two landscape networks
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a state_dict, or a checkpoint dict holding one under "model", into `model`."""
+    file = Path(path)
+    helpers.require(file.is_file(), f"checkpoint {path} does not exist (check the path, or leave it empty to train)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise helpers.UserError(
+            f"cannot load {path}: {str(error).splitlines()[0][:120]} (pass a state_dict file)"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise helpers.UserError(
+            f"{path} does not hold weights of this network: {str(error).splitlines()[0][:160]} "
+            "(pass weights of the same depth and kind, or leave the flag empty to train)"
+        ) from None
+
+
+def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dtype) -> tuple[nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    model = L02.cifar_resnet(cfg.landscape_depth, num_classes=data.num_classes, plain=plain).to(device)
+    checkpoint = cfg.plain_checkpoint if plain else cfg.residual_checkpoint
+    if checkpoint:
+        load_weights(model, checkpoint)
+        return model.to(device), {
+            "source": checkpoint,
+            "final_train_loss": float("nan"),
+            "final_train_error": float("nan"),
+        }
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = helpers.sgd_train(
+        model,
+        data,
+        steps=cfg.train_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        lr_milestones=(cfg.train_steps // 2, cfg.train_steps * 3 // 4),
+        device=device,
+        generator=generator,
+        amp_dtype=amp_dtype,
+        augment=cfg.full,
+        desc="plain" if plain else "residual",
+    )
+    tail = max(1, len(history) // 10)
+    return model, {
+        "source": f"trained here for {cfg.train_steps} steps",
+        "final_train_loss": float(np.mean([h["loss"] for h in history[-tail:]])),
+        "final_train_error": float(np.mean([h["error"] for h in history[-tail:]])),
+    }
+
+
+# %% Feature maps after the stem and each stage
+@torch.no_grad()
+def stage_features(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Activations of one image after the stem and after each stage: the CIFAR net's forward_features."""
+    model.eval()
+    out = [("input", x)]
+    x = F.relu(model.bn1(model.conv1(x)))  # (1, 3, 32, 32) -> (1, 16, 32, 32)
+    out.append(("stem", x))
+    for name in ("layer1", "layer2", "layer3"):
+        x = getattr(model, name)(x)  # layer1 keeps 32x32; layer2 -> (1, 32, 16, 16); layer3 -> (1, 64, 8, 8)
+        out.append((name, x))
+    return out
+
+
+def feature_table(features: list[tuple[str, torch.Tensor]]) -> list[dict]:
+    rows = []
+    for name, x in features[1:]:
+        _, channels, height, width = x.shape
+        rows.append(
+            {
+                "stage": name,
+                "channels": channels,
+                "size": f"{height}x{width}",
+                "mean": x.mean().item(),
+                "zero_share": (x == 0).float().mean().item(),
+                "dead_channels": int((x.flatten(2).amax(2) == 0).sum().item()),
+            }
+        )
+    return rows
+
+
+# %% Block diagrams, with shapes measured on the real blocks
+def block_shapes(block: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Output shape (C, H, W) of every submodule of `block` for input x, from forward hooks."""
+    shapes, hooks = {}, []
+
+    def record(module, inputs, output, name):  # returns None: a hook that returns a value replaces the output
+        shapes.setdefault(name, tuple(output.shape[1:]))
+
+    for name, module in block.named_modules():
+        if name:
+            hooks.append(module.register_forward_hook(functools.partial(record, name=name)))
+    with torch.no_grad():
+        shapes["output"] = tuple(block.eval()(x).shape[1:])
+    for hook in hooks:
+        hook.remove()
+    shapes["input"] = tuple(x.shape[1:])
+    return shapes
+
+
+def architecture_specs() -> list[dict]:
+    """What each diagram draws: a list of layers (label, shape) on the branch, and the shortcut."""
+
+    def fmt(shape) -> str:
+        return "x".join(str(s) for s in shape)
+
+    basic = block_shapes(L02.BasicBlock(64, 64), torch.zeros(1, 64, 56, 56))
+    bottleneck = block_shapes(L02.Bottleneck(256, 64), torch.zeros(1, 256, 56, 56))
+    return [
+        {
+            "title": "basic block\n(He et al. 2015, Fig. 2)",
+            "input": fmt(basic["input"]),
+            "branch": [
+                ("3x3 conv, 64", fmt(basic["conv1"])),
+                ("batch norm", fmt(basic["bn1"])),
+                ("ReLU", fmt(basic["bn1"])),
+                ("3x3 conv, 64", fmt(basic["conv2"])),
+                ("batch norm", fmt(basic["bn2"])),
+            ],
+            "after_add": [("ReLU", fmt(basic["output"]))],
+            "skip": "identity x",
+        },
+        {
+            "title": "bottleneck block\n(He et al. 2015, Fig. 5)",
+            "input": fmt(bottleneck["input"]),
+            "branch": [
+                ("1x1 conv, 64", fmt(bottleneck["conv1"])),
+                ("BN, ReLU", fmt(bottleneck["bn1"])),
+                ("3x3 conv, 64", fmt(bottleneck["conv2"])),
+                ("BN, ReLU", fmt(bottleneck["bn2"])),
+                ("1x1 conv, 256", fmt(bottleneck["conv3"])),
+                ("batch norm", fmt(bottleneck["bn3"])),
+            ],
+            "after_add": [("ReLU", fmt(bottleneck["output"]))],
+            "skip": "identity x",
+        },
+        {  # the same convolutions as the basic block, reordered: shapes as measured there
+            "title": "pre-activation block\n(He et al. 2016, Fig. 4e)",
+            "input": fmt(basic["input"]),
+            "branch": [
+                ("batch norm", fmt(basic["input"])),
+                ("ReLU", fmt(basic["input"])),
+                ("3x3 conv, 64", fmt(basic["conv1"])),
+                ("batch norm", fmt(basic["bn1"])),
+                ("ReLU", fmt(basic["bn1"])),
+                ("3x3 conv, 64", fmt(basic["conv2"])),
+            ],
+            "after_add": [],
+            "skip": "identity x\n(clean path)",
+        },
+    ]
+
+
+# %% Figures
+LAYER_COLOURS = {"conv": "#cfe2f3", "batch": "#fce5cd", "BN": "#fce5cd", "ReLU": "#d9ead3"}
+
+
+def plot_architecture(specs: list[dict], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle, FancyBboxPatch
+
+    fig, axes = plt.subplots(1, len(specs), figsize=(4.2 * len(specs), 8.5))
+    for ax, spec in zip(axes, specs):
+        boxes = [("input", spec["input"])] + spec["branch"]
+        step, width, height = 1.0, 2.2, 0.62
+        top = len(boxes) + len(spec["after_add"]) + 1.5
+        ax.set_xlim(-2.2, 2.6)
+        ax.set_ylim(-0.8, top + 0.8)
+        ax.axis("off")
+        ax.set_title(spec["title"], fontsize=11)
+
+        def box(y, label, shape, ax=ax, width=width, height=height):
+            colour = next((c for key, c in LAYER_COLOURS.items() if key in label), "#eeeeee")
+            ax.add_patch(
+                FancyBboxPatch(
+                    (-width / 2, y - height / 2), width, height, boxstyle="round,pad=0.03", fc=colour, ec="black"
+                )
+            )
+            ax.text(0, y + 0.09, label, ha="center", va="center", fontsize=9.5, weight="bold")
+            ax.text(0, y - 0.16, shape, ha="center", va="center", fontsize=8, family="monospace")
+
+        def arrow(y_from, y_to, ax=ax):
+            ax.annotate("", xy=(0, y_to), xytext=(0, y_from), arrowprops={"arrowstyle": "->", "lw": 1.2})
+
+        y = top
+        for k, (label, shape) in enumerate(boxes):
+            box(y, label if k else "input x", shape)
+            if k:
+                arrow(y + step - height / 2, y + height / 2)
+            y -= step
+        add_y = y + step - height / 2 - 0.45
+        arrow(y + step - height / 2, add_y + 0.22)
+        ax.add_patch(Circle((0, add_y), 0.22, fc="white", ec="black", lw=1.2))
+        ax.text(0, add_y, "+", ha="center", va="center", fontsize=14, weight="bold")
+        # the skip path: leaves the input box, runs down the side, enters the addition
+        skip_x = 1.6
+        ax.plot([width / 2, skip_x, skip_x], [top, top, add_y], color="#cc0000", lw=2)
+        ax.annotate(
+            "", xy=(0.22, add_y), xytext=(skip_x, add_y), arrowprops={"arrowstyle": "->", "lw": 2, "color": "#cc0000"}
+        )
+        ax.text(skip_x + 0.08, (top + add_y) / 2, spec["skip"], color="#cc0000", fontsize=9, rotation=90, va="center")
+        ax.text(-0.3, add_y, "F(x) + x", ha="right", va="center", fontsize=9)
+        y = add_y - 0.45 - height / 2
+        previous = add_y - 0.22
+        for label, shape in spec["after_add"]:
+            arrow(previous, y + height / 2)
+            box(y, label, shape)
+            previous, y = y - height / 2, y - step
+        arrow(previous, previous - 0.4)
+        ax.text(0, previous - 0.55, "output (C x H x W)", ha="center", va="top", fontsize=9)
+    fig.suptitle("Residual blocks: branch F(x) in the middle, skip path in red (shapes C x H x W)", fontsize=12)
+    fig.tight_layout()
+    return helpers.save_figure(fig, path)
+
+
+def plot_gradient_flow(runs: list[dict], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    depths = sorted({run["depth"] for run in runs})
+    colours = plt.cm.viridis(np.linspace(0, 0.85, len(depths)))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, batch_norm in zip(axes, (True, False)):
+        for run in runs:
+            if run["batch_norm"] != batch_norm:
+                continue
+            colour = colours[depths.index(run["depth"])]
+            grads = [layer["grad_rms"] for layer in run["layers"]]
+            label = f"{'plain' if run['plain'] else 'residual'}-{run['depth']}"
+            ax.plot(
+                range(1, len(grads) + 1),
+                grads,
+                color=colour,
+                ls="--" if run["plain"] else "-",
+                lw=1.3 if run["plain"] else 1.8,
+                label=label,
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("weighted layer (1 = first convolution, last = classifier)")
+        ax.set_title(f"{'with' if batch_norm else 'without'} batch norm")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    axes[0].set_ylabel("RMS of dL/dW (log scale)")
+    fig.suptitle("Gradient per layer at initialisation: plain (dashed) vs residual (solid)")
+    fig.tight_layout()
+    return helpers.save_figure(fig, path)
+
+
+def plot_landscapes(coords: np.ndarray, surfaces: dict[str, np.ndarray], summaries: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib import colors as mcolors
+
+    low = min(float(s.min()) for s in surfaces.values())
+    high = min(max(float(s.max()) for s in surfaces.values()), LOSS_COLOUR_CAP)
+    high = max(high, low + 1e-3)
+    norm = mcolors.Normalize(vmin=low, vmax=high)  # one colour scale for all four panels
+    levels = np.linspace(low, high, 21)
+    alpha, beta = np.meshgrid(coords, coords)
+    fig = plt.figure(figsize=(12, 5.2 * len(surfaces)))
+    for row, (name, surface) in enumerate(surfaces.items()):
+        clipped = np.minimum(surface, high)
+        summary = summaries[name]
+        ax = fig.add_subplot(len(surfaces), 2, 2 * row + 1)
+        filled = ax.contourf(alpha, beta, clipped, levels=levels, cmap="viridis", norm=norm, extend="max")
+        ax.contour(alpha, beta, clipped, levels=levels, colors="white", linewidths=0.4)
+        ax.plot(0, 0, "r+", ms=12, mew=2)
+        ax.add_patch(plt.Circle((0, 0), summary["radius"], fill=False, ls=":", color="red"))
+        ax.set_aspect("equal")
+        ax.set_xlabel("alpha (direction d1)")
+        ax.set_ylabel("beta (direction d2)")
+        ax.set_title(
+            f"{name}: contours; rise at r={summary['radius']:g}: {summary['rise_at_radius']:.2f}, "
+            f"convex {summary['convex_share']:.0%}",
+            fontsize=10,
+        )
+        fig.colorbar(filled, ax=ax, label="training loss")
+        ax3d = fig.add_subplot(len(surfaces), 2, 2 * row + 2, projection="3d")
+        ax3d.plot_surface(alpha, beta, clipped, cmap="viridis", norm=norm, linewidth=0, antialiased=True)
+        ax3d.set_zlim(low, high)
+        ax3d.set_xlabel("alpha")
+        ax3d.set_ylabel("beta")
+        ax3d.set_zlabel("loss")
+        ax3d.set_title(f"{name}: surface (clipped at {high:.2f})", fontsize=10)
+    fig.suptitle("Loss L(theta + alpha d1 + beta d2) around the trained weights, filter-normalised directions")
+    fig.tight_layout()
+    return helpers.save_figure(fig, path)
+
+
+def plot_features(features: list[tuple[str, torch.Tensor]], channels: int, mean, std, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    stages = features[1:]
+    fig, axes = plt.subplots(len(stages), channels + 1, figsize=(2.1 * (channels + 1), 2.3 * len(stages)))
+    image = features[0][1][0].cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    for row, (name, x) in enumerate(stages):
+        _, num_channels, height, width = x.shape
+        first = axes[row, 0]
+        if row == 0:
+            first.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy())
+            first.set_title("input 3ch, 32x32", fontsize=9)
+        first.axis("off")
+        shown = x[0].flatten(1).var(dim=1).argsort(descending=True)[:channels]  # the most varied maps
+        for col, channel in enumerate(shown.tolist(), start=1):
+            ax = axes[row, col]
+            ax.imshow(x[0, channel].cpu().numpy(), cmap="magma")
+            ax.set_title(f"{name} ch {channel}\n{num_channels}ch, {height}x{width}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle("Feature maps of the trained residual network (most varied channels of each stage)")
+    fig.tight_layout()
+    return helpers.save_figure(fig, path)
+
+
+# %% The run
+def main(**overrides):
+    cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
+    started = time.perf_counter()
+    for key in ("train_size", "val_size", "gradient_batch", "train_steps", "batch_size", "loss_images"):
+        helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive")
+    for depth in (*cfg.gradient_depths, cfg.landscape_depth):
+        helpers.require(depth >= 8 and (depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 20, 32, 56, 110)")
+    helpers.require(cfg.grid_points >= 3 and cfg.grid_points % 2 == 1, "--grid-points must be odd and >= 3")
+    helpers.require(cfg.grid_radius > 0, "--grid-radius must be positive")
+    step = 2 * cfg.grid_radius / (cfg.grid_points - 1)
+    helpers.require(
+        step <= cfg.summary_radius <= cfg.grid_radius - step,
+        f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
+    )
+    helpers.require(cfg.feature_channels > 0, "--feature-channels must be positive")
+    generator = helpers.seed_everything(cfg.seed)
+    device = helpers.pick_device(cfg.device)
+    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
+    out = helpers.output_dir(cfg)
+    helpers.use_headless_matplotlib()
+    fallback = "dataset" not in cfg.explicit and not cfg.full
+    data = helpers.load_dataset(
+        cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_size, 1, cfg.seed, cfg.download, fallback
+    ).to(device)
+    print(f"device {device}, dataset {data.name}: {len(data.train_x)} training images")
+    results = {"dataset": data.name}
+
+    # 1. Gradient flow
+    index = torch.randperm(len(data.train_x), generator=generator)[: cfg.gradient_batch].to(device)
+    images = helpers.normalize(data.train_x[index], data.mean, data.std)
+    runs = gradient_flow(cfg.gradient_depths, images, data.train_y[index], cfg.seed)
+    table = gradient_table(runs)
+    print()
+    print(
+        helpers.format_table(
+            table,
+            [("depth", "d"), ("net", ""), ("BN", ""), ("first_conv", ".2e"), ("last_conv", ".2e")]
+            + [("first/last", ".2e"), ("min", ".2e"), ("max", ".2e")],
+            title="Gradient RMS per layer at initialisation (one batch)",
+        )
+    )
+    results["gradient_flow"] = {"summary": table, "runs": runs}
+    plot_gradient_flow(runs, out / "gradient_flow.png")
+
+    # 2. Loss landscape
+    loss_index = torch.randperm(len(data.train_x), generator=generator)[: cfg.loss_images].to(device)
+    loss_x = helpers.normalize(data.train_x[loss_index], data.mean, data.std)
+    loss_y = data.train_y[loss_index]
+    loss_batches = [(loss_x[s : s + 500], loss_y[s : s + 500]) for s in range(0, len(loss_y), 500)]
+    calibration = [
+        helpers.normalize(data.train_x[i.to(device)], data.mean, data.std)
+        for _, i in zip(
+            range(cfg.bn_recalibration_batches), helpers.endless_batches(len(data.train_x), cfg.batch_size, generator)
+        )
+    ]
+    coords = np.linspace(-cfg.grid_radius, cfg.grid_radius, cfg.grid_points)
+    surfaces, summaries, networks, models = {}, {}, {}, {}
+    for plain in (True, False):
+        name = f"{'plain' if plain else 'residual'}-{cfg.landscape_depth}"
+        model, info = landscape_network(cfg, data, plain, device, amp_dtype)
+        info["eval_loss_stored_bn"] = mean_loss(model, loss_batches)
+        recalibrate_batch_norm(model, calibration)
+        info["eval_loss_recalibrated_bn"] = mean_loss(model, loss_batches)
+        direction_generator = torch.Generator().manual_seed(cfg.seed + 1)  # same seed for both networks
+        directions = (
+            filter_normalized_direction(model, direction_generator),
+            filter_normalized_direction(model, direction_generator),
+        )
+        surfaces[name] = loss_surface(model, directions, coords, loss_batches)
+        summaries[name] = {
+            **summarize_surface(coords, surfaces[name], cfg.summary_radius),
+            "radius": cfg.summary_radius,
+        }
+        networks[name], models[name] = info, model
+    print()
+    print(
+        helpers.format_table(
+            [{"net": name, **networks[name]} for name in networks],
+            [
+                ("net", ""),
+                ("source", ""),
+                ("final_train_loss", ".3f"),
+                ("eval_loss_stored_bn", ".3f"),
+                ("eval_loss_recalibrated_bn", ".3f"),
+            ],
+            title="Landscape networks (loss on the landscape's training images, eval mode)",
+        )
+    )
+    print()
+    print(
+        helpers.format_table(
+            [{"net": name, **s} for name, s in summaries.items()],
+            [("net", ""), ("centre_loss", ".3f"), ("min_loss", ".3f"), ("rise_at_radius", ".3f")]
+            + [("max_rise", ".3f"), ("convex_share", ".2f")],
+            title=f"Loss landscape on a {cfg.grid_points}x{cfg.grid_points} grid over [-{cfg.grid_radius:g}, "
+            f"{cfg.grid_radius:g}]^2 (rise: mean loss on the circle r={cfg.summary_radius:g} minus centre loss)",
+        )
+    )
+    results["landscape"] = {
+        "coords": coords,
+        "networks": networks,
+        "summaries": summaries,
+        "surfaces": {name: s for name, s in surfaces.items()},
+    }
+    plot_landscapes(coords, surfaces, summaries, out / "loss_landscape.png")
+
+    # 3. Architecture diagrams
+    specs = architecture_specs()
+    results["architecture"] = specs
+    for spec in specs:
+        shapes = " -> ".join(shape for _, shape in spec["branch"])
+        print(f"{spec['title'].splitlines()[0]}: input {spec['input']}, branch {shapes}")
+    plot_architecture(specs, out / "architecture.png")
+
+    # 4. Feature maps of the trained residual network
+    residual = models[f"residual-{cfg.landscape_depth}"]
+    image = helpers.normalize(data.val_x[:1], data.mean, data.std)
+    features = stage_features(residual, image)
+    rows = feature_table(features)
+    print()
+    label = data.classes[int(data.val_y[0])]
+    print(
+        helpers.format_table(
+            rows,
+            [("stage", ""), ("channels", "d"), ("size", ""), ("mean", ".3f"), ("zero_share", ".2f")]
+            + [("dead_channels", "d")],
+            title=f"Feature maps of one validation image (class {label}) in the trained residual network",
+        )
+    )
+    results["features"] = {"label": label, "stages": rows}
+    plot_features(features, cfg.feature_channels, data.mean, data.std, out / "feature_evolution.png")
+
+    helpers.save_results(out, results, cfg, device, started)
+    print(f"\nfigures and results.json in {out}/ ({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    helpers.run_cli(
+        main, globals(), choices={"dataset": helpers.DATASETS, "precision": ("auto", "fp32", "bf16", "fp16")}
+    )
