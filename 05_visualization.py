@@ -1,6 +1,59 @@
 """Lesson 05: seeing residual networks: gradient flow, loss landscape, block diagrams, feature maps.
 
-(Lesson card: numbers filled in from a measured run below.)
+What you will learn
+    * how the gradient of the loss is spread over the layers of plain and residual networks at
+      initialisation, with and without batch norm, and why "plain nets' gradients vanish" is not what a
+      batch-normalised plain net actually does;
+    * the filter-normalised random-direction method of Li et al. 2018 ("Visualizing the Loss Landscape
+      of Neural Nets", NeurIPS): two Gaussian directions d1, d2 in weight space, each filter rescaled to
+      the norm of the matching trained filter,
+          d_{i,j} <- d_{i,j} / ||d_{i,j}|| * ||theta_{i,j}||,     f(alpha, beta) = L(theta + alpha d1 + beta d2),
+      and how to read a number off the grid (loss rise on a circle, share of locally convex points);
+    * what the basic, bottleneck and pre-activation blocks look like, with the tensor shapes measured
+      on lesson 02's blocks (He et al. 2015, Eq. 1: y = F(x, {W_i}) + x; He et al. 2016 for pre-activation);
+    * what a trained residual network computes: feature maps after the stem and each stage.
+
+Run
+    python 05_visualization.py            # about 3 minutes on a 2-core laptop CPU (estimate, see below)
+    python 05_visualization.py --full     # ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
+
+Runtime. The default run trains two 20-layer networks for 100 steps of 32 images and evaluates 2 x 81
+grid points on 256 images in fp32. On the shared development machine (2 cores, heavily loaded) it ran
+far slower than that; the 3-minute figure is the budget it was sized for, to be re-measured on a quiet
+machine.
+
+What you should see (seed 0; CIFAR-10 is not on this machine, so the default run fell back to
+Fashion-MNIST; one batch of 32 training images)
+    Gradient RMS of dL/dW per layer at initialisation:
+                first conv / last conv          last-conv RMS without BN
+        depth   plain+BN    residual+BN         plain       residual
+        20      1.3e2       32                  3.9e-4      6.6e-2
+        56      2.0e4       1.0e2               2.8e-5      1.5e2
+        110     4.1e7       1.6e2               3.6e-5      2.4e7
+    * With batch norm the plain net's gradients do not vanish towards the input: they EXPLODE, by a
+      factor that grows exponentially with depth (4e7 at 110 layers), a known property of deep
+      batch-normalised plain nets (Yang et al. 2019, "A Mean Field Theory of Batch Normalization"). In
+      the residual net the largest and smallest layer gradient differ by less than 300x at every depth.
+    * Without batch norm, He initialisation keeps the plain net's per-layer gradients within a factor of
+      about 5 of each other (first/last 2.6, 3.4, 5.4; that is what it was designed for), while the residual net's signal doubles in
+      variance at each block (x + F(x) with independent terms), so its gradients grow to 2.4e7 at 110
+      layers: shortcuts need batch norm, or a zero-initialised/scaled branch, to stay well-conditioned.
+    * The loss landscape table prints, for plain-20 and ResNet-20, the loss at the trained weights, the
+      mean rise of the loss on the circle of radius 0.5 and the share of grid points where the 2-D slice
+      is locally convex. (Numbers of the default run: see results.json; the lead re-measures them.)
+
+Batch norm at perturbed weights. Li et al.'s code evaluates every grid point in eval mode with the
+running statistics saved with the trained network (evaluation.py calls net.eval()); we do the same,
+after re-estimating those statistics once at the centre because 100 steps at lr 0.1 leave them behind
+the weights (the run prints the loss before and after).
+
+Try this
+    * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Does the plain net's rise at
+      radius 0.5 and its convex share move away from the residual net's?
+    * --grid-radius 0.5 --grid-points 21: zoom in on the minimum; the convex share goes up. Why?
+    * --gradient-depths 20 56 110 218: how does the plain+BN first/last ratio grow with depth?
+    * Replace filter_normalized_direction by a plain Gaussian (no rescaling) and compare the two
+      landscapes: the scale of each net's weights, not its geometry, now decides the picture.
 """
 
 # %%

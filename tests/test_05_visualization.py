@@ -165,4 +165,11 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     summaries = saved["landscape"]["summaries"]
     assert set(summaries) == {"plain-20", "residual-20"}
     rows = {(r["depth"], r["net"], r["BN"]): r for r in saved["gradient_flow"]["summary"]}
+    # the card's gradient table (measured: plain+BN 1.3e2, 2.0e4, 4.1e7; residual+BN 32, 1.0e2, 1.6e2)
     assert rows[(56, "plain", "yes")]["first/last"] > 20 * rows[(56, "residual", "yes")]["first/last"]
+    assert rows[(110, "plain", "yes")]["first/last"] > 1e5
+    for depth in (20, 56, 110):
+        residual = rows[(depth, "residual", "yes")]
+        assert residual["max"] / residual["min"] < 600
+        assert rows[(depth, "plain", "no")]["first/last"] < 20  # He init keeps a plain net without BN level
+    assert rows[(110, "residual", "no")]["last_conv"] > 1e5 * rows[(20, "residual", "no")]["last_conv"]
