@@ -61,7 +61,9 @@ verdict and the gradient facts true)
       optimise: relative to its weights the first layer's gradient is 236 (||dL/dW|| / ||W||), so the
       first steps blow that layer's weights up, and because batch norm makes a layer blind to the scale
       of its weights, the layer then barely moves: after 200 iterations its relative gradient is 5e-6,
-      against 0.012 at the last convolution. The same ratio is 0.025 vs 0.009 in ResNet-56. The difficulty
+      against 0.012 at the last convolution (in absolute terms 0.003 vs 0.14: the profile has flipped and
+      now looks like vanishing, as a consequence of the blown-up weights, not a cause). The same ratio is
+      0.025 vs 0.009 in ResNet-56. The difficulty
       is in how the updates act on the layers, not in a missing gradient (see gradient_norms.png).
     * The BN pitfall: with the running statistics as training left them, held-out error is up to 8
       points higher (plain-20: 27.2% vs 19.3%); after re-estimating them over 20 training batches the
