@@ -369,6 +369,7 @@ def test_default_run_shows_what_the_lesson_card_claims(tmp_path):
     assert plain56["gradient_at_init"]["smallest_conv"] > 0.3 * resnet56["gradient_at_init"]["smallest_conv"]
     first_layer = plain56["gradients"]["by_iteration"]
     assert first_layer["0"]["relative"][0] > 20 and first_layer["199"]["relative"][0] < 1e-3  # card: 236, 5e-6
+    assert first_layer["199"]["grad_norm"][0] < 0.1 * first_layer["199"]["grad_norm"][-2]  # card: 0.003 vs 0.14
     for m in models.values():  # card: stale statistics never help much; re-estimated ones track training error
         assert m["val_error_running_stats"] >= m["val_error"] - 0.03
         assert abs(m["val_error"] - m["end_train_error"]) < 0.06
