@@ -363,7 +363,7 @@ def test_quick_demo_shows_what_the_lesson_card_claims(tmp_path):
     if saved["dataset"] != "fashion-mnist":
         pytest.skip(f"the card's numbers are for the Fashion-MNIST fallback, this machine gave {saved['dataset']}")
     val = [h["val_accuracy"] for h in saved["history"]]
-    assert val[0] < 0.5 and 0.65 < val[1] and 0.7 < val[2] < 0.85  # real learning within 3 epochs
+    assert val[0] < 0.5 and val[1] > 0.65 and 0.7 < val[2] < 0.85  # real learning within 3 epochs
     assert 0.72 < saved["test_accuracy"] < 0.83
     assert abs(saved["test_accuracy_flip_tta"] - saved["test_accuracy"]) < 0.03
 
