@@ -164,6 +164,12 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     summaries = saved["landscape"]["summaries"]
     assert set(summaries) == {"plain-20", "residual-20"}
+    plain, residual = summaries["plain-20"], summaries["residual-20"]  # measured: 1.18/1.10, 695/69, 41%/49%
+    assert 0.7 < plain["rise_at_radius"] / residual["rise_at_radius"] < 1.5  # alike near the centre
+    assert plain["max_rise"] > 3 * residual["max_rise"]  # the plain net climbs far higher at the edge
+    assert 0.25 < plain["convex_share"] < 0.75 and 0.25 < residual["convex_share"] < 0.75
+    for net in saved["landscape"]["networks"].values():  # stored BN statistics had caught up (< 3%)
+        assert abs(net["eval_loss_stored_bn"] / net["eval_loss_recalibrated_bn"] - 1) < 0.03
     rows = {(r["depth"], r["net"], r["BN"]): r for r in saved["gradient_flow"]["summary"]}
     # the card's gradient table (measured: plain+BN 1.3e2, 2.0e4, 4.1e7; residual+BN 32, 1.0e2, 1.6e2)
     assert rows[(56, "plain", "yes")]["first/last"] > 20 * rows[(56, "residual", "yes")]["first/last"]
