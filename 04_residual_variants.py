@@ -25,10 +25,10 @@ Run
     python 04_residual_variants.py            # sized for under a minute on a quiet 2-core laptop CPU
     python 04_residual_variants.py --full     # longer comparison training; meant for a GPU
 
-Not yet timed on a quiet machine: this lesson was written on a heavily shared 2-core machine (load average
-4-10), where the default run took 8 to 15 minutes and 2-thread timings were inflated 5-50x and erratic.
-The timings quoted below were measured on one thread there. Rerun it on your machine for honest timings;
-the parameter counts, multiply-adds, memory and gradient numbers do not depend on the machine.
+The default run took 55 s on 2 quiet cores of the development machine (x86-64, AVX512-BF16), the
+1001-layer check included. Timings below are from that run: one warm-up and one timed pass per model at
+batch 1, so read them as rough (a few ms of noise); parameter counts, multiply-adds, memory and the
+gradient numbers do not depend on the machine.
 
 What you should see (seed 0, CPU)
 ---------------------------------
@@ -42,20 +42,19 @@ What you should see (seed 0, CPU)
    deviation of x_l, and along a stage that deviation grows (RMS 0.6 -> 5.5 over stage 1) as branches add
    up (Eq. 4). Within stage 1 the gradient grows 29x over the first 10 units and 3x over the last 60.
 4. One table of all 14 variants. Parameter counts equal the papers' and torchvision's (e.g. WRN-28-10
-   36,479,194; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024). Timings measured
-   on one thread of the shared machine, where 2-thread timings were too disturbed to use (fp32, one SGD
-   training step at 2x32x32 for CIFAR, 2x64x64 for ImageNet):
+   36,479,194; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024). Timings on 2 CPU
+   threads, fp32, one SGD training step at 1x32x32 for CIFAR, 1x64x64 for ImageNet (a selection):
 
        model              params  GMACs  train step  peak MB  act. MB  paper error
-       resnet110           1.73M  0.253     227 ms       32       12   6.43 (C10)
-       preact_resnet164    1.70M  0.248     331 ms       62       42   5.46
+       resnet110           1.73M  0.253      52 ms       25        5   6.43 (C10)
+       preact_resnet164    1.70M  0.248      67 ms       39       20   5.46
        preact_resnet1001  10.33M  1.491         -        -        -   4.92
-       wrn_16_8           10.96M  1.548     618 ms      135       10   4.27
-       densenet_bc_100_12  0.77M  0.288     328 ms       73       64   4.51
-       resnet50           25.56M  4.089     485 ms      300        7  23.9 (ImageNet top-1)
-       resnext50_32x4d    25.03M  4.230     646 ms      296       10  22.2
-       se_resnet50        28.09M  4.092     565 ms      330       12  23.29
-       densenet121         7.98M  2.834     593 ms      102       11  25.02
+       wrn_16_8           10.96M  1.548      73 ms      129        4   4.27
+       densenet_bc_100_12  0.77M  0.288      87 ms       39       31   4.51
+       resnet50           25.56M  4.089      88 ms      296        3  23.9 (ImageNet top-1)
+       resnext50_32x4d    25.03M  4.230     103 ms      291        4  22.2
+       se_resnet50        28.09M  4.092      91 ms      325        4  23.29
+       densenet121         7.98M  2.834      55 ms       95        4  25.02
 
    Peak memory is that of one training step, measured on the CPU with torch's MemTracker (on a GPU with
    torch.cuda.max_memory_allocated); "act." is what remains after the fp32 weights, their gradients and
@@ -63,10 +62,10 @@ What you should see (seed 0, CPU)
    grow with the input while the rest does not.
 5. The equal-budget comparison (TRAIN_STEPS steps of BATCH_SIZE images, same order, same schedule):
    40 SGD steps of 32 images (1,280 images, under 3% of one epoch), warm-up to lr 0.1 over 10 steps, bf16
-   autocast where the CPU has it, BN statistics re-estimated on 20 training batches before testing on 2,000
+   autocast where the CPU has it, BN statistics re-estimated on 20 training batches before testing on 1,000
    test images. Without CIFAR-10 on disk the quick run falls back to Fashion-MNIST (with a notice). Seen
-   there (one thread): ResNet-20 57% test error, pre-act ResNet-20 44%, SE-ResNet-20 49%, WRN-16-2 40%,
-   DenseNet-BC-40 38%; training took 6.6, 8.4, 9.3, 22 and 25 s. What this can show: every variant
+   there: ResNet-20 57% test error, pre-act ResNet-20 42%, SE-ResNet-20 45%, WRN-16-2 40%,
+   DenseNet-BC-40 39%; training took 1.9, 1.7, 2.0, 3.4 and 5.7 s. What this can show: every variant
    trains with the same recipe, and what each step costs. What it cannot show: which is more accurate
    when trained properly (the papers train 64k steps or more). It is one seed, and the seed-to-seed spread
    was not measured, so differences of a few points are not a ranking. `--full` trains 8,000 steps of 128.
@@ -76,21 +75,23 @@ When to use which (each line backed by the table above)
 * Going deeper than ~100 layers: pre-activation. Pre-act-164 has ResNet-110's parameters (1.70M vs
   1.73M) and multiply-adds (0.248 vs 0.253 G) and a reported error one point lower (5.46% vs 6.43%); at
   1001 layers it still runs forward and backward with finite, non-vanishing gradients. It is not free:
-  its 4x-expanded bottleneck outputs kept 3.5x ResNet-110's activation memory (42 vs 12 MB).
+  its 4x-expanded bottleneck outputs kept 4x ResNet-110's activation memory (20 vs 5 MB).
 * Accuracy per second on parallel hardware: wide. WRN-16-8 matches pre-act-1001's size (11.0M vs 10.3M
   parameters, 1.55 vs 1.49 GMACs) with 16 layers instead of 1001 and a lower reported error (4.27% vs
-  4.92%); it did 6.2x pre-act-164's multiply-adds in 1.9x its time, because wide layers keep the
-  hardware busy.
+  4.92%); it did 6.2x pre-act-164's multiply-adds in about the same time (73 vs 67 ms), because wide
+  layers keep the hardware busy.
 * Same budget as ResNet-50, better accuracy: ResNeXt-50 (25.0M vs 25.6M parameters, 4.23 vs 4.09 GMACs,
-  22.2% vs 23.9%). On a CPU its grouped convolutions run slower per multiply-add (646 vs 485 ms).
+  22.2% vs 23.9%). On a CPU its grouped convolutions run slower per multiply-add (103 vs 88 ms).
 * Fewest parameters for the accuracy: DenseNet. DenseNet-BC-100 reaches 4.51% with 0.77M parameters,
-  fewer than half of pre-act-164's, but kept more activation memory (64 vs 42 MB): concatenation
-  keeps every earlier feature map of a block alive for the backward pass. DenseNet-121 is the cheapest
-  ImageNet net here in parameters and MACs, yet not in time (593 ms, slower than ResNet-50): its 120
-  convolutions are narrow (32 output channels for the 3x3s) and each layer re-reads a growing concatenation.
+  fewer than half of pre-act-164's, but kept more activation memory (31 vs 20 MB): concatenation
+  keeps every earlier feature map of a block alive for the backward pass, and it took longer per step
+  (87 vs 67 ms): its many narrow layers each re-read a growing concatenation. DenseNet-121 is the
+  cheapest ImageNet net here in parameters and multiply-adds, and at this small input also in time
+  (55 vs 88 ms for ResNet-50).
 * A cheap add-on to an existing ResNet: SE. +10% parameters and +0.1% multiply-adds on ResNet-50; Hu et
-  al. report 23.29% against 24.80% for their own ResNet-50 (Table 2). It cost +17% time per training
-  step here: pooling and gating are memory-bound operations that multiply-add counts do not see.
+  al. report 23.29% against 24.80% for their own ResNet-50 (Table 2). It cost about +4% time per
+  training step here (91 vs 88 ms), more than its +0.1% multiply-adds: pooling and gating are
+  memory-bound operations that multiply-add counts do not see.
 * Best CIFAR accuracy regardless of cost: ResNeXt-29 8x64d (3.65%) or WRN-28-10 (4.00%), at 34-36M
   parameters and 5.2-5.4 GMACs, 21x pre-act-164.
 
@@ -134,7 +135,7 @@ DATA_DIR = "data"  # where datasets are stored or downloaded
 DOWNLOAD = True  # download a missing dataset (needs the internet)
 TRAIN_SIZE = 8000  # training images kept for the comparison (the quick run sees fewer than that)
 VAL_SIZE = 1000  # training images held out (not used for any choice here; kept for the data split)
-TEST_SIZE = 2000  # test images the comparison is evaluated on
+TEST_SIZE = 1000  # test images the comparison is evaluated on
 TRAIN_STEPS = 40  # SGD steps per model in the equal-budget comparison
 BATCH_SIZE = 32  # images per SGD step in the comparison
 LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up
@@ -142,8 +143,8 @@ WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
 AUGMENT = False  # random crop and flip during the comparison (worth it only for long runs)
 PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype of the comparison training
 BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics before evaluation
-TIMING_BATCH = 2  # images per batch when timing every variant
-TIMING_REPEATS = 2  # timed repetitions per measurement (the fastest is reported), after one warm-up
+TIMING_BATCH = 1  # images per batch when timing every variant
+TIMING_REPEATS = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up
 CIFAR_TIMING_SIZE = 32  # input height and width (pixels) for timing the CIFAR variants
 IMAGENET_TIMING_SIZE = 64  # input height and width (pixels) for timing the ImageNet variants (MACs: at 224)
 DEEP_DEPTH = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2)
@@ -776,9 +777,11 @@ def recalibrate_batch_norm(model: nn.Module, data: helpers.ImageData, batches: i
         m.momentum = None  # None: cumulative moving average, i.e. the plain mean over the batches seen
     model.train()
     generator = torch.Generator().manual_seed(0)
+    amp_dtype = helpers.autocast_dtype(device)  # statistics are accumulated in fp32 inside autocast anyway
     for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
         index = index.to(data.train_x.device)
-        model(helpers.normalize(data.train_x[index].to(device), data.mean, data.std))
+        with helpers.autocast(device, amp_dtype):
+            model(helpers.normalize(data.train_x[index].to(device), data.mean, data.std))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
 
