@@ -84,8 +84,7 @@ When to use which (each line backed by the table above)
   22.2% vs 23.9%). On a CPU its grouped convolutions run slower per multiply-add (103 vs 88 ms).
 * Fewest parameters for the accuracy: DenseNet. DenseNet-BC-100 reaches 4.51% with 0.77M parameters,
   fewer than half of pre-act-164's, but kept more activation memory (31 vs 20 MB): concatenation
-  keeps every earlier feature map of a block alive for the backward pass, and it took longer per step
-  (87 vs 67 ms): its many narrow layers each re-read a growing concatenation. DenseNet-121 is the
+  keeps every earlier feature map of a block alive for the backward pass. DenseNet-121 is the
   cheapest ImageNet net here in parameters and multiply-adds, and at this small input also in time
   (55 vs 88 ms for ResNet-50).
 * A cheap add-on to an existing ResNet: SE. +10% parameters and +0.1% multiply-adds on ResNet-50; Hu et

@@ -210,8 +210,6 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     assert rows["resnext50_32x4d"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
     # card: SE costs a few percent per step (one timed pass at batch 1, so allow for noise)
     assert rows["se_resnet50"]["train_step_ms"] > 0.97 * rows["resnet50"]["train_step_ms"]
-    # card: DenseNet-BC-100 is slower per step than pre-act-164 despite fewer parameters and similar MACs
-    assert rows["densenet_bc_100_12"]["train_step_ms"] > 1.1 * rows["preact_resnet164"]["train_step_ms"]
     assert abs(rows["se_resnet50"]["GMACs"] / rows["resnet50"]["GMACs"] - 1) < 0.002
     training = {r["model"]: r for r in results["training"]["rows"]}
     assert set(training) == {
