@@ -1028,6 +1028,4 @@ def main(**overrides):
 
 
 if __name__ == "__main__":
-    helpers.run_cli(
-        main, globals(), choices={"dataset": helpers.DATASETS, "precision": ("auto", "fp32", "bf16", "fp16")}
-    )
+    helpers.run_cli(main, globals())

@@ -650,4 +650,4 @@ def main(**overrides):
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={"dataset": helpers.DATASETS, "schedule": SCHEDULES})
+    helpers.run_cli(main, globals(), choices={"schedule": SCHEDULES})

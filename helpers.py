@@ -171,7 +171,13 @@ def build_parser(module_globals: dict, choices: dict[str, Iterable[str]] | None 
 
 def run_cli(main: Callable[..., Any], module_globals: dict, choices: dict | None = None) -> None:
     """Parse flags, call `main(**flags)`, and turn a `UserError` into one line on stderr and exit 1."""
-    choices = {"device": ("auto", "cpu", "cuda", "mps"), **(choices or {})}
+    # Flags every lesson spells the same way; a lesson's own `choices` add to these or replace them.
+    choices = {
+        "device": ("auto", "cpu", "cuda", "mps"),
+        "dataset": DATASETS,
+        "precision": PRECISIONS,
+        **(choices or {}),
+    }
     args = build_parser(module_globals, choices).parse_args()
     try:
         main(**vars(args))
@@ -211,6 +217,9 @@ def load_lesson(number: str | int):
 # =====================================================================================================
 # Device, precision, seeding
 # =====================================================================================================
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what autocast_dtype accepts
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU. Asking for one that is absent is a UserError."""
     mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -243,9 +252,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
     `auto`: bf16 where the hardware does it natively (CUDA compute capability >= 8.0, CPUs with
     AVX512-BF16/AMX), fp16 on older CUDA GPUs (then a GradScaler is needed), fp32 elsewhere (MPS included)."""
-    require(
-        precision in ("auto", "fp32", "bf16", "fp16"), f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)"
-    )
+    require(precision in PRECISIONS, f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
     if precision == "fp32":
         return None
     if precision == "bf16":
