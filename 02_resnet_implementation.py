@@ -45,7 +45,8 @@ What you should see (seed 0, CPU; every count below is checked by tests/test_02_
 * Stride placement: ResNet-50 costs 3.858 G multiply-adds with the stride on the first 1x1 (v1) and
   4.089 G with it on the 3x3 (v1.5); the difference is 0.231 G for ResNet-50, -101 and -152 alike,
   exactly the predicted cost of running three 1x1 convolutions at full instead of quarter resolution. The
-  v1 figures (3.86 / 7.57 / 11.28 G) are the paper's Table 1 (3.8 / 7.6 / 11.3 G): the paper counted v1.
+  v1 figures (3.86 / 7.57 / 11.28 G) are the paper's Table 1 (3.8 / 7.6 / 11.3 G) to within 0.06 G,
+  the rounding of the paper's one decimal: the paper counted v1.
 * ResNet-50 stage by stage: layer3 does the most work (1464 M multiply-adds), layer4 holds the most
   parameters (15.0 M of 25.6 M) on a 7x7 map.
 * Blocks on a 56x56 map: a bottleneck carrying 256 channels has 70,400 parameters (218 M multiply-adds),
@@ -59,7 +60,8 @@ What you should see (seed 0, CPU; every count below is checked by tests/test_02_
 * Forward latency, fp32, on the 2-core machine this was written on with other jobs running (your numbers
   will differ, and a busy CPU can slow these tenfold): batch 1 took 25 / 46 / 62 / 109 / 149 ms for
   ResNet-18 to -152, batch 32 about 1.1 / 1.5 / 3.6 / 5.1 / 6.2 s. Latency grows with multiply-adds but
-  not in proportion to them: ResNet-50 has 12% more multiply-adds than ResNet-34, yet in two runs it
+  not in proportion to them: ResNet-50 has 12% more multiply-adds than ResNet-34 as built here (v1.5:
+  4.09 vs 3.66 G; 5% more in the paper's v1, 3.86 G), yet in two runs it
   took 35-60% longer at batch 1 and more than twice as long at batch 32 (its 1x1 convolutions and 4x
   wider tensors move more memory per multiply-add).
 
@@ -137,7 +139,8 @@ class BasicBlock(lesson01.ResidualBlock):
 # bottleneck (He et al. 2015, section 4.1 "Deeper Bottleneck Architectures", Fig. 5) reduces to 64
 # channels with a 1x1 convolution, runs the 3x3 at 64 and expands back with another 1x1: 70k weights,
 # about what a basic block at 64 channels costs, for four times the channels between blocks. That is how
-# ResNet-50 gets 50 layers for 12% more multiply-adds than ResNet-34 (this lesson's tables measure both).
+# ResNet-50 gets 50 layers for 5% more multiply-adds than ResNet-34 in the paper's v1 (3.86 vs 3.66 G), 12%
+# more in torchvision's v1.5 (4.09 G; the stride placement is explained next; this lesson's tables measure both).
 #
 # Where the stride goes. The paper downsamples in the first block of stages 2-4 ("conv3_1, conv4_1, and
 # conv5_1 with a stride of 2", Table 1), and its released Caffe models put that stride on the first

@@ -72,10 +72,13 @@ What you should see (seed 0, CPU)
 
 When to use which (each line backed by the table above)
 -------------------------------------------------------
-* Going deeper than ~100 layers: pre-activation. Pre-act-164 has ResNet-110's parameters (1.70M vs
-  1.73M) and multiply-adds (0.248 vs 0.253 G) and a reported error one point lower (5.46% vs 6.43%); at
-  1001 layers it still runs forward and backward with finite, non-vanishing gradients. It is not free:
-  its 4x-expanded bottleneck outputs kept 4x ResNet-110's activation memory (20 vs 5 MB).
+* Going deeper than ~100 layers: pre-activation. He et al. 2016 (Table 3) compare the same nets with
+  the original and the pre-activation unit: CIFAR-10 error 6.61% -> 6.37% at 110 layers, 5.93% -> 5.46%
+  at 164, 7.61% -> 4.92% at 1001, where the original unit is worse than at 164 layers and the
+  pre-activation one better (cited, not measured). At 1001 layers it runs forward and backward here with
+  finite, non-vanishing gradients. It is not free: pre-act-164's 4x-expanded bottleneck outputs kept 4x
+  ResNet-110's activation memory (20 vs 5 MB) at about the same parameters (1.70M vs 1.73M) and
+  multiply-adds (0.248 vs 0.253 G).
 * Accuracy per second on parallel hardware: wide. WRN-16-8 matches pre-act-1001's size (11.0M vs 10.3M
   parameters, 1.55 vs 1.49 GMACs) with 16 layers instead of 1001 and a lower reported error (4.27% vs
   4.92%); it did 6.2x pre-act-164's multiply-adds in about the same time (73 vs 67 ms), because wide
@@ -83,16 +86,20 @@ When to use which (each line backed by the table above)
 * Same budget as ResNet-50, better accuracy: ResNeXt-50 (25.0M vs 25.6M parameters, 4.23 vs 4.09 GMACs,
   22.2% vs 23.9%). On a CPU its grouped convolutions run slower per multiply-add (103 vs 88 ms).
 * Fewest parameters for the accuracy: DenseNet. DenseNet-BC-100 reaches 4.51% with 0.77M parameters,
-  fewer than half of pre-act-164's, but kept more activation memory (31 vs 20 MB): concatenation
-  keeps every earlier feature map of a block alive for the backward pass. DenseNet-121 is the
+  fewer than half of pre-act-164's, but kept more activation memory (31 vs 20 MB): each layer's
+  concatenated input, and the BN and ReLU outputs computed from it, are stored for the backward pass,
+  which grows quadratically with the layers of a block (Pleiss et al. 2017, "Memory-Efficient
+  Implementation of DenseNets", recompute them to save it). DenseNet-121 is the
   cheapest ImageNet net here in parameters and multiply-adds, and at this small input also in time
   (55 vs 88 ms for ResNet-50).
 * A cheap add-on to an existing ResNet: SE. +10% parameters and +0.1% multiply-adds on ResNet-50; Hu et
   al. report 23.29% against 24.80% for their own ResNet-50 (Table 2). It cost about +4% time per
   training step here (91 vs 88 ms), more than its +0.1% multiply-adds: pooling and gating are
   memory-bound operations that multiply-add counts do not see.
-* Best CIFAR accuracy regardless of cost: ResNeXt-29 8x64d (3.65%) or WRN-28-10 (4.00%), at 34-36M
-  parameters and 5.2-5.4 GMACs, 21x pre-act-164.
+* Best CIFAR accuracy among this table's rows, regardless of cost: ResNeXt-29 8x64d (3.65%) or WRN-28-10
+  (4.00%), at 34-36M parameters and 5.2-5.4 GMACs, 21x pre-act-164. Outside the table the papers report
+  lower: DenseNet-BC (L=190, k=40) 3.46% (Huang et al. 2017) and ResNeXt-29 16x64d 3.58% (Xie et al. 2017);
+  cited, not measured here.
 
 Try this
 --------
@@ -276,8 +283,10 @@ def preact_resnet(depth: int, num_classes: int = 10, bottleneck: bool | None = N
 # %% Wide ResNet (Zagoruyko and Komodakis 2016): fewer, wider pre-activation units
 def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0) -> PreActResNet:
     """WRN-d-k: the pre-activation basic unit with k times the width (16k, 32k, 64k channels) and
-    n = (d - 4) / 6 units per stage. The paper counts the stem and the two projection shortcuts among the
-    d layers, hence 6n + 4. Its dropout (0.3 on CIFAR) sits between the two convolutions of each unit."""
+    n = (d - 4) / 6 units per stage. With k > 1 every stage changes the width in its first unit (stage 1
+    goes from the stem's 16 channels to 16k), so all three stages open with a 1x1 projection shortcut, and
+    the paper's d counts the stem, the 6n convolutions of the units and those three projections:
+    1 + 6n + 3 = 6n + 4. Its dropout (0.3 on CIFAR) sits between the two convolutions of each unit."""
     helpers.require((depth - 4) % 6 == 0 and depth > 4, f"a Wide ResNet has depth 6n+4, e.g. 16, 28, 40 (got {depth})")
     helpers.require(widen_factor >= 1, f"the widening factor k must be at least 1 (got {widen_factor})")
     widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
@@ -712,7 +721,9 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
     for every unit the size of its input x_l and of the gradient dE/dx_l that reaches it.
 
     He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity
-    path: the gradient at the deepest unit arrives at the first one undiminished, whatever the units do."""
+    path: across identity shortcuts the gradient at the deepest unit reaches the first one undiminished,
+    whatever the units do. Where a stage changes width, the shortcut is a projection and that guarantee
+    does not hold across it."""
     torch.manual_seed(seed)
     model = preact_resnet(depth).to(device).train()
     units = [m for m in model.modules() if isinstance(m, PreActBlock)]

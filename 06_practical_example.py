@@ -171,11 +171,17 @@ def to_model_input(images: torch.Tensor, data: helpers.ImageData, channels_last:
 
 # %% Optimiser and schedule
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution and linear weights only. Decaying BN's scale and shift, or biases, pulls
-    them towards 0 without regularising anything: a BN-followed convolution is invariant to the scale of its
-    weights, and decaying gamma just shrinks the activations the next layer then re-scales (the "no bias
-    decay" trick of Goyal et al. 2017 / He et al. 2019, "Bag of Tricks"). One-dimensional tensors are exactly
-    the BN parameters and biases in these models."""
+    """Weight decay on convolution and linear weights only; none on BN's scale (gamma) and shift, or biases.
+
+    What decay does here is not what the name suggests. A convolution followed by batch norm computes the
+    same function whatever the scale of its weights, so decaying them regularises nothing directly: it keeps
+    ||W|| small, and since the gradient of a scale-invariant layer shrinks as 1/||W||, a smaller ||W|| means
+    a larger effective learning rate, about lr / ||W||^2 (van Laarhoven 2017, "L2 Regularization versus
+    Batch and Weight Normalization"). Decay on gamma is different again: in a residual block the last BN's
+    gamma sets how large the branch F(x) is next to the identity x, so decaying it pulls every block towards
+    the identity. Exempting BN parameters and biases from decay ("no bias decay") is reported to help on
+    ImageNet (Goyal et al. 2017; He et al. 2019, "Bag of Tricks"); this lesson has not measured whether it
+    helps here. One-dimensional tensors are exactly the BN parameters and biases in these models."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -189,7 +195,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class LearningRateShape:
     """Multiplier of the peak learning rate at step t: linear warm-up from 0, then down to 0 at the last step,
     either linearly (one-cycle, Smith and Topin 2017, as in fast CIFAR recipes) or along a half cosine
-    (Loshchilov and Hutter 2017). A class, not a lambda, so that it is plain and picklable."""
+    (Loshchilov and Hutter 2017). Only the learning rate cycles: Smith's one-cycle also lowers momentum while
+    the learning rate is high, which this schedule does not (momentum stays at MOMENTUM throughout). A class,
+    not a lambda, so that it is plain and picklable."""
 
     def __init__(self, total_steps: int, warmup_steps: int, schedule: str):
         self.total, self.warmup, self.schedule = total_steps, min(warmup_steps, total_steps - 1), schedule

@@ -598,35 +598,77 @@ def _torchvision_fashion_mnist(data_dir: Path, download: bool, debian_dir: Path 
     return (*sets, FASHION_CLASSES)
 
 
-def make_synthetic(
-    num_images: int, seed: int, num_classes: int = 10, size: int = 32
-) -> tuple[torch.Tensor, torch.Tensor]:
+SYNTHETIC_TILTS = 5  # tilt classes: 0, 22.5, 45, 67.5 and 90 degrees between the stripes and the vertical
+SYNTHETIC_BANDS = ((0.25, 0.40), (0.55, 0.80))  # spatial-frequency bands in radians per pixel: coarse, fine
+SYNTHETIC_CLASSES = tuple(
+    f"{band}-{tilt * 90 / (SYNTHETIC_TILTS - 1):g}deg" for band in ("coarse", "fine") for tilt in range(SYNTHETIC_TILTS)
+)
+
+
+def synthetic_label(theta: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """The class of a grating with normal at angle `theta` (radians) and frequency `freq` (radians/pixel).
+
+    The class reads the tilt, min(theta, pi - theta) after folding theta into [0, pi), not the orientation
+    itself: mirroring an image left-right turns theta into pi - theta, so a class must contain both, or a
+    horizontal flip (augmentation, flip TTA) would change what the label means."""
+    folded = torch.remainder(theta, math.pi)
+    tilt = torch.minimum(folded, math.pi - folded)  # in [0, pi/2], the same for an image and its mirror
+    tilt_class = torch.round(tilt / (math.pi / 2) * (SYNTHETIC_TILTS - 1)).long()
+    band = (freq > (SYNTHETIC_BANDS[0][1] + SYNTHETIC_BANDS[1][0]) / 2).long()
+    return band * SYNTHETIC_TILTS + tilt_class
+
+
+def render_gratings(params: dict[str, torch.Tensor], size: int = 32) -> torch.Tensor:
+    """Float images (N, 3, H, W) in [0, 1] from grating parameters (see `make_synthetic`), before pixel noise."""
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2  # symmetric: x -> -x is a mirror
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W) each
+    theta, freq = params["theta"][:, None, None], params["freq"][:, None, None]
+    along = xx[None] * torch.cos(theta) + yy[None] * torch.sin(theta)  # (N, H, W): position along the normal
+    grating = torch.sin(along * freq + params["phase"][:, None, None])  # (N, H, W) in [-1, 1]
+    shade = params["contrast"][:, None, None, None] * params["colour"][:, :, None, None]  # (N, 3, 1, 1)
+    image = 0.5 + 0.5 * shade * grating[:, None]  # (N, 3, H, W)
+    centre = params["blob_centre"]  # (N, 2): x, y of a dark occluding disc
+    dist = (xx[None] - centre[:, 0, None, None]) ** 2 + (yy[None] - centre[:, 1, None, None]) ** 2
+    return image * (dist >= params["blob_radius"][:, None, None] ** 2)[:, None]
+
+
+def synthetic_parameters(num_images: int, generator: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:
+    """Random grating parameters: a tilt class and a frequency band (together the label), each jittered,
+    the tilt's sign drawn at random (so both an orientation and its mirror image occur in every class),
+    and a random phase, contrast, colour and occluding blob."""
+    g = generator
+    tilt_class = torch.randint(0, SYNTHETIC_TILTS, (num_images,), generator=g)
+    band = torch.randint(0, len(SYNTHETIC_BANDS), (num_images,), generator=g)
+    gap = (math.pi / 2) / (SYNTHETIC_TILTS - 1)
+    jitter = (torch.rand(num_images, generator=g) - 0.5) * (2 / 3) * gap  # up to a third of the gap
+    tilt = (tilt_class.float() * gap + jitter).abs()  # |.|: a jittered 0-degree tilt stays near 0
+    tilt = torch.minimum(tilt, math.pi - tilt)
+    mirrored = torch.rand(num_images, generator=g) < 0.5
+    low = torch.tensor([b[0] for b in SYNTHETIC_BANDS])[band]
+    high = torch.tensor([b[1] for b in SYNTHETIC_BANDS])[band]
+    return {
+        "theta": torch.where(mirrored, math.pi - tilt, tilt),
+        "freq": low + (high - low) * torch.rand(num_images, generator=g),
+        "phase": 2 * math.pi * torch.rand(num_images, generator=g),
+        "contrast": 0.3 + 0.7 * torch.rand(num_images, generator=g),
+        "colour": 0.3 + 0.7 * torch.rand(num_images, 3, generator=g),
+        "blob_centre": (torch.rand(num_images, 2, generator=g) - 0.5) * size,
+        "blob_radius": 3 + 6 * torch.rand(num_images, generator=g),
+    }
+
+
+def make_synthetic(num_images: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """A procedurally generated image set that needs no download: learnable, but not trivially.
 
-    Class k is a sinusoidal grating at orientation k*180/num_classes degrees; each image draws its own
-    spatial frequency, phase, colour, contrast, a random dark blob occluding part of it and pixel noise,
-    and its orientation is jittered by up to a third of the gap between classes. Telling neighbouring
-    classes apart therefore needs a real orientation detector, and a small CNN gets most but not all of
-    them right after a few hundred steps."""
+    Each image is a sinusoidal grating; its class (10 of them, `SYNTHETIC_CLASSES`) is its tilt from the
+    vertical (5 steps of 22.5 degrees, jittered by up to 7.5) and its stripe frequency (coarse or fine).
+    Phase, colour, contrast, a dark occluding blob and pixel noise vary freely. Every augmentation the
+    lessons apply keeps the class: crops and cutout move or hide stripes without turning them, and a
+    horizontal flip maps a tilt onto itself (see `synthetic_label`)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, (num_images,), generator=g)
-    gap = math.pi / num_classes
-    theta = labels.float() * gap + (torch.rand(num_images, generator=g) - 0.5) * (2 / 3) * gap
-    freq = 0.25 + 0.35 * torch.rand(num_images, generator=g)  # radians per pixel
-    phase = 2 * math.pi * torch.rand(num_images, generator=g)
-    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W) each
-    along = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]  # (N, H, W)
-    grating = torch.sin(along * freq[:, None, None] + phase[:, None, None])  # (N, H, W) in [-1, 1]
-    contrast = 0.3 + 0.7 * torch.rand(num_images, 1, 1, generator=g)
-    colour = 0.3 + 0.7 * torch.rand(num_images, 3, 1, 1, generator=g)  # (N, 3, 1, 1)
-    image = 0.5 + 0.5 * contrast[:, None] * grating[:, None] * colour  # (N, 3, H, W)
-    centre = (torch.rand(num_images, 2, generator=g) - 0.5) * size  # occluding blob
-    radius = 3 + 6 * torch.rand(num_images, generator=g)
-    dist = (xx[None] - centre[:, 0, None, None]) ** 2 + (yy[None] - centre[:, 1, None, None]) ** 2
-    image = image * (dist >= radius[:, None, None] ** 2)[:, None]
-    image = image + 0.15 * torch.randn(image.shape, generator=g)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+    params = synthetic_parameters(num_images, g, size)
+    image = render_gratings(params, size) + 0.15 * torch.randn(num_images, 3, size, size, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), synthetic_label(params["theta"], params["freq"])
 
 
 def load_dataset(
@@ -652,7 +694,7 @@ def load_dataset(
             x, y = make_synthetic(synthetic_size + max(synthetic_size // 6, 1000), seed=12345)
             split = synthetic_size
             train_x, train_y, test_x, test_y = x[:split], y[:split], x[split:], y[split:]
-            classes = tuple(f"{int(round(k * 180 / 10))}deg" for k in range(10))
+            classes = SYNTHETIC_CLASSES
         elif name == "fashion-mnist":
             train_x, train_y, test_x, test_y, classes = _torchvision_fashion_mnist(data_dir, download)
         else:
