@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,23 +64,39 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights and inputs
-DEVICE = "cpu"  # auto | cpu | cuda | mps (the Jacobian check always runs on the CPU in float64)
-OUT = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
-TRACE = True  # print the shape after every stage of one block
-TRACE_INPUT_SHAPE = (32, 64, 56, 56)  # (B, C, H, W) of the traced block's input: ResNet-34's conv3_1 input
-TRACE_OUT_CHANNELS = 128  # output channels of the traced block
-TRACE_STRIDE = 2  # stride of the traced block (2 halves H and W)
-MLP_SIZES = (128, 64, 32, 16, 8, 1)  # layer widths of the fully connected example, input first
-MLP_BATCH_SIZE = 64  # samples in the fully connected example's batch
-SWEEP_DEPTHS = (1, 2, 4, 8, 16, 32, 64)  # numbers of identical blocks in the depth sweep (2 conv layers each)
-SWEEP_CHANNELS = 16  # channels of every block in the depth sweep
-SWEEP_SIDE = 8  # height and width of the depth sweep's input, in pixels
-SWEEP_BATCH_SIZE = 32  # images in the depth sweep's batch
-SWEEP_INITS = ("pytorch", "he")  # weight inits to sweep: pytorch (nn.Conv2d's default) | he (torchvision's)
-SWEEP_REPEATS = 2  # random stacks per setting; the table shows their geometric mean
-JACOBIAN_CHANNELS = 3  # channels of the small block whose Jacobian is computed
-JACOBIAN_SIDE = 4  # height and width of its input (the Jacobian is (C*side*side)^2 entries)
+SEED: int = 0  # random seed for weights and inputs
+DEVICE: str = "cpu"  # where to run (the Jacobian check always runs on the CPU in float64)
+OUT: Path = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
+TRACE: bool = True  # print the shape after every stage of one block
+TRACE_INPUT_SHAPE: tuple[int, ...] = (
+    32,
+    64,
+    56,
+    56,
+)  # (B, C, H, W) of the traced block's input: ResNet-34's conv3_1 input [> 0]
+TRACE_OUT_CHANNELS: int = 128  # output channels of the traced block [> 0]
+TRACE_STRIDE: int = 2  # stride of the traced block (2 halves H and W) [> 0]
+MLP_SIZES: tuple[int, ...] = (128, 64, 32, 16, 8, 1)  # layer widths of the fully connected example, input first [> 0]
+MLP_BATCH_SIZE: int = 64  # samples in the fully connected example's batch [> 0]
+SWEEP_DEPTHS: tuple[int, ...] = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+    64,
+)  # numbers of identical blocks in the depth sweep (2 conv layers each) [> 0]
+SWEEP_CHANNELS: int = 16  # channels of every block in the depth sweep [> 0]
+SWEEP_SIDE: int = 8  # height and width of the depth sweep's input, in pixels [> 0]
+SWEEP_BATCH_SIZE: int = 32  # images in the depth sweep's batch [> 0]
+SWEEP_INITS: tuple[str, ...] = (
+    "pytorch",
+    "he",
+)  # weight inits to sweep: pytorch is nn.Conv2d's default, he is torchvision's [pytorch | he]
+SWEEP_REPEATS: int = 2  # random stacks per setting; the table shows their geometric mean [> 0]
+JACOBIAN_CHANNELS: int = 3  # channels of the small block whose Jacobian is computed [> 0]
+JACOBIAN_SIDE: int = 4  # height and width of its input (the Jacobian is (C*side*side)^2 entries) [> 0]
 # --- end constants -----------------------------------------------------------------------------------
 
 INITS = ("pytorch", "he")
@@ -456,20 +473,14 @@ def one_cpu_thread():
 def main(**overrides):
     cfg = helpers.config(globals(), overrides)
     started = time.perf_counter()
-    for name in ("trace_out_channels", "trace_stride", "mlp_batch_size", "sweep_channels", "sweep_side"):
-        helpers.require(cfg[name] > 0, f"--{name.replace('_', '-')} must be a positive integer (got {cfg[name]})")
-    for name in ("sweep_batch_size", "sweep_repeats", "jacobian_channels", "jacobian_side"):
-        helpers.require(cfg[name] > 0, f"--{name.replace('_', '-')} must be a positive integer (got {cfg[name]})")
     helpers.require(
-        len(cfg.trace_input_shape) == 4 and all(n > 0 for n in cfg.trace_input_shape),
+        len(cfg.trace_input_shape) == 4,
         f"--trace-input-shape needs four positive integers B C H W (got {' '.join(map(str, cfg.trace_input_shape))})",
     )
     helpers.require(
-        len(cfg.mlp_sizes) >= 2 and all(n > 0 for n in cfg.mlp_sizes),
+        len(cfg.mlp_sizes) >= 2,
         "--mlp-sizes needs at least two positive widths, input first (e.g. --mlp-sizes 128 64 32 16 8 1)",
     )
-    helpers.require(all(d > 0 for d in cfg.sweep_depths), "--sweep-depths must be positive numbers of blocks")
-    helpers.require(all(init in INITS for init in cfg.sweep_inits), f"--sweep-inits takes {' and/or '.join(INITS)}")
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)
@@ -506,7 +517,7 @@ def main(**overrides):
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={"sweep_inits": INITS})
+    helpers.run_cli(main, globals())
 
 # %% Try this
 # 1. Trace a block that keeps the shape: `--trace-stride 1 --trace-out-channels 64`. The trace shows

@@ -96,17 +96,19 @@ projection_shortcut = lesson01.projection_shortcut
 PlainBlock = lesson01.PlainBlock
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights and inputs
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/02_resnet_implementation"  # folder for results.json and figures
-IMAGE_SIZE = 224  # side of the ImageNet input in pixels, for multiply-adds and latency
-MEASURE_LATENCY = True  # time forward passes (the slowest part of the run)
-LATENCY_BATCH_SIZES = (1, 32)  # batch sizes for the latency columns
-LATENCY_SECONDS = 0.3  # timing budget per model and batch size: repeat until spent, at least once
-SHAPE_MODEL = "resnet50"  # model for the per-stage shape table (an ImageNet or CIFAR model name)
-PRETRAINED = False  # load torchvision's ImageNet weights (network needed once) and classify a sample image
-PRETRAINED_MODEL = "resnet50"  # which ImageNet ResNet --pretrained loads
-IMAGE = ""  # image file for --pretrained (empty: matplotlib's sample photo grace_hopper.jpg)
+SEED: int = 0  # random seed for weights and inputs
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/02_resnet_implementation"  # folder for results.json and figures
+IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds and latency [>= 32]
+MEASURE_LATENCY: bool = True  # time forward passes (the slowest part of the run)
+LATENCY_BATCH_SIZES: tuple[int, ...] = (1, 32)  # batch sizes for the latency columns [> 0]
+LATENCY_SECONDS: float = 0.3  # timing budget per model and batch size: repeat until spent, at least once [>= 0]
+SHAPE_MODEL: str = (
+    "resnet50"  # model for the per-stage shape table (an ImageNet or CIFAR model name) [in MEASURED_MODELS]
+)
+PRETRAINED: bool = False  # load torchvision's ImageNet weights (network needed once) and classify a sample image
+PRETRAINED_MODEL: str = "resnet50"  # which ImageNet ResNet --pretrained loads [in IMAGENET_MODELS]
+IMAGE: Path = ""  # image file for --pretrained (empty: matplotlib's sample photo grace_hopper.jpg)
 # --- end constants -----------------------------------------------------------------------------------
 
 
@@ -866,4 +868,4 @@ def plot_models(results: dict, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={"shape_model": MEASURED_MODELS, "pretrained_model": IMAGENET_MODELS})
+    helpers.run_cli(main, globals())

@@ -101,34 +101,44 @@ import helpers
 L02 = helpers.load_lesson(2)  # cifar_resnet(depth, num_classes, shortcut, plain): the paper's CIFAR nets
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for every model's weights and for the (shared) data order
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/03_training_comparison"  # folder for results.json and figures
-FULL = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (the quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
-DEPTHS = (20, 56)  # depths (6n+2) trained, each as a plain and as a residual net (paper: 20 32 44 56 110)
-ITERATIONS = 130  # SGD iterations per model (paper: 64000)
-BATCH_SIZE = 128  # images per iteration (paper: 128)
-LR = 0.1  # learning rate (paper: 0.1)
-MOMENTUM = 0.9  # SGD momentum (paper: 0.9)
-WEIGHT_DECAY = 0.0001  # L2 weight decay (paper: 1e-4)
-LR_MILESTONES = (32000, 48000)  # iterations at which the learning rate is divided by 10 (paper: 32k, 48k)
-WARMUP_DEPTH = 110  # nets at least this deep start with the warm-up learning rate (paper: the 110-layer net)
-WARMUP_LR = 0.01  # warm-up learning rate (paper: 0.01)
-WARMUP_ITERATIONS = 400  # warm-up length (paper: until training error < 80%, "about 400 iterations")
-TRAIN_SIZE = 10000  # training images kept (the quick run sees each about 1.7 times)
-VAL_SIZE = 1000  # training images held out for the held-out error (paper: 5000 of 50000)
-AUGMENT = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype (auto: bf16 where native, else fp32/fp16)
-CHANNELS_LAST = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
-GRAD_CHECKPOINTS = 4  # times, evenly spaced after initialisation, at which every layer's gradient is recorded
-BN_RECALIBRATION_BATCHES = 20  # training batches that re-estimate batch-norm statistics before evaluation
-END_FRACTION = 0.2  # the verdict compares mean training error over this final fraction of the iterations
-TOLERANCE = 0.02  # error difference (absolute) the verdict treats as a tie
-SMOOTHING = 20  # iterations in the moving average of the plotted training error
-EVAL_TEST = False  # also report test-set error (never used to choose anything)
+SEED: int = 0  # random seed for every model's weights and for the (shared) data order
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/03_training_comparison"  # folder for results.json and figures
+FULL: bool = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)
+DATASET: str = "cifar10"  # dataset (the quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
+DEPTHS: tuple[int, ...] = (
+    20,
+    56,
+)  # depths (6n+2) trained, each as a plain and as a residual net (paper: 20 32 44 56 110) [>= 8]
+ITERATIONS: int = 130  # SGD iterations per model (paper: 64000) [> 0]
+BATCH_SIZE: int = 128  # images per iteration (paper: 128) [> 0]
+LR: float = 0.1  # learning rate (paper: 0.1) [> 0]
+MOMENTUM: float = 0.9  # SGD momentum (paper: 0.9) [>= 0]
+WEIGHT_DECAY: float = 0.0001  # L2 weight decay (paper: 1e-4) [>= 0]
+LR_MILESTONES: tuple[int, ...] = (
+    32000,
+    48000,
+)  # iterations at which the learning rate is divided by 10 (paper: 32k, 48k) [>= 0]
+WARMUP_DEPTH: int = 110  # nets at least this deep start with the warm-up learning rate (paper: the 110-layer net)
+WARMUP_LR: float = 0.01  # warm-up learning rate (paper: 0.01) [> 0]
+WARMUP_ITERATIONS: int = 400  # warm-up length (paper: until training error < 80%, "about 400 iterations") [>= 0]
+TRAIN_SIZE: int = 10000  # training images kept (the quick run sees each about 1.7 times) [> 0]
+VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 5000 of 50000) [> 0]
+AUGMENT: bool = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
+PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16)
+CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
+GRAD_CHECKPOINTS: int = (
+    4  # times, evenly spaced after initialisation, at which every layer's gradient is recorded [> 0]
+)
+BN_RECALIBRATION_BATCHES: int = 20  # training batches that re-estimate batch-norm statistics before evaluation [>= 0]
+END_FRACTION: float = (
+    0.2  # the verdict compares mean training error over this final fraction of the iterations [> 0, <= 1]
+)
+TOLERANCE: float = 0.02  # error difference (absolute) the verdict treats as a tie [>= 0]
+SMOOTHING: int = 20  # iterations in the moving average of the plotted training error [> 0]
+EVAL_TEST: bool = False  # also report test-set error (never used to choose anything)
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {
@@ -418,19 +428,8 @@ def plot_gradients(models: list[dict], path: Path) -> Path:
 
 # %% Putting it together
 def load_data(cfg) -> helpers.ImageData:
-    """The training set with a held-out part. Only the default quick run may fall back to another dataset;
-    a dataset asked for by name, or any --full run, fails with instructions when it is missing."""
-    fallback = "dataset" not in cfg.explicit and not cfg.full
-    return helpers.load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        train_size=cfg.train_size,
-        test_size=None if cfg.eval_test else 1,
-        seed=cfg.seed,
-        download=cfg.download,
-        fallback=fallback,
-    )
+    """The training set with a held-out part (helpers.load_data states the rule for a missing dataset)."""
+    return helpers.load_data(cfg, test_size=None if cfg.eval_test else 1)
 
 
 def validate(cfg) -> None:

@@ -115,6 +115,7 @@ import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -125,29 +126,31 @@ import helpers
 L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_resnet, CIFAR_MODELS
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights, inputs and data order
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/04_residual_variants"  # folder for results.json and figures
-FULL = False  # longer comparison training on all of the training set (meant for a GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset (needs the internet)
-TRAIN_SIZE = 8000  # training images kept for the comparison (the quick run sees fewer than that)
-VAL_SIZE = 1000  # training images held out (not used for any choice here; kept for the data split)
-TEST_SIZE = 1000  # test images the comparison is evaluated on
-TRAIN_STEPS = 40  # SGD steps per model in the equal-budget comparison
-BATCH_SIZE = 32  # images per SGD step in the comparison
-LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up
-WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
-AUGMENT = False  # random crop and flip during the comparison (worth it only for long runs)
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype of the comparison training
-BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics before evaluation
-TIMING_BATCH = 1  # images per batch when timing every variant
-TIMING_REPEATS = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up
-CIFAR_TIMING_SIZE = 32  # input height and width (pixels) for timing the CIFAR variants
-IMAGENET_TIMING_SIZE = 64  # input height and width (pixels) for timing the ImageNet variants (MACs: at 224)
-DEEP_DEPTH = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2)
-DEEP_BATCH = 2  # images in the very deep network's forward and backward pass
+SEED: int = 0  # random seed for weights, inputs and data order
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/04_residual_variants"  # folder for results.json and figures
+FULL: bool = False  # longer comparison training on all of the training set (meant for a GPU)
+DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
+TRAIN_SIZE: int = 8000  # training images kept for the comparison (the quick run sees fewer than that) [> 0]
+VAL_SIZE: int = 1000  # training images held out (not used for any choice here; kept for the data split) [> 0]
+TEST_SIZE: int = 1000  # test images the comparison is evaluated on [> 0]
+TRAIN_STEPS: int = 40  # SGD steps per model in the equal-budget comparison [> 0]
+BATCH_SIZE: int = 32  # images per SGD step in the comparison [> 0]
+LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up [> 0]
+WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
+AUGMENT: bool = False  # random crop and flip during the comparison (worth it only for long runs)
+PRECISION: str = "auto"  # autocast dtype of the comparison training
+BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics before evaluation [>= 0]
+TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
+TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
+CIFAR_TIMING_SIZE: int = 32  # input height and width (pixels) for timing the CIFAR variants [>= 32]
+IMAGENET_TIMING_SIZE: int = (
+    64  # input height and width (pixels) for timing the ImageNet variants (MACs: at 224) [>= 32]
+)
+DEEP_DEPTH: int = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2) [>= 11]
+DEEP_BATCH: int = 2  # images in the very deep network's forward and backward pass [>= 2]
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "augment": True, "warmup_steps": 200}
@@ -788,17 +791,7 @@ def recalibrate_batch_norm(model: nn.Module, data: helpers.ImageData, batches: i
 def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
     """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the
     same number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
-    fallback = "dataset" not in cfg.explicit and not cfg.full
-    data = helpers.load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        train_size=cfg.train_size,
-        test_size=cfg.test_size,
-        seed=cfg.seed,
-        download=cfg.download,
-        fallback=fallback,
-    ).to(device)
+    data = helpers.load_data(cfg, test_size=cfg.test_size).to(device)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     milestones = (cfg.train_steps // 2, cfg.train_steps * 3 // 4) if cfg.full else ()
     rows, curves = [], {}

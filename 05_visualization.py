@@ -82,31 +82,35 @@ import helpers
 L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, cifar_resnet(depth, plain=...)
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights, directions and data order
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/05_visualization"  # folder for results.json and the four figures
-FULL = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset (needs the internet)
-TRAIN_SIZE = 5000  # training images the two landscape networks are trained on
-VAL_SIZE = 500  # training images held out; the feature maps show one of them
-GRADIENT_DEPTHS = (20, 56, 110)  # depths (6n+2) whose per-layer gradients are measured at initialisation
-GRADIENT_BATCH = 32  # images in the batch whose loss gradient is measured
-LANDSCAPE_DEPTH = 20  # depth (6n+2) of the plain and residual network whose loss landscape is drawn
-TRAIN_STEPS = 100  # SGD steps per landscape network
-BATCH_SIZE = 32  # images per SGD step
-LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), after a linear warm-up
-WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype for training only (the landscape is fp32)
-BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics after training
-GRID_POINTS = 9  # landscape grid points per axis (odd, so that the trained weights are a grid point)
-GRID_RADIUS = 1.0  # the grid spans [-r, r] along both filter-normalised directions
-LOSS_IMAGES = 256  # training images the loss at each grid point is averaged over
-SUMMARY_RADIUS = 0.5  # radius of the circle on which the loss rise is measured
-FEATURE_CHANNELS = 4  # feature maps shown per stage
-RESIDUAL_CHECKPOINT = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
-PLAIN_CHECKPOINT = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
+SEED: int = 0  # random seed for weights, directions and data order
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/05_visualization"  # folder for results.json and the four figures
+FULL: bool = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)
+DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
+TRAIN_SIZE: int = 5000  # training images the two landscape networks are trained on [> 0]
+VAL_SIZE: int = 500  # training images held out; the feature maps show one of them [> 0]
+GRADIENT_DEPTHS: tuple[int, ...] = (
+    20,
+    56,
+    110,
+)  # depths (6n+2) whose per-layer gradients are measured at initialisation [>= 8]
+GRADIENT_BATCH: int = 32  # images in the batch whose loss gradient is measured [> 0]
+LANDSCAPE_DEPTH: int = 20  # depth (6n+2) of the plain and residual network whose loss landscape is drawn [>= 8]
+TRAIN_STEPS: int = 100  # SGD steps per landscape network [> 0]
+BATCH_SIZE: int = 32  # images per SGD step [> 0]
+LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), after a linear warm-up [> 0]
+WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
+PRECISION: str = "auto"  # autocast dtype for training only (the landscape is fp32)
+BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics after training [>= 0]
+GRID_POINTS: int = 9  # landscape grid points per axis (odd, so that the trained weights are a grid point) [>= 3]
+GRID_RADIUS: float = 1.0  # the grid spans [-r, r] along both filter-normalised directions [> 0]
+LOSS_IMAGES: int = 256  # training images the loss at each grid point is averaged over [> 0]
+SUMMARY_RADIUS: float = 0.5  # radius of the circle on which the loss rise is measured [> 0]
+FEATURE_CHANNELS: int = 4  # feature maps shown per stage [> 0]
+RESIDUAL_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
+PLAIN_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {
@@ -649,10 +653,7 @@ def main(**overrides):
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     out = helpers.output_dir(cfg)
     helpers.use_headless_matplotlib()
-    fallback = "dataset" not in cfg.explicit and not cfg.full
-    data = helpers.load_dataset(
-        cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_size, 1, cfg.seed, cfg.download, fallback
-    ).to(device)
+    data = helpers.load_data(cfg, test_size=1).to(device)
     print(f"device {device}, dataset {data.name}: {len(data.train_x)} training images")
     results = {"dataset": data.name}
 
