@@ -68,32 +68,16 @@ SEED: int = 0  # random seed for weights and inputs
 DEVICE: str = "cpu"  # where to run (the Jacobian check always runs on the CPU in float64)
 OUT: Path = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
 TRACE: bool = True  # print the shape after every stage of one block
-TRACE_INPUT_SHAPE: tuple[int, ...] = (
-    32,
-    64,
-    56,
-    56,
-)  # (B, C, H, W) of the traced block's input: ResNet-34's conv3_1 input [> 0]
+TRACE_INPUT_SHAPE: tuple[int, ...] = (32, 64, 56, 56)  # (B, C, H, W) of the traced input: ResNet-34's conv3_1 [> 0]
 TRACE_OUT_CHANNELS: int = 128  # output channels of the traced block [> 0]
 TRACE_STRIDE: int = 2  # stride of the traced block (2 halves H and W) [> 0]
 MLP_SIZES: tuple[int, ...] = (128, 64, 32, 16, 8, 1)  # layer widths of the fully connected example, input first [> 0]
 MLP_BATCH_SIZE: int = 64  # samples in the fully connected example's batch [> 0]
-SWEEP_DEPTHS: tuple[int, ...] = (
-    1,
-    2,
-    4,
-    8,
-    16,
-    32,
-    64,
-)  # numbers of identical blocks in the depth sweep (2 conv layers each) [> 0]
+SWEEP_DEPTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # blocks N in each stack of the depth sweep [> 0]
 SWEEP_CHANNELS: int = 16  # channels of every block in the depth sweep [> 0]
 SWEEP_SIDE: int = 8  # height and width of the depth sweep's input, in pixels [> 0]
 SWEEP_BATCH_SIZE: int = 32  # images in the depth sweep's batch [> 0]
-SWEEP_INITS: tuple[str, ...] = (
-    "pytorch",
-    "he",
-)  # weight inits to sweep: pytorch is nn.Conv2d's default, he is torchvision's [pytorch | he]
+SWEEP_INITS: tuple[str, ...] = ("pytorch", "he")  # inits: nn.Conv2d's default or He's [pytorch | he]
 SWEEP_REPEATS: int = 2  # random stacks per setting; the table shows their geometric mean [> 0]
 JACOBIAN_CHANNELS: int = 3  # channels of the small block whose Jacobian is computed [> 0]
 JACOBIAN_SIDE: int = 4  # height and width of its input (the Jacobian is (C*side*side)^2 entries) [> 0]

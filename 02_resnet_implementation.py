@@ -103,9 +103,7 @@ IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds
 MEASURE_LATENCY: bool = True  # time forward passes (the slowest part of the run)
 LATENCY_BATCH_SIZES: tuple[int, ...] = (1, 32)  # batch sizes for the latency columns [> 0]
 LATENCY_SECONDS: float = 0.3  # timing budget per model and batch size: repeat until spent, at least once [>= 0]
-SHAPE_MODEL: str = (
-    "resnet50"  # model for the per-stage shape table (an ImageNet or CIFAR model name) [in MEASURED_MODELS]
-)
+SHAPE_MODEL: str = "resnet50"  # model of the per-stage shape table [in MEASURED_MODELS]
 PRETRAINED: bool = False  # load torchvision's ImageNet weights (network needed once) and classify a sample image
 PRETRAINED_MODEL: str = "resnet50"  # which ImageNet ResNet --pretrained loads [in IMAGENET_MODELS]
 IMAGE: Path = ""  # image file for --pretrained (empty: matplotlib's sample photo grace_hopper.jpg)

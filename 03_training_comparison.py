@@ -108,19 +108,13 @@ FULL: bool = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k
 DATASET: str = "cifar10"  # dataset (the quick run falls back if absent)
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
-DEPTHS: tuple[int, ...] = (
-    20,
-    56,
-)  # depths (6n+2) trained, each as a plain and as a residual net (paper: 20 32 44 56 110) [>= 8]
+DEPTHS: tuple[int, ...] = (20, 56)  # depths (6n+2), each plain and residual (paper: 20 32 44 56 110) [>= 8]
 ITERATIONS: int = 130  # SGD iterations per model (paper: 64000) [> 0]
 BATCH_SIZE: int = 128  # images per iteration (paper: 128) [> 0]
 LR: float = 0.1  # learning rate (paper: 0.1) [> 0]
 MOMENTUM: float = 0.9  # SGD momentum (paper: 0.9) [>= 0]
 WEIGHT_DECAY: float = 0.0001  # L2 weight decay (paper: 1e-4) [>= 0]
-LR_MILESTONES: tuple[int, ...] = (
-    32000,
-    48000,
-)  # iterations at which the learning rate is divided by 10 (paper: 32k, 48k) [>= 0]
+LR_MILESTONES: tuple[int, ...] = (32000, 48000)  # iterations where the lr is divided by 10 (paper) [>= 0]
 WARMUP_DEPTH: int = 110  # nets at least this deep start with the warm-up learning rate (paper: the 110-layer net)
 WARMUP_LR: float = 0.01  # warm-up learning rate (paper: 0.01) [> 0]
 WARMUP_ITERATIONS: int = 400  # warm-up length (paper: until training error < 80%, "about 400 iterations") [>= 0]
@@ -129,13 +123,9 @@ VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 
 AUGMENT: bool = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
 PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16)
 CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
-GRAD_CHECKPOINTS: int = (
-    4  # times, evenly spaced after initialisation, at which every layer's gradient is recorded [> 0]
-)
+GRAD_CHECKPOINTS: int = 4  # evenly spaced times at which every layer's gradient is recorded [> 0]
 BN_RECALIBRATION_BATCHES: int = 20  # training batches that re-estimate batch-norm statistics before evaluation [>= 0]
-END_FRACTION: float = (
-    0.2  # the verdict compares mean training error over this final fraction of the iterations [> 0, <= 1]
-)
+END_FRACTION: float = 0.2  # the verdict compares mean training error over this final fraction [> 0, <= 1]
 TOLERANCE: float = 0.02  # error difference (absolute) the verdict treats as a tie [>= 0]
 SMOOTHING: int = 20  # iterations in the moving average of the plotted training error [> 0]
 EVAL_TEST: bool = False  # also report test-set error (never used to choose anything)

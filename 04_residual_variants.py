@@ -146,9 +146,7 @@ BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN sta
 TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
 TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
 CIFAR_TIMING_SIZE: int = 32  # input height and width (pixels) for timing the CIFAR variants [>= 32]
-IMAGENET_TIMING_SIZE: int = (
-    64  # input height and width (pixels) for timing the ImageNet variants (MACs: at 224) [>= 32]
-)
+IMAGENET_TIMING_SIZE: int = 64  # input side (pixels) for timing ImageNet variants (MACs: at 224) [>= 32]
 DEEP_DEPTH: int = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2) [>= 11]
 DEEP_BATCH: int = 2  # images in the very deep network's forward and backward pass [>= 2]
 # --- end constants -----------------------------------------------------------------------------------

@@ -91,11 +91,7 @@ DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
 TRAIN_SIZE: int = 5000  # training images the two landscape networks are trained on [> 0]
 VAL_SIZE: int = 500  # training images held out; the feature maps show one of them [> 0]
-GRADIENT_DEPTHS: tuple[int, ...] = (
-    20,
-    56,
-    110,
-)  # depths (6n+2) whose per-layer gradients are measured at initialisation [>= 8]
+GRADIENT_DEPTHS: tuple[int, ...] = (20, 56, 110)  # depths (6n+2) whose gradients are measured at init [>= 8]
 GRADIENT_BATCH: int = 32  # images in the batch whose loss gradient is measured [> 0]
 LANDSCAPE_DEPTH: int = 20  # depth (6n+2) of the plain and residual network whose loss landscape is drawn [>= 8]
 TRAIN_STEPS: int = 100  # SGD steps per landscape network [> 0]

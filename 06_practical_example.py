@@ -91,9 +91,7 @@ BATCH_SIZE: int = 64  # images per SGD step [> 0]
 LR: float = 0.1  # peak learning rate (per batch of 128; not rescaled automatically) [> 0]
 MOMENTUM: float = 0.9  # Nesterov momentum [>= 0]
 WEIGHT_DECAY: float = 5e-4  # L2 penalty on convolution and linear weights (not on BN or biases) [>= 0]
-SCHEDULE: str = (
-    "onecycle"  # onecycle (linear up, linear down to 0) | cosine (linear up, cosine down to 0) [in SCHEDULES]
-)
+SCHEDULE: str = "onecycle"  # onecycle: linear up and down; cosine: linear up, cosine down [in SCHEDULES]
 WARMUP_EPOCHS: float = 0.5  # epochs of linear learning-rate warm-up from 0 [>= 0]
 LABEL_SMOOTHING: float = 0.1  # probability mass spread uniformly over all classes in the target [>= 0, < 1]
 CUTOUT: int = 0  # side in pixels of a random square zeroed in each training image (0: off) [>= 0]

@@ -21,10 +21,12 @@ text and the value as default, so the constants block stays the single source of
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -34,6 +36,7 @@ import re
 import sys
 import tempfile
 import time
+import tokenize
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,7 +82,6 @@ def require(condition: bool, message: str) -> None:
 TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": bool, "Path": str}
 CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
 COMMON_CHOICES = {"device": ("auto", "cpu", "cuda", "mps")}  # dataset and precision are added below
-DECLARATION = re.compile(r"^([A-Z][A-Z0-9_]*)\s*:\s*([^=]+?)\s*=\s*(.*)$")
 
 
 @dataclass(frozen=True)
@@ -134,13 +136,18 @@ def read_constants(module_globals: dict) -> list[Constant]:
     if not starts or not ends:  # no source to read: names and types from the annotations alone
         names = [n for n in annotations if n.isupper() and n in module_globals]
         return [Constant(n, _annotation_text(annotations[n]), module_globals[n]) for n in names]
+    block = "\n".join(lines[starts[-1] + 1 : ends[-1]])
+    comments = {}  # line -> comment text; a statement that a formatter wrapped keeps its comment on a later line
+    for token in tokenize.generate_tokens(io.StringIO(block).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
     constants = []
-    for line in lines[starts[-1] + 1 : ends[-1]]:
-        code, _, comment = line.partition("  # ")
-        match = DECLARATION.match(code)
-        if not match:
+    for node in ast.parse(block).body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id.isupper()):
             continue
-        name, annotation = match.group(1), _annotation_text(annotations.get(match.group(1), match.group(2)))
+        name = node.target.id
+        comment = " ".join(comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments)
+        annotation = _annotation_text(annotations.get(name, ast.get_source_segment(block, node.annotation)))
         check = re.search(r"\s*\[([^\[\]]*)\]\s*$", comment)
         helptext = comment[: check.start()] if check else comment
         constant = Constant(name, annotation, module_globals[name], helptext.strip(), check.group(1) if check else "")

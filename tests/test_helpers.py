@@ -201,3 +201,19 @@ def test_load_lesson_by_number():
     assert hasattr(module, "ResidualBlock") and module.__file__.endswith("01_basic_residual_block.py")
     with pytest.raises(FileNotFoundError):
         helpers.load_lesson(99)
+
+
+def test_a_declaration_wrapped_by_the_formatter_keeps_its_help_and_check():
+    cell = (
+        "# --- constants\n"
+        "SIZES: tuple[int, ...] = (\n    128,\n    64,\n)  # layer widths [> 0]\n"
+        "NAME: str = (\n    'a'  # which one [a | b]\n)\n"
+        "# --- end constants\n"
+    )
+    namespace = {"_ih": ["", cell]}
+    exec(cell, namespace)
+    sizes, name = helpers.read_constants(namespace)
+    assert (sizes.help, sizes.check, sizes.type) == ("layer widths", "> 0", "tuple[int, ...]")
+    assert (name.help, name.check) == ("which one", "a | b")
+    with pytest.raises(helpers.UserError, match="--sizes must be > 0"):
+        helpers.config(namespace, {"sizes": (3, 0)})
