@@ -411,11 +411,18 @@ def synchronize(device: torch.device) -> None:
 # =====================================================================================================
 # Output: tables, progress, results.json, figures, atomic writes
 # =====================================================================================================
-def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> str:
+class Table(str):
+    """A formatted table: it prints as itself, and a notebook cell that ends in one shows it as text."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> Table:
     """A fixed-width text table. `columns` is a list of (key, format), e.g. [("depth", "d"), ("ratio", ".2e")];
     headers are the keys. Numbers are right-aligned, text left-aligned."""
     if not rows:
-        return title or ""
+        return Table(title or "")
     columns = columns or [(key, "") for key in rows[0]]
     cells = [[format(row[key], spec) if row.get(key) is not None else "-" for key, spec in columns] for row in rows]
     widths = [max(len(key), *(len(r[i]) for r in cells)) for i, (key, _) in enumerate(columns)]
@@ -427,7 +434,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None,
     out = [title] if title else []
     out += [line([key for key, _ in columns]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
-    return "\n".join(out)
+    return Table("\n".join(out))
 
 
 def print_table(rows, columns=None, title=None) -> None:
@@ -541,20 +548,24 @@ def device_name(device: torch.device) -> str:
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
+    """Save a matplotlib figure as PNG atomically, show it when running in a notebook, and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    if in_notebook():
+        from IPython.display import display
+
+        display(fig)
     plt.close(fig)
     return path
 
 
 def use_headless_matplotlib() -> None:
-    """Select the file-only backend unless a notebook already chose an inline one."""
+    """Select the file-only backend for command-line runs; a notebook keeps its inline backend."""
     import matplotlib
 
-    if "inline" not in matplotlib.get_backend().lower():
+    if not in_notebook() and "inline" not in matplotlib.get_backend().lower():
         matplotlib.use("Agg")
 
 
