@@ -160,8 +160,9 @@ def read_constants(module_globals: dict) -> list[Constant]:
 def _choices(constant: Constant, module_globals: dict) -> tuple[str, ...] | None:
     if "|" in constant.check:
         return tuple(word.strip() for word in constant.check.split("|"))
-    if constant.check.startswith("in "):
-        return tuple(module_globals[constant.check[3:].strip()])
+    if constant.check.startswith("in "):  # a name the module defines (None while it is not defined yet)
+        names = module_globals.get(constant.check[3:].strip())
+        return None if names is None else tuple(names)
     return {**COMMON_CHOICES, "dataset": DATASETS, "precision": PRECISIONS}.get(constant.key)
 
 
