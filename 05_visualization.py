@@ -122,6 +122,9 @@ FULL_OVERRIDES = {
 LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 10; higher values are clipped
 
 
+helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
+
+
 # %% Gradient flow at initialisation
 def without_batch_norm(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d by an identity, keeping everything else (weights, initialisation)."""
@@ -182,6 +185,11 @@ def gradient_table(runs: list[dict]) -> list[dict]:
             }
         )
     return rows
+
+
+# Gradient RMS of each layer of an 8-layer residual net at initialisation, on 4 random images.
+torch.manual_seed(0)
+helpers.format_table(layer_gradients(L02.cifar_resnet(8), torch.randn(4, 3, 32, 32), torch.arange(4)))
 
 
 # %% Filter-normalised directions and the loss surface (Li et al. 2018)
@@ -311,6 +319,14 @@ def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) ->
     }
 
 
+# Filter by filter, a filter-normalised direction has the norm of the weights it perturbs.
+conv = nn.Conv2d(3, 4, kernel_size=3)
+direction = filter_normalized_direction(conv, torch.Generator().manual_seed(0))
+torch.stack(
+    [conv.weight.detach().flatten(1).norm(dim=1), direction[0].flatten(1).norm(dim=1)]
+)  # (2, C_out): equal rows
+
+
 # %% Training (or loading) the two landscape networks
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a state_dict, or a checkpoint dict holding one under "model", into `model`."""
@@ -367,6 +383,13 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
     }
 
 
+# The two landscape networks have the same layers and parameters; only the shortcuts differ.
+{
+    kind: f"{helpers.count_parameters(L02.cifar_resnet(LANDSCAPE_DEPTH, plain=kind == 'plain')):,} parameters"
+    for kind in ("plain", "residual")
+}
+
+
 # %% Feature maps after the stem and each stage
 @torch.no_grad()
 def stage_features(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -396,6 +419,10 @@ def feature_table(features: list[tuple[str, torch.Tensor]]) -> list[dict]:
             }
         )
     return rows
+
+
+# The feature maps of an untrained 8-layer net on one random image, stage by stage.
+helpers.format_table(feature_table(stage_features(L02.cifar_resnet(8).eval(), torch.randn(1, 3, 32, 32))))
 
 
 # %% Block diagrams, with shapes measured on the real blocks
@@ -468,6 +495,10 @@ def architecture_specs() -> list[dict]:
             "skip": "identity x\n(clean path)",
         },
     ]
+
+
+# The shapes a bottleneck's branch goes through on an 8x8 map with 256 channels.
+block_shapes(L02.Bottleneck(256, 64).eval(), torch.randn(1, 256, 8, 8))
 
 
 # %% Figures
@@ -628,33 +659,43 @@ def plot_features(features: list[tuple[str, torch.Tensor]], channels: int, mean,
     return helpers.save_figure(fig, path)
 
 
+# In a notebook, the block diagrams (a command-line run draws them in main).
+if helpers.in_notebook():
+    plot_architecture(architecture_specs(), helpers.output_dir(helpers.config(globals(), {})) / "architecture.png")
+
+
 # %% The run
+@helpers.constants_as_keywords
 def main(**overrides):
+    """The four parts of "What you will learn", in order; saves results.json and four figures in `out`."""
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
-    started = time.perf_counter()
-    for key in ("train_size", "val_size", "gradient_batch", "train_steps", "batch_size", "loss_images"):
-        helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive")
     for depth in (*cfg.gradient_depths, cfg.landscape_depth):
-        helpers.require(depth >= 8 and (depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 20, 32, 56, 110)")
-    helpers.require(cfg.grid_points >= 3 and cfg.grid_points % 2 == 1, "--grid-points must be odd and >= 3")
-    helpers.require(cfg.grid_radius > 0, "--grid-radius must be positive")
+        helpers.require((depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 20, 32, 56, 110)")
+    helpers.require(cfg.grid_points % 2 == 1, "--grid-points must be odd (the trained weights sit at the centre)")
     step = 2 * cfg.grid_radius / (cfg.grid_points - 1)
     helpers.require(
         step <= cfg.summary_radius <= cfg.grid_radius - step,
         f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
     )
-    helpers.require(cfg.feature_channels > 0, "--feature-channels must be positive")
+    started = time.perf_counter()
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)
-    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     out = helpers.output_dir(cfg)
     helpers.use_headless_matplotlib()
     data = helpers.load_data(cfg, test_size=1).to(device)
     print(f"device {device}, dataset {data.name}: {len(data.train_x)} training images")
-    results = {"dataset": data.name}
+    results = {"dataset": data.name, "gradient_flow": gradients_across_layers(cfg, data, generator, out)}
+    results["landscape"], residual = loss_landscapes(cfg, data, generator, device, out)
+    results["architecture"] = block_diagrams(out)
+    results["features"] = feature_maps(cfg, data, residual, out)
+    helpers.save_results(out, results, cfg, device, started)
+    print(f"\nfigures and results.json in {out}/ ({time.perf_counter() - started:.0f} s)")
+    return results
 
-    # 1. Gradient flow
-    index = torch.randperm(len(data.train_x), generator=generator)[: cfg.gradient_batch].to(device)
+
+def gradients_across_layers(cfg, data: helpers.ImageData, generator: torch.Generator, out: Path) -> dict:
+    """Part 1: the gradient of every layer at initialisation, plain and residual, with and without BN."""
+    index = torch.randperm(len(data.train_x), generator=generator)[: cfg.gradient_batch].to(data.train_x.device)
     images = helpers.normalize(data.train_x[index], data.mean, data.std)
     runs = gradient_flow(cfg.gradient_depths, images, data.train_y[index], cfg.seed)
     table = gradient_table(runs)
@@ -667,10 +708,15 @@ def main(**overrides):
             title="Gradient RMS per layer at initialisation (one batch)",
         )
     )
-    results["gradient_flow"] = {"summary": table, "runs": runs}
     plot_gradient_flow(runs, out / "gradient_flow.png")
 
-    # 2. Loss landscape
+    return {"summary": table, "runs": runs}
+
+
+def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) -> tuple[dict, nn.Module]:
+    """Part 2: Li et al.'s filter-normalised landscape of a trained plain and residual network; returns the
+    numbers and the trained residual network."""
+    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     loss_index = torch.randperm(len(data.train_x), generator=generator)[: cfg.loss_images].to(device)
     loss_x = helpers.normalize(data.train_x[loss_index], data.mean, data.std)
     loss_y = data.train_y[loss_index]
@@ -733,24 +779,25 @@ def main(**overrides):
         f"locally convex grid points: plain {plain_summary['convex_share']:.0%}, "
         f"residual {residual_summary['convex_share']:.0%}"
     )
-    results["landscape"] = {
-        "coords": coords,
-        "networks": networks,
-        "summaries": summaries,
-        "surfaces": {name: s for name, s in surfaces.items()},
-    }
     plot_landscapes(coords, surfaces, summaries, out / "loss_landscape.png")
 
-    # 3. Architecture diagrams
+    landscape = {"coords": coords, "networks": networks, "summaries": summaries, "surfaces": surfaces}
+    return landscape, models[f"residual-{cfg.landscape_depth}"]
+
+
+def block_diagrams(out: Path) -> list[dict]:
+    """Part 3: the basic, bottleneck and pre-activation blocks drawn with their measured shapes."""
     specs = architecture_specs()
-    results["architecture"] = specs
     for spec in specs:
         shapes = " -> ".join(shape for _, shape in spec["branch"])
         print(f"{spec['title'].splitlines()[0]}: input {spec['input']}, branch {shapes}")
     plot_architecture(specs, out / "architecture.png")
 
-    # 4. Feature maps of the trained residual network
-    residual = models[f"residual-{cfg.landscape_depth}"]
+    return specs
+
+
+def feature_maps(cfg, data: helpers.ImageData, residual: nn.Module, out: Path) -> dict:
+    """Part 4: what the trained residual network computes, after the stem and after each stage."""
     image = helpers.normalize(data.val_x[:1], data.mean, data.std)
     features = stage_features(residual, image)
     rows = feature_table(features)
@@ -764,12 +811,9 @@ def main(**overrides):
             title=f"Feature maps of one validation image (class {label}) in the trained residual network",
         )
     )
-    results["features"] = {"label": label, "stages": rows}
     plot_features(features, cfg.feature_channels, data.mean, data.std, out / "feature_evolution.png")
 
-    helpers.save_results(out, results, cfg, device, started)
-    print(f"\nfigures and results.json in {out}/ ({time.perf_counter() - started:.0f} s)")
-    return results
+    return {"label": label, "stages": rows}
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_1001_layer_preact_forward_backward(lesson04):
 def test_bad_flag_is_a_one_line_error(tmp_path):
     result = run_script("04_residual_variants.py", "--train-steps", "0", "--out", str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr.startswith("error: --train-steps must be positive")
+    assert result.stderr == "error: --train-steps must be > 0 (got 0)\n"
 
 
 @pytest.mark.slow

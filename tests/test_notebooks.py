@@ -41,7 +41,7 @@ def check_notebook(notebook, out, lesson: str, figures: int, every_cell_shows: b
         silent = [cell.source.splitlines()[0] for i, cell in enumerate(code) if i != edits and not outputs(cell)]
         assert not silent, f"cells that show nothing: {silent}"
     shown = sum(outputs(cell).count("image/png") for cell in code)
-    assert shown == figures  # every figure is shown inline...
+    assert shown >= figures  # every figure is shown inline (lesson 05 also draws its diagrams in their cell)...
     assert len(list(out.glob("*.png"))) == figures  # ...and still saved
     assert json.loads((out / "results.json").read_text())["lesson"] == lesson
 
@@ -66,7 +66,7 @@ SLOW = {
     ),
     "04_residual_variants.py": (
         "DATASET = 'synthetic'\nTRAIN_SIZE = 256\nVAL_SIZE = 64\nTEST_SIZE = 64\nTRAIN_STEPS = 2\nBATCH_SIZE = 8\n"
-        "WARMUP_STEPS = 1\nBN_RECALIBRATION_BATCHES = 1\nDEEP_DEPTH = 29\nIMAGENET_TIMING_SIZE = 32",
+        "WARMUP_STEPS = 1\nBN_RECALIBRATION_BATCHES = 1\nDEEP_DEPTH = 20\nIMAGENET_TIMING_SIZE = 32",
         None,
     ),
     "05_visualization.py": (
