@@ -205,38 +205,7 @@ def checkpoint_steps(iterations: int, count: int) -> list[int]:
 # (a plain average over some training batches, no gradient, no weight change) fixes the mismatch; both
 # numbers are reported. After the paper's 64k iterations, at learning rate 0.001 for the last 16k, the
 # two agree closely.
-@torch.no_grad()
-def recalibrate_batch_norm(
-    model: nn.Module,
-    data: helpers.ImageData,
-    batches: int,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    seed: int,
-) -> None:
-    """Replace every BN layer's running mean and variance by their average over `batches` training batches
-    (0: keep the running statistics as training left them)."""
-    if batches == 0:
-        return
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None: cumulative average, i.e. the plain mean over the batches seen
-    was_training = model.training
-    model.train()
-    generator = torch.Generator().manual_seed(seed)  # its own generator: the training order is untouched
-    for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
-        x = helpers.normalize(data.train_x[index.to(data.train_x.device)].to(device), data.mean, data.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with helpers.autocast(device, amp_dtype):
-            model(x)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    model.train(was_training)
+# helpers.recalibrate_batch_norm does the re-estimation; train_one calls it.
 
 
 # %% Training one model
@@ -284,9 +253,9 @@ def train_one(
 
     eval_kwargs = {"device": device, "amp_dtype": amp_dtype, "channels_last": cfg.channels_last}
     stale = helpers.evaluate(model, data.val_x, data.val_y, data.mean, data.std, **eval_kwargs)
-    recalibrate_batch_norm(
-        model, data, cfg.bn_recalibration_batches, cfg.batch_size, device, amp_dtype, cfg.channels_last, cfg.seed + 1
-    )
+    calibration = torch.Generator().manual_seed(cfg.seed + 1)  # its own generator: the training order is untouched
+    batches = helpers.training_batches(data, cfg.bn_recalibration_batches, cfg.batch_size, device, calibration)
+    helpers.recalibrate_batch_norm(model, batches, amp_dtype, cfg.channels_last)
     held_out = helpers.evaluate(model, data.val_x, data.val_y, data.mean, data.std, **eval_kwargs)
     test = (
         helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, **eval_kwargs) if cfg.eval_test else None

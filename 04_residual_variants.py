@@ -154,11 +154,8 @@ helpers.config(globals(), {})  # the values main() starts from (a notebook shows
 
 
 # %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
-
-
-conv3x3 = helpers.load_lesson(1).conv3x3  # 3x3, padding 1, no bias (a norm layer's shift makes a bias redundant)
+conv1x1 = L02.conv1x1  # 1x1, no bias: lesson 02's (one definition for all lessons)
+conv3x3 = L02.conv3x3  # 3x3, padding 1, no bias (a norm layer's shift makes a bias redundant): lesson 01's
 
 
 class PreActBlock(nn.Module):
@@ -796,27 +793,6 @@ helpers.format_table(deep_gradient_check(20, 2, 0, torch.device("cpu"))["stage_e
 
 
 # %% The equal-budget training comparison
-@torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, data: helpers.ImageData, batches: int, batch_size: int, device) -> None:
-    """Re-estimate every BN layer's running mean and variance as a plain average over `batches` training
-    batches with the final weights. After a short run at a high learning rate the running averages still
-    mix in statistics of much earlier weights, and eval-mode accuracy falls far below train-mode accuracy."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None: cumulative moving average, i.e. the plain mean over the batches seen
-    model.train()
-    generator = torch.Generator().manual_seed(0)
-    amp_dtype = helpers.autocast_dtype(device)  # statistics are accumulated in fp32 inside autocast anyway
-    for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
-        index = index.to(data.train_x.device)
-        with helpers.autocast(device, amp_dtype):
-            model(helpers.normalize(data.train_x[index].to(device), data.mean, data.std))
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-
-
 def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
     """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the
     same number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
@@ -843,7 +819,11 @@ def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
             desc=name,
         )
         train_s = time.perf_counter() - start
-        recalibrate_batch_norm(model, data, cfg.bn_recalibration_batches, cfg.batch_size, device)
+        # Re-estimate BN statistics with the final weights (lesson 03 explains why), in the autocast dtype
+        calibration = helpers.training_batches(
+            data, cfg.bn_recalibration_batches, cfg.batch_size, device, torch.Generator().manual_seed(0)
+        )
+        helpers.recalibrate_batch_norm(model, calibration, helpers.autocast_dtype(device))
         test = helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype)
         window = max(1, cfg.train_steps // 5)
         rows.append(

@@ -228,22 +228,6 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator) ->
 # the stored and with the re-estimated statistics), so we re-estimate them once, at the centre, with
 # train-mode passes over training images; then they stay fixed for the whole grid, as in the paper.
 @torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, batches) -> nn.Module:
-    """Replace BN running statistics by their average over `batches` (train-mode forward passes)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches instead of an exponential one
-    model.train()
-    for x in batches:
-        model(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()
-
-
-@torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Cross-entropy averaged over all images of `batches`, in eval mode (stored BN statistics), fp32."""
     model.eval()
@@ -721,19 +705,14 @@ def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) ->
     loss_x = helpers.normalize(data.train_x[loss_index], data.mean, data.std)
     loss_y = data.train_y[loss_index]
     loss_batches = [(loss_x[s : s + 500], loss_y[s : s + 500]) for s in range(0, len(loss_y), 500)]
-    calibration = [
-        helpers.normalize(data.train_x[i.to(device)], data.mean, data.std)
-        for _, i in zip(
-            range(cfg.bn_recalibration_batches), helpers.endless_batches(len(data.train_x), cfg.batch_size, generator)
-        )
-    ]
+    calibration = helpers.training_batches(data, cfg.bn_recalibration_batches, cfg.batch_size, device, generator)
     coords = np.linspace(-cfg.grid_radius, cfg.grid_radius, cfg.grid_points)
     surfaces, summaries, networks, models = {}, {}, {}, {}
     for plain in (True, False):
         name = f"{'plain' if plain else 'residual'}-{cfg.landscape_depth}"
         model, info = landscape_network(cfg, data, plain, device, amp_dtype)
         info["eval_loss_stored_bn"] = mean_loss(model, loss_batches)
-        recalibrate_batch_norm(model, calibration)
+        helpers.recalibrate_batch_norm(model, calibration)
         info["eval_loss_recalibrated_bn"] = mean_loss(model, loss_batches)
         direction_generator = torch.Generator().manual_seed(cfg.seed + 1)  # same seed for both networks
         directions = (

@@ -488,6 +488,12 @@ class Progress:
                 print(f"  {self.desc}: {done}{of} ({rate:,.0f} {self.unit}/s) {self.postfix}".rstrip(), flush=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write a file so that a crash never leaves it half-written: `write(tmp)` fills a temporary file in
     the same folder, which then replaces `path` in one `os.replace` (atomic on POSIX and Windows)."""
@@ -497,6 +503,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it what the user's umask allows
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -505,9 +512,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def snake_case(key: str) -> str:
+    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`."""
+    key = key.replace("@", " at ").replace("/", " over ")
+    return re.sub(r"[^0-9a-z]+", "_", key.lower()).strip("_")
+
+
 def _jsonable(value: Any) -> Any:
+    """JSON-ready copy of `value`. Keys become snake_case, and a rate is always a fraction: a table column
+    in percent (`test_err_%`: 8.75) is saved as `test_err`: 0.0875."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            k = str(k)
+            if k.endswith("%") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                k, v = k[:-1], v / 100
+            out[snake_case(k)] = _jsonable(v)
+        return out
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
@@ -884,6 +905,45 @@ def endless_batches(num_items: int, batch_size: int, generator: torch.Generator)
     )
     while True:
         yield from epoch_batches(num_items, batch_size, generator)
+
+
+def training_batches(
+    data: ImageData, count: int, batch_size: int, device: torch.device, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """`count` shuffled batches of normalised training images on `device`, without augmentation."""
+    batches = endless_batches(len(data.train_x), batch_size, generator)
+    return [
+        normalize(data.train_x[index.to(data.train_x.device)].to(device), data.mean, data.std)
+        for _, index in zip(range(count), batches)
+    ]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module, batches: list[torch.Tensor], amp_dtype: torch.dtype | None = None, channels_last: bool = False
+) -> nn.Module:
+    """Replace every batch-norm layer's running mean and variance by their plain average over `batches`
+    (train-mode forward passes with the final weights; no gradient, no weight change). No batches: no change.
+
+    It is here, not in a lesson, because lessons 03, 04 and 05 all evaluate networks after a few hundred
+    steps at a high learning rate, when the running averages still describe much earlier weights; lesson 03
+    explains the pitfall and measures it."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batches or not norms:
+        return model
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: cumulative average, i.e. the plain mean over the batches seen
+    was_training = model.training
+    model.train()
+    device = batches[0].device
+    for x in batches:
+        with autocast(device, amp_dtype):
+            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.train(was_training)
 
 
 @torch.no_grad()

@@ -217,3 +217,15 @@ def test_a_declaration_wrapped_by_the_formatter_keeps_its_help_and_check():
     assert (name.help, name.check) == ("which one", "a | b")
     with pytest.raises(helpers.UserError, match="--sizes must be > 0"):
         helpers.config(namespace, {"sizes": (3, 0)})
+
+
+def test_atomic_write_gives_the_permissions_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = helpers.atomic_write(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        os.umask(0o077)
+        path = helpers.atomic_write(tmp_path / "b.json", lambda tmp: tmp.write_text("{}"))
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

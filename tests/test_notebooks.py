@@ -66,7 +66,7 @@ SLOW = {
     ),
     "04_residual_variants.py": (
         "DATASET = 'synthetic'\nTRAIN_SIZE = 256\nVAL_SIZE = 64\nTEST_SIZE = 64\nTRAIN_STEPS = 2\nBATCH_SIZE = 8\n"
-        "WARMUP_STEPS = 1\nBN_RECALIBRATION_BATCHES = 1\nDEEP_DEPTH = 20\nIMAGENET_TIMING_SIZE = 32",
+        "WARMUP_STEPS = 1\nBN_RECALIBRATION_BATCHES = 1\nDEEP_DEPTH = 20",
         None,
     ),
     "05_visualization.py": (
