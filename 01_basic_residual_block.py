@@ -51,7 +51,19 @@ What you should see (seed 0, default constants; tests/test_01_basic_residual_blo
       dy/dx = diag(relu'(F(x) + x)) (dF/dx + I) after the final ReLU. With the branch's last batch-norm
       scale set to zero the block returns its (non-negative) input exactly: max |y - x| = 0.
 
-Try this: see the end of the file.
+Try this
+    1. Trace a block that keeps the shape: `--trace-stride 1 --trace-out-channels 64`. The trace shows
+       "shortcut = x": no projection, no extra parameters (Eq. 1).
+    2. Give the fully connected net a constant width, `--mlp-sizes 64 64 64 64 64 1`: now 4 of the 5 shortcuts
+       fire in the "when-shapes-match" version, and its gradient column moves towards the projection column.
+    3. Push the sweep deeper, `--sweep-depths 64 128 256 --sweep-inits he --sweep-repeats 1`. Which settings
+       overflow or underflow float32 (inf, nan or 0)? Which grows slowest, and how fast?
+    4. In `make_stack`, zero the last batch-norm scale of every residual block (as `zero_init_check` does) and
+       rerun: the residual + batch norm ratio becomes the same at every depth. Why, and why is it near
+       sqrt(1/2) = 0.71? (Hint: which ReLU is the only one that zeroes any gradient?)
+    5. Delete the ReLU after the addition in ResidualBlock.forward, `return self.branch(x) + self.shortcut(x)`
+       (half of the pre-activation idea of lesson 04), and rerun: which residual rows of the depth sweep change?
+       (Undo it afterwards: lesson 02 builds its ResNets from this block.)
 """
 
 # %%
@@ -60,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -68,26 +81,26 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights and inputs
-DEVICE = "cpu"  # auto | cpu | cuda | mps (the Jacobian check always runs on the CPU in float64)
-OUT = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
-TRACE = True  # print the shape after every stage of one block
-TRACE_INPUT_SHAPE = (32, 64, 56, 56)  # (B, C, H, W) of the traced block's input: ResNet-34's conv3_1 input
-TRACE_OUT_CHANNELS = 128  # output channels of the traced block
-TRACE_STRIDE = 2  # stride of the traced block (2 halves H and W)
-MLP_SIZES = (128, 64, 32, 16, 8, 1)  # layer widths of the fully connected example, input first
-MLP_BATCH_SIZE = 64  # samples in the fully connected example's batch
-SWEEP_DEPTHS = (1, 2, 4, 8, 16, 32, 64)  # numbers of identical blocks in the depth sweep (2 conv layers each)
-SWEEP_CHANNELS = 16  # channels of every block in the depth sweep
-SWEEP_SIDE = 8  # height and width of the depth sweep's input, in pixels
-SWEEP_BATCH_SIZE = 32  # images in the depth sweep's batch
-SWEEP_INITS = ("pytorch", "he")  # weight inits to sweep: pytorch (nn.Conv2d's default) | he (torchvision's)
-SWEEP_REPEATS = 2  # random stacks per setting; the table shows their geometric mean
-JACOBIAN_CHANNELS = 3  # channels of the small block whose Jacobian is computed
-JACOBIAN_SIDE = 4  # height and width of its input (the Jacobian is (C*side*side)^2 entries)
+SEED: int = 0  # random seed for weights and inputs
+DEVICE: str = "cpu"  # where to run (the Jacobian check always runs on the CPU in float64)
+OUT: Path = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
+TRACE: bool = True  # print the shape after every stage of one block
+TRACE_INPUT_SHAPE: tuple[int, ...] = (32, 64, 56, 56)  # (B, C, H, W) of the traced input: ResNet-34's conv3_1 [> 0]
+TRACE_OUT_CHANNELS: int = 128  # output channels of the traced block [> 0]
+TRACE_STRIDE: int = 2  # stride of the traced block (2 halves H and W) [> 0]
+MLP_SIZES: tuple[int, ...] = (128, 64, 32, 16, 8, 1)  # layer widths of the fully connected example, input first [> 0]
+MLP_BATCH_SIZE: int = 64  # samples in the fully connected example's batch [> 0]
+SWEEP_DEPTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # blocks N in each stack of the depth sweep [> 0]
+SWEEP_CHANNELS: int = 16  # channels of every block in the depth sweep [> 0]
+SWEEP_SIDE: int = 8  # height and width of the depth sweep's input, in pixels [> 0]
+SWEEP_BATCH_SIZE: int = 32  # images in the depth sweep's batch [> 0]
+SWEEP_INITS: tuple[str, ...] = ("pytorch", "he")  # inits: nn.Conv2d's default or He's [pytorch | he]
+SWEEP_REPEATS: int = 2  # random stacks per setting; the table shows their geometric mean [> 0]
+JACOBIAN_CHANNELS: int = 3  # channels of the small block whose Jacobian is computed [> 0]
+JACOBIAN_SIDE: int = 4  # height and width of its input (the Jacobian is (C*side*side)^2 entries) [> 0]
 # --- end constants -----------------------------------------------------------------------------------
 
-INITS = ("pytorch", "he")
+helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
 # %% The blocks
@@ -146,6 +159,10 @@ class ResidualBlock(PlainBlock):
         return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (He et al. 2015, Eq. 1)
 
 
+# A stride-2 block that doubles the channels has a projection shortcut (`downsample`); print it to see its layers.
+ResidualBlock(64, 128, stride=2)
+
+
 # %% Trace: the block stage by stage
 @torch.no_grad()
 def trace_block(block: ResidualBlock, x: torch.Tensor) -> list[dict]:
@@ -173,6 +190,30 @@ def trace_block(block: ResidualBlock, x: torch.Tensor) -> list[dict]:
     if not torch.equal(y, block(x)):
         raise RuntimeError("trace_block no longer matches ResidualBlock.forward")
     return rows
+
+
+def block_shapes(cfg: helpers.Config, device: torch.device) -> dict:
+    """Part 1: build the block of TRACE_* and print the shape after every stage (when TRACE is on)."""
+    batch, in_channels, height, width = cfg.trace_input_shape
+    block = ResidualBlock(in_channels, cfg.trace_out_channels, cfg.trace_stride).to(device).eval()
+    rows = trace_block(block, torch.randn(cfg.trace_input_shape, device=device))
+    if cfg.trace:
+        print(trace_table(rows, f"Trace: {block_name(block)} on a (B, C, H, W) = {tuple(cfg.trace_input_shape)} input"))
+    return {"rows": rows, "has_projection": block.downsample is not None, "output_shape": list(rows[-1]["shape"])}
+
+
+def block_name(block: ResidualBlock) -> str:
+    return f"ResidualBlock({block.conv1.in_channels}, {block.conv2.out_channels}, stride={block.conv1.stride[0]})"
+
+
+def trace_table(rows: list[dict], title: str) -> helpers.Table:
+    rows = [{**r, "shape": " x ".join(map(str, r["shape"]))} for r in rows]
+    return helpers.format_table(rows, [("stage", ""), ("shape", ""), ("what", "")], title)
+
+
+# A small stride-2 block on one image (a notebook shows the table; a script computes it in milliseconds).
+example = ResidualBlock(8, 16, stride=2).eval()
+trace_table(trace_block(example, torch.randn(1, 8, 6, 6)), block_name(example))
 
 
 # %% The fully connected version
@@ -254,6 +295,10 @@ def fully_connected_gradients(cfg: helpers.Config, device: torch.device) -> dict
         f"shortcuts and gets {first['when-shapes-match'] / first['none']:.2f}x.\n"
     )
     return {"rows": rows, "shortcuts_applied": applied, "layers": len(cfg.mlp_sizes) - 1}
+
+
+# The three versions of a net whose every layer changes the width: only "projection" can add its shortcuts.
+FullyConnectedNet(MLP_SIZES, "projection")
 
 
 # %% Depth sweep: how much gradient reaches the first layer
@@ -372,6 +417,26 @@ def plot_depth_sweep(sweep: dict, path) -> str:
     return str(helpers.save_figure(fig, path))
 
 
+def gradients_through_depth(cfg: helpers.Config, device: torch.device, out_dir: Path) -> dict:
+    """Part 3: the depth sweep's table, and its figure depth_sweep.png."""
+    sweep = depth_sweep(cfg, device)
+    print(f"figure: {plot_depth_sweep(sweep, out_dir / 'depth_sweep.png')}")
+    return sweep
+
+
+# One stack of 8 blocks each way (batch norm, He init), one batch of 4 images: the ratio for plain and residual.
+torch.manual_seed(0)
+{
+    stack: gradient_ratio(
+        make_stack(8, 16, stack == "residual", batch_norm=True, init="he"),
+        torch.randn(4, 16, 8, 8),
+        torch.zeros(4, dtype=torch.long),
+        nn.Linear(16, 10),
+    )
+    for stack in ("plain", "residual")
+}
+
+
 # %% The "+1": Jacobian of a residual block, and zero_init_residual
 def jacobian_check(cfg: helpers.Config) -> dict:
     """d(F(x) + x)/dx == dF/dx + I, computed with autograd on a small block (float64, CPU, eval mode so that
@@ -444,6 +509,28 @@ def zero_init_check(cfg: helpers.Config, device: torch.device) -> list[dict]:
     return rows
 
 
+def the_plus_one(cfg: helpers.Config, device: torch.device) -> dict:
+    """Part 4: the Jacobian's "+1", and a zeroed last batch-norm scale that makes the block its shortcut."""
+    return {"jacobian": jacobian_check(cfg), "zero_init_residual": zero_init_check(cfg, device)}
+
+
+def difference_of_jacobians(block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
+    """d(F(x) + x)/dx - dF/dx, as a (size, size) matrix: the identity, whatever the block's weights."""
+
+    def with_shortcut(v):
+        return (block.branch(v.view_as(x)) + v.view_as(x)).reshape(-1)
+
+    def branch_only(v):
+        return block.branch(v.view_as(x)).reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian
+    return jacobian(with_shortcut, x.reshape(-1)) - jacobian(branch_only, x.reshape(-1))
+
+
+# A 1-channel block on a 2x2 input: the difference is the 4x4 identity matrix.
+difference_of_jacobians(ResidualBlock(1, 1).double().eval(), torch.randn(1, 1, 2, 2, dtype=torch.float64))
+
+
 # %% Run everything
 @contextlib.contextmanager
 def one_cpu_thread():
@@ -458,71 +545,25 @@ def one_cpu_thread():
         torch.set_num_threads(threads)
 
 
+@helpers.constants_as_keywords
 def main(**overrides):
+    """The four parts of "What you will learn", in order; saves results.json and depth_sweep.png in `out`."""
     cfg = helpers.config(globals(), overrides)
+    helpers.require(len(cfg.trace_input_shape) == 4, "--trace-input-shape needs four integers: B C H W")
+    helpers.require(len(cfg.mlp_sizes) >= 2, "--mlp-sizes needs at least two widths, input first (e.g. 128 64 1)")
     started = time.perf_counter()
-    for name in ("trace_out_channels", "trace_stride", "mlp_batch_size", "sweep_channels", "sweep_side"):
-        helpers.require(cfg[name] > 0, f"--{name.replace('_', '-')} must be a positive integer (got {cfg[name]})")
-    for name in ("sweep_batch_size", "sweep_repeats", "jacobian_channels", "jacobian_side"):
-        helpers.require(cfg[name] > 0, f"--{name.replace('_', '-')} must be a positive integer (got {cfg[name]})")
-    helpers.require(
-        len(cfg.trace_input_shape) == 4 and all(n > 0 for n in cfg.trace_input_shape),
-        f"--trace-input-shape needs four positive integers B C H W (got {' '.join(map(str, cfg.trace_input_shape))})",
-    )
-    helpers.require(
-        len(cfg.mlp_sizes) >= 2 and all(n > 0 for n in cfg.mlp_sizes),
-        "--mlp-sizes needs at least two positive widths, input first (e.g. --mlp-sizes 128 64 32 16 8 1)",
-    )
-    helpers.require(all(d > 0 for d in cfg.sweep_depths), "--sweep-depths must be positive numbers of blocks")
-    helpers.require(all(init in INITS for init in cfg.sweep_inits), f"--sweep-inits takes {' and/or '.join(INITS)}")
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)
-    results = {}
-
-    batch, in_channels, height, width = cfg.trace_input_shape
-    block = ResidualBlock(in_channels, cfg.trace_out_channels, cfg.trace_stride).to(device).eval()
-    x = torch.randn(cfg.trace_input_shape, device=device)
-    rows = trace_block(block, x)
-    if cfg.trace:
-        helpers.print_table(
-            [{**r, "shape": " x ".join(map(str, r["shape"]))} for r in rows],
-            [("stage", ""), ("shape", ""), ("what", "")],
-            f"Trace: ResidualBlock({in_channels}, {cfg.trace_out_channels}, stride={cfg.trace_stride}) "
-            f"on a (B, C, H, W) = {tuple(cfg.trace_input_shape)} input",
-        )
-    results["trace"] = {
-        "rows": rows,
-        "has_projection": block.downsample is not None,
-        "output_shape": list(rows[-1]["shape"]),
-    }
-
+    results = {"trace": block_shapes(cfg, device)}  # 1. the block, stage by stage
     with one_cpu_thread():  # everything below works on tiny tensors
-        results["fully_connected"] = fully_connected_gradients(cfg, device)
-        results["depth_sweep"] = depth_sweep(cfg, device)
-        results["jacobian"] = jacobian_check(cfg)
-        results["zero_init_residual"] = zero_init_check(cfg, device)
-
-    figure = plot_depth_sweep(results["depth_sweep"], out_dir / "depth_sweep.png")
-    print(f"figure: {figure}")
+        results["fully_connected"] = fully_connected_gradients(cfg, device)  # 2. shortcuts where widths change
+        results["depth_sweep"] = gradients_through_depth(cfg, device, out_dir)  # 3. gradients, plain vs residual
+        results |= the_plus_one(cfg, device)  # 4. the Jacobian's "+1" and zero_init_residual
     path = helpers.save_results(out_dir, results, cfg, device, started)
     print(f"results: {path}  ({time.perf_counter() - started:.1f} s)")
     return results
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={"sweep_inits": INITS})
-
-# %% Try this
-# 1. Trace a block that keeps the shape: `--trace-stride 1 --trace-out-channels 64`. The trace shows
-#    "shortcut = x": no projection, no extra parameters (Eq. 1).
-# 2. Give the fully connected net a constant width, `--mlp-sizes 64 64 64 64 64 1`: now 4 of the 5 shortcuts
-#    fire in the "when-shapes-match" version, and its gradient column moves towards the projection column.
-# 3. Push the sweep deeper, `--sweep-depths 64 128 256 --sweep-inits he --sweep-repeats 1`. Which settings
-#    overflow or underflow float32 (inf, nan or 0)? Which grows slowest, and how fast?
-# 4. In `make_stack`, zero the last batch-norm scale of every residual block (as `zero_init_check` does) and
-#    rerun: the residual + batch norm ratio becomes the same at every depth. Why, and why is it near
-#    sqrt(1/2) = 0.71? (Hint: which ReLU is the only one that zeroes any gradient?)
-# 5. Delete the ReLU after the addition in ResidualBlock.forward, `return self.branch(x) + self.shortcut(x)`
-#    (half of the pre-activation idea of lesson 04), and rerun: which residual rows of the depth sweep change?
-#    (Undo it afterwards: lesson 02 builds its ResNets from this block.)
+    helpers.run_cli(main, globals())

@@ -1,7 +1,6 @@
 """Lesson 02: ResNet-18 to ResNet-152 and the CIFAR ResNets, verified against torchvision and the paper.
 
 What you will learn
--------------------
 * How He et al. assemble residual blocks into whole networks: a stem, stages that halve the resolution
   and double the width, global average pooling and one fully connected layer (ImageNet: Table 1 of the
   paper; CIFAR: section 4.2).
@@ -15,12 +14,12 @@ What you will learn
   convolution, "ResNet v1.5", and `zero_init_residual`), shortcut options A and B, and why the ImageNet
   stem is wrong for 32x32 images.
 
-Paper: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
-(arXiv:1512.03385). Every block computes Eq. 1, y = F(x, {W_i}) + x, or Eq. 2, y = F(x, {W_i}) + W_s x
-where the shape changes, followed by a ReLU.
+Paper
+    K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
+    (arXiv:1512.03385). Every block computes Eq. 1, y = F(x, {W_i}) + x, or Eq. 2, y = F(x, {W_i}) + W_s x
+    where the shape changes, followed by a ReLU.
 
 Run
----
     python 02_resnet_implementation.py                        # about 35 s on 2 CPU cores, 2/3 of it timing
     python 02_resnet_implementation.py --no-measure-latency   # the counts only, about 10 s
     python 02_resnet_implementation.py --pretrained           # also classify a photo with ImageNet weights
@@ -33,7 +32,6 @@ line and the rest of the lesson runs. The machine this lesson was written on has
 card claims no predicted label.
 
 What you should see (seed 0, CPU; every count below is checked by tests/test_02_resnet_implementation.py)
-------------------------------------------------------------------------------------------------------
 * ResNet-18/34/50/101/152: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808 parameters,
   exactly torchvision's; 18 / 34 / 50 / 101 / 152 weighted layers counted from the model (convolutions
   plus the classifier, projection shortcuts excluded, as the paper counts); 1.814 / 3.664 / 4.089 /
@@ -66,7 +64,6 @@ What you should see (seed 0, CPU; every count below is checked by tests/test_02_
   wider tensors move more memory per multiply-add).
 
 Try this
---------
 * `--shape-model cifar-resnet56`: watch the maps go 32 -> 16 -> 8 while the channels go 16 -> 32 -> 64,
   so each stage costs about the same; then `--shape-model cifar-resnet18` and compare with resnet18.
 * `--image-size 448`: multiply-adds grow 4x (the published column goes blank: it is for 224x224), while
@@ -98,21 +95,30 @@ projection_shortcut = lesson01.projection_shortcut
 PlainBlock = lesson01.PlainBlock
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights and inputs
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/02_resnet_implementation"  # folder for results.json and figures
-IMAGE_SIZE = 224  # side of the ImageNet input in pixels, for multiply-adds and latency
-MEASURE_LATENCY = True  # time forward passes (the slowest part of the run)
-LATENCY_BATCH_SIZES = (1, 32)  # batch sizes for the latency columns
-LATENCY_SECONDS = 0.3  # timing budget per model and batch size: repeat until spent, at least once
-SHAPE_MODEL = "resnet50"  # model for the per-stage shape table (an ImageNet or CIFAR model name)
-PRETRAINED = False  # load torchvision's ImageNet weights (network needed once) and classify a sample image
-PRETRAINED_MODEL = "resnet50"  # which ImageNet ResNet --pretrained loads
-IMAGE = ""  # image file for --pretrained (empty: matplotlib's sample photo grace_hopper.jpg)
+SEED: int = 0  # random seed for weights and inputs
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/02_resnet_implementation"  # folder for results.json and figures
+IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds and latency [>= 32]
+MEASURE_LATENCY: bool = True  # time forward passes (the slowest part of the run)
+LATENCY_BATCH_SIZES: tuple[int, ...] = (1, 32)  # batch sizes for the latency columns [> 0]
+LATENCY_SECONDS: float = 0.3  # timing budget per model and batch size: repeat until spent, at least once [>= 0]
+SHAPE_MODEL: str = "resnet50"  # model of the per-stage shape table [in MEASURED_MODELS]
+PRETRAINED: bool = False  # load torchvision's ImageNet weights (network needed once) and classify a sample image
+PRETRAINED_MODEL: str = "resnet50"  # which ImageNet ResNet --pretrained loads [in IMAGENET_MODELS]
+IMAGE: Path = ""  # image file for --pretrained (empty: matplotlib's sample photo grace_hopper.jpg)
 # --- end constants -----------------------------------------------------------------------------------
+
+helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
 # %% Blocks
+def on_meta(build, *args, **kwargs) -> nn.Module:
+    """Build a model on PyTorch's "meta" device: shapes without storage. Counting parameters and
+    multiply-adds needs only shapes, so even ResNet-1202 is counted without a single multiplication."""
+    with torch.device("meta"):
+        return build(*args, **kwargs)
+
+
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution: mixes channels at each pixel; with stride 2 it also subsamples."""
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
@@ -249,6 +255,10 @@ def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) ->
     return model
 
 
+# A bottleneck carrying 256 channels: 1x1 down to 64, the 3x3 at 64, 1x1 back up to 256 (Fig. 5, right).
+Bottleneck(256, 64)
+
+
 # %% ImageNet ResNets
 class ResNet(nn.Module):
     """The ImageNet ResNets of He et al. 2015 (Table 1), with torchvision's module names.
@@ -343,6 +353,10 @@ IMAGENET_MODELS = {
 }
 
 
+# Parameters of each ImageNet ResNet (built on the meta device: shapes only, no memory, no time).
+{name: f"{helpers.count_parameters(on_meta(build)):,}" for name, build in IMAGENET_MODELS.items()}
+
+
 # %% CIFAR ResNets
 # Option A or B. Where a stage halves the resolution and doubles the channels, the shortcut must change
 # shape too. He et al. 2015 (section 3.3, Table 3) compare (A) subsampling plus zero channels, free of
@@ -424,14 +438,11 @@ CIFAR_MODELS = {  # name -> builder(num_classes); ResNet-1202 is left out (19.4M
 }
 
 
+# Parameters of the CIFAR ResNets with option A shortcuts (the paper's Table 6 quotes 0.27M to 19.4M).
+{f"resnet{d}": f"{helpers.count_parameters(on_meta(cifar_resnet, d)):,}" for d in CIFAR_DEPTHS}
+
+
 # %% Counting what the names promise
-def on_meta(build, *args, **kwargs) -> nn.Module:
-    """Build a model on PyTorch's "meta" device: shapes without storage. Counting parameters and
-    multiply-adds needs only shapes, so even ResNet-1202 is counted without a single multiplication."""
-    with torch.device("meta"):
-        return build(*args, **kwargs)
-
-
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-adds of one forward pass, from torch's FLOP counter, on the device the model lives on."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -535,6 +546,10 @@ PAPER_TABLE1_GFLOPS = {  # He et al. 2015, Table 1, "FLOPs" (they count multiply
     "resnet101": 7.6,
     "resnet152": 11.3,
 }
+
+
+# ResNet-18's stages on one 224x224 image: the table `main` prints for SHAPE_MODEL.
+helpers.format_table(stage_shapes(on_meta(resnet18), 224))
 
 
 # %% The measurements, one table each
@@ -719,6 +734,13 @@ def stem_table() -> list[dict]:
     return rows
 
 
+# Share of a 3x3 kernel's taps that read data rather than zero padding, by map side (the stem table's last column).
+helpers.format_table(
+    [{"map": f"{n}x{n}", "taps on data": fraction_of_taps_on_data(n, n)} for n in (1, 2, 4, 8, 32)],
+    [("map", ""), ("taps on data", ".3f")],
+)
+
+
 # %% Loading torchvision's ImageNet weights (optional, needs the network once)
 def classify_with_pretrained(model_name: str, image_path: str) -> dict:
     """Load torchvision's ImageNet weights for `model_name` into the lesson's model (strict) and classify
@@ -779,29 +801,37 @@ def default_sample_image() -> str | None:
         return None
 
 
+# The photo --pretrained classifies unless --image names another.
+default_sample_image()
+
+
 # %% The run
+@helpers.constants_as_keywords
 def main(**overrides):
+    """The parts of "What you will learn", in order; saves results.json and resnet_family.png in `out`."""
     cfg = helpers.config(globals(), overrides)
-    started = time.perf_counter()
-    helpers.require(cfg.image_size >= 32, "--image-size must be at least 32 pixels (a ResNet downsamples by 32)")
-    helpers.require(cfg.latency_seconds >= 0, "--latency-seconds must be zero or positive")
-    helpers.require(all(b > 0 for b in cfg.latency_batch_sizes), "--latency-batch-sizes must be positive integers")
-    helpers.require(
-        cfg.shape_model in MEASURED_MODELS, f"unknown --shape-model (use one of {', '.join(MEASURED_MODELS)})"
-    )
-    helpers.require(
-        cfg.pretrained_model in IMAGENET_MODELS, f"unknown --pretrained-model (use one of {', '.join(IMAGENET_MODELS)})"
-    )
     image = cfg.image or default_sample_image()
     if cfg.pretrained:  # check before the minutes of work, not after
         helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")
         helpers.require(Path(image).is_file(), f"--image {image} is not a file (pass the path of a JPEG or PNG)")
+    started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)
+    results = whole_networks(cfg, device)  # 1. stem, stages, pooling, classifier; 3. against the published counts
+    results["block_comparison"] = block_table()  # 2. the two blocks
+    results |= departures_from_the_paper(cfg)  # 4. v1.5 stride, zero_init_residual, options A/B, the stem
+    if cfg.pretrained:  # 3. the real thing: torchvision's ImageNet weights, loaded strictly
+        results["pretrained"] = classify_with_pretrained(cfg.pretrained_model, image)
+    print(f"figure: {plot_models(results, out_dir / 'resnet_family.png')}")
+    path = helpers.save_results(out_dir, results, cfg, device, started)
+    print(f"results: {path}  ({time.perf_counter() - started:.1f} s)")
+    return results
 
+
+def whole_networks(cfg, device: torch.device) -> dict:
+    """Part 1: the ImageNet and CIFAR families against their published counts, and one model stage by stage."""
     results = {"imagenet_models": imagenet_table(cfg, device), "cifar_models": cifar_table(cfg, device)}
-    results["stride_placement"] = stride_table(cfg)
     build, side = MEASURED_MODELS[cfg.shape_model]
     side = cfg.image_size if side == 224 else side
     shape_rows = stage_shapes(on_meta(build), side)
@@ -811,17 +841,16 @@ def main(**overrides):
         f"{cfg.shape_model} module by module, one {side}x{side} image (output shape: B x C x H x W)",
     )
     results["stage_shapes"] = {"model": cfg.shape_model, "side": side, "rows": shape_rows}
-    results["block_comparison"] = block_table()
-    results["zero_init_residual"] = zero_init_table(cfg)
-    results["stem_on_32x32"] = stem_table()
-
-    if cfg.pretrained:
-        results["pretrained"] = classify_with_pretrained(cfg.pretrained_model, image)
-
-    print(f"figure: {plot_models(results, out_dir / 'resnet_family.png')}")
-    path = helpers.save_results(out_dir, results, cfg, device, started)
-    print(f"results: {path}  ({time.perf_counter() - started:.1f} s)")
     return results
+
+
+def departures_from_the_paper(cfg) -> dict:
+    """Part 4: where the bottleneck strides (v1 vs v1.5), zero_init_residual, and the stem on 32x32 images."""
+    return {
+        "stride_placement": stride_table(cfg),
+        "zero_init_residual": zero_init_table(cfg),
+        "stem_on_32x32": stem_table(),
+    }
 
 
 def plot_models(results: dict, path: Path) -> Path:
@@ -869,4 +898,4 @@ def plot_models(results: dict, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={"shape_model": MEASURED_MODELS, "pretrained_model": IMAGENET_MODELS})
+    helpers.run_cli(main, globals())

@@ -103,34 +103,34 @@ import helpers
 L02 = helpers.load_lesson(2)  # cifar_resnet(depth, num_classes, shortcut, plain): the paper's CIFAR nets
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for every model's weights and for the (shared) data order
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/03_training_comparison"  # folder for results.json and figures
-FULL = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (the quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
-DEPTHS = (20, 56)  # depths (6n+2) trained, each as a plain and as a residual net (paper: 20 32 44 56 110)
-ITERATIONS = 130  # SGD iterations per model (paper: 64000)
-BATCH_SIZE = 128  # images per iteration (paper: 128)
-LR = 0.05  # peak learning rate (paper: 0.1; see "Why a gentle start" in the card)
-MOMENTUM = 0.9  # SGD momentum (paper: 0.9)
-WEIGHT_DECAY = 0.0001  # L2 weight decay (paper: 1e-4)
-LR_MILESTONES = (32000, 48000)  # iterations at which the learning rate is divided by 10 (paper: 32k, 48k)
-WARMUP_ITERATIONS = 30  # warm-up length in iterations, for every net at least WARMUP_DEPTH deep (paper: 400)
-WARMUP_DEPTH = 0  # nets at least this deep are warmed up (0: every net, as here; paper: only the 110-layer net)
-WARMUP_LR = 0.0  # constant warm-up learning rate (0: a linear ramp from LR/WARMUP_ITERATIONS up to LR; paper: 0.01)
-TRAIN_SIZE = 10000  # training images kept (the quick run sees each about 1.7 times)
-VAL_SIZE = 1000  # training images held out for the held-out error (paper: 5000 of 50000)
-AUGMENT = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype (auto: bf16 where native, else fp32/fp16)
-CHANNELS_LAST = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
-GRAD_CHECKPOINTS = 4  # times, evenly spaced after initialisation, at which every layer's gradient is recorded
-BN_RECALIBRATION_BATCHES = 20  # training batches that re-estimate batch-norm statistics before evaluation
-END_FRACTION = 0.2  # the verdict compares mean training error over this final fraction of the iterations
-NOISE_Z = 2.0  # standard errors a difference of end errors must exceed to count (the verdict's noise band)
-SMOOTHING = 20  # iterations in the moving average of the plotted training error
-EVAL_TEST = False  # also report test-set error (never used to choose anything)
+SEED: int = 0  # random seed for every model's weights and for the (shared) data order
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/03_training_comparison"  # folder for results.json and figures
+FULL: bool = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)
+DATASET: str = "cifar10"  # dataset (the quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
+DEPTHS: tuple[int, ...] = (20, 56)  # depths (6n+2), each plain and residual (paper: 20 32 44 56 110) [>= 8]
+ITERATIONS: int = 130  # SGD iterations per model (paper: 64000) [> 0]
+BATCH_SIZE: int = 128  # images per iteration (paper: 128) [> 0]
+LR: float = 0.05  # peak learning rate (paper: 0.1; see "A gentle start" in the card) [> 0]
+MOMENTUM: float = 0.9  # SGD momentum (paper: 0.9) [>= 0]
+WEIGHT_DECAY: float = 0.0001  # L2 weight decay (paper: 1e-4) [>= 0]
+LR_MILESTONES: tuple[int, ...] = (32000, 48000)  # iterations where the lr is divided by 10 (paper) [>= 0]
+WARMUP_ITERATIONS: int = 30  # warm-up length for every net at least WARMUP_DEPTH deep (paper: 400) [>= 0]
+WARMUP_DEPTH: int = 0  # nets at least this deep are warmed up (0: every net; paper: only the 110-layer net) [>= 0]
+WARMUP_LR: float = 0.0  # constant warm-up lr (0: linear ramp from LR/WARMUP_ITERATIONS up to LR; paper: 0.01) [>= 0]
+TRAIN_SIZE: int = 10000  # training images kept (the quick run sees each about 1.7 times) [> 0]
+VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 5000 of 50000) [> 0]
+AUGMENT: bool = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
+PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16)
+CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
+GRAD_CHECKPOINTS: int = 4  # evenly spaced times at which every layer's gradient is recorded [> 0]
+BN_RECALIBRATION_BATCHES: int = 20  # training batches that re-estimate batch-norm statistics before evaluation [>= 0]
+END_FRACTION: float = 0.2  # the verdict compares mean training error over this final fraction [> 0, <= 1]
+NOISE_Z: float = 2.0  # standard errors a difference of end errors must exceed to count (noise band) [>= 0]
+SMOOTHING: int = 20  # iterations in the moving average of the plotted training error [> 0]
+EVAL_TEST: bool = False  # also report test-set error (never used to choose anything)
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {
@@ -211,38 +211,7 @@ def checkpoint_steps(iterations: int, count: int) -> list[int]:
 # (a plain average over some training batches, no gradient, no weight change) fixes the mismatch; both
 # numbers are reported. After the paper's 64k iterations, at learning rate 0.001 for the last 16k, the
 # two agree closely.
-@torch.no_grad()
-def recalibrate_batch_norm(
-    model: nn.Module,
-    data: helpers.ImageData,
-    batches: int,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    seed: int,
-) -> None:
-    """Replace every BN layer's running mean and variance by their average over `batches` training batches
-    (0: keep the running statistics as training left them)."""
-    if batches == 0:
-        return
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None: cumulative average, i.e. the plain mean over the batches seen
-    was_training = model.training
-    model.train()
-    generator = torch.Generator().manual_seed(seed)  # its own generator: the training order is untouched
-    for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
-        x = helpers.normalize(data.train_x[index.to(data.train_x.device)].to(device), data.mean, data.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with helpers.autocast(device, amp_dtype):
-            model(x)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    model.train(was_training)
+# helpers.recalibrate_batch_norm does the re-estimation; train_one calls it.
 
 
 # %% Training one model
@@ -290,9 +259,9 @@ def train_one(
 
     eval_kwargs = {"device": device, "amp_dtype": amp_dtype, "channels_last": cfg.channels_last}
     stale = helpers.evaluate(model, data.val_x, data.val_y, data.mean, data.std, **eval_kwargs)
-    recalibrate_batch_norm(
-        model, data, cfg.bn_recalibration_batches, cfg.batch_size, device, amp_dtype, cfg.channels_last, cfg.seed + 1
-    )
+    calibration = torch.Generator().manual_seed(cfg.seed + 1)  # its own generator: the training order is untouched
+    batches = helpers.training_batches(data, cfg.bn_recalibration_batches, cfg.batch_size, device, calibration)
+    helpers.recalibrate_batch_norm(model, batches, amp_dtype, cfg.channels_last)
     held_out = helpers.evaluate(model, data.val_x, data.val_y, data.mean, data.std, **eval_kwargs)
     test = (
         helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, **eval_kwargs) if cfg.eval_test else None
@@ -497,19 +466,8 @@ def plot_gradients(models: list[dict], path: Path) -> Path:
 
 # %% Putting it together
 def load_data(cfg) -> helpers.ImageData:
-    """The training set with a held-out part. Only the default quick run may fall back to another dataset;
-    a dataset asked for by name, or any --full run, fails with instructions when it is missing."""
-    fallback = "dataset" not in cfg.explicit and not cfg.full
-    return helpers.load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        train_size=cfg.train_size,
-        test_size=None if cfg.eval_test else 1,
-        seed=cfg.seed,
-        download=cfg.download,
-        fallback=fallback,
-    )
+    """The training set with a held-out part (helpers.load_data states the rule for a missing dataset)."""
+    return helpers.load_data(cfg, test_size=None if cfg.eval_test else 1)
 
 
 def validate(cfg) -> None:

@@ -2,7 +2,6 @@
 networks, each checked against its paper or torchvision and measured on the same footing.
 
 What you will learn
--------------------
 * Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks"): put BN and ReLU
   *before* each convolution and nothing after the addition, so that x_{l+1} = x_l + F(x_l) (Eq. 3) and
   x_L = x_l + sum_{i=l}^{L-1} F(x_i) (Eq. 4): every unit talks to every later one through a bare identity,
@@ -21,7 +20,6 @@ ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet built from lesson 0
 change each (`GroupedBottleneck`, `SEBottleneck`); the tests load torchvision's weights into them.
 
 Run
----
     python 04_residual_variants.py            # sized for under a minute on a quiet 2-core laptop CPU
     python 04_residual_variants.py --full     # longer comparison training; meant for a GPU
 
@@ -31,7 +29,6 @@ batch 1, so read them as rough (a few ms of noise); parameter counts, multiply-a
 gradient numbers do not depend on the machine.
 
 What you should see (seed 0, CPU)
----------------------------------
 1. The grouped convolution and the 8 separate paths of a ResNeXt-29 block agree to 6e-7 (outputs of RMS 0.6).
 2. The SE gates of a fresh SE-ResNet-50 block lie between 0.46 and 0.54 (sigmoid of small numbers) and
    already change the block's output by 5%.
@@ -102,7 +99,6 @@ When to use which (each line backed by the table above)
   cited, not measured here.
 
 Try this
---------
 * `--deep-depth 164` and `--deep-depth 2000`: does the first-to-last gradient ratio grow with depth?
   Then make `PreActBlock.forward` return `F.relu(identity + out)` (a ReLU on the identity path) and rerun.
 * `--imagenet-timing-size 224 --timing-batch 8` on a GPU: do the latency ratios of ResNeXt-50 and
@@ -122,6 +118,7 @@ import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -132,40 +129,40 @@ import helpers
 L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_resnet, CIFAR_MODELS
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights, inputs and data order
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/04_residual_variants"  # folder for results.json and figures
-FULL = False  # longer comparison training on all of the training set (meant for a GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset (needs the internet)
-TRAIN_SIZE = 8000  # training images kept for the comparison (the quick run sees fewer than that)
-VAL_SIZE = 1000  # training images held out (not used for any choice here; kept for the data split)
-TEST_SIZE = 1000  # test images the comparison is evaluated on
-TRAIN_STEPS = 40  # SGD steps per model in the equal-budget comparison
-BATCH_SIZE = 32  # images per SGD step in the comparison
-LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up
-WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
-AUGMENT = False  # random crop and flip during the comparison (worth it only for long runs)
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype of the comparison training
-BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics before evaluation
-TIMING_BATCH = 1  # images per batch when timing every variant
-TIMING_REPEATS = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up
-CIFAR_TIMING_SIZE = 32  # input height and width (pixels) for timing the CIFAR variants
-IMAGENET_TIMING_SIZE = 64  # input height and width (pixels) for timing the ImageNet variants (MACs: at 224)
-DEEP_DEPTH = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2)
-DEEP_BATCH = 2  # images in the very deep network's forward and backward pass
+SEED: int = 0  # random seed for weights, inputs and data order
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/04_residual_variants"  # folder for results.json and figures
+FULL: bool = False  # longer comparison training on all of the training set (meant for a GPU)
+DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
+TRAIN_SIZE: int = 8000  # training images kept for the comparison (the quick run sees fewer than that) [> 0]
+VAL_SIZE: int = 1000  # training images held out (not used for any choice here; kept for the data split) [> 0]
+TEST_SIZE: int = 1000  # test images the comparison is evaluated on [> 0]
+TRAIN_STEPS: int = 40  # SGD steps per model in the equal-budget comparison [> 0]
+BATCH_SIZE: int = 32  # images per SGD step in the comparison [> 0]
+LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up [> 0]
+WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
+AUGMENT: bool = False  # random crop and flip during the comparison (worth it only for long runs)
+PRECISION: str = "auto"  # autocast dtype of the comparison training
+BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics before evaluation [>= 0]
+TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
+TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
+CIFAR_TIMING_SIZE: int = 32  # input height and width (pixels) for timing the CIFAR variants [>= 32]
+IMAGENET_TIMING_SIZE: int = 64  # input side (pixels) for timing ImageNet variants (MACs: at 224) [>= 32]
+DEEP_DEPTH: int = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2) [>= 11]
+DEEP_BATCH: int = 2  # images in the very deep network's forward and backward pass [>= 2]
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "augment": True, "warmup_steps": 200}
 
 
+helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
+
+
 # %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
-
-
-conv3x3 = helpers.load_lesson(1).conv3x3  # 3x3, padding 1, no bias (a norm layer's shift makes a bias redundant)
+conv1x1 = L02.conv1x1  # 1x1, no bias: lesson 02's (one definition for all lessons)
+conv3x3 = L02.conv3x3  # 3x3, padding 1, no bias (a norm layer's shift makes a bias redundant): lesson 01's
 
 
 class PreActBlock(nn.Module):
@@ -280,6 +277,10 @@ def preact_resnet(depth: int, num_classes: int = 10, bottleneck: bool | None = N
     return PreActResNet(block, (depth - 2) // (3 * layers_per_unit), num_classes=num_classes)
 
 
+# A pre-activation unit that halves the map and doubles the channels: BN and ReLU come before each conv.
+PreActBlock(16, 32, stride=2)
+
+
 # %% Wide ResNet (Zagoruyko and Komodakis 2016): fewer, wider pre-activation units
 def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0) -> PreActResNet:
     """WRN-d-k: the pre-activation basic unit with k times the width (16k, 32k, 64k channels) and
@@ -297,6 +298,10 @@ def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
     """ImageNet WRN-50-2-bottleneck: lesson 02's ResNet-50 with the bottleneck's inner width doubled
     (the 1x1 reduction and the 3x3 convolution); the blocks' output widths stay those of ResNet-50."""
     return L02.ResNet(WideBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+
+
+# Parameters of two wide CIFAR networks (Zagoruyko and Komodakis 2016, Table 1: 11.0M and 36.5M).
+{f"WRN-{d}-{k}": f"{helpers.count_parameters(L02.on_meta(wide_resnet, d, k)):,}" for d, k in ((16, 8), (28, 10))}
 
 
 # %% ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution is split into C groups
@@ -388,6 +393,10 @@ class CifarResNeXt(nn.Module):
         x = self.layer2(x)  # -> (B, 512, 16, 16)
         x = self.layer3(x)  # -> (B, 1024, 8, 8)
         return self.fc(x.mean(dim=(2, 3)))  # (B, 1024) -> (B, num_classes)
+
+
+# ResNeXt-50's block: the 3x3 convolution has groups=32, 32 paths of width 4.
+ResNeXtBottleneck32x4d(256, 64)
 
 
 # %% DenseNet (Huang et al. 2017): concatenate instead of add
@@ -495,6 +504,10 @@ def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10) 
     return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, cifar=True)
 
 
+# One DenseNet-BC layer: BN-ReLU-1x1 to 4k channels, BN-ReLU-3x3 to k = 12 new channels, concatenated.
+DenseLayer(64, 12)
+
+
 # %% Squeeze-and-Excitation (Hu et al. 2018): rescale the branch's channels by a gate computed from itself
 class SqueezeExcitation(nn.Module):
     """Squeeze (global average pool), excite (a two-layer bottleneck MLP with reduction r and a sigmoid),
@@ -557,6 +570,10 @@ def se_resnet50(num_classes: int = 1000) -> nn.Module:
     return L02.ResNet(SEBottleneck, [3, 4, 6, 3], num_classes=num_classes)
 
 
+# The gate of a 256-channel block: squeeze to 256/16 = 16 units, excite back to 256 gates.
+SqueezeExcitation(256)
+
+
 # %% Every variant by name, with what its paper reports
 def _cifar(builder: Callable[..., nn.Module], *args) -> Callable[[int], nn.Module]:
     return functools.partial(builder, *args)
@@ -617,6 +634,10 @@ PAPER_ERRORS = {
     "densenet121": (25.02, "Huang et al. 2017, Table 3"),
     "se_resnet50": (23.29, "Hu et al. 2018, Table 2"),
 }
+
+
+# What each paper reports (test error, %), next to which the lesson prints its own measurements.
+helpers.format_table([{"model": m, "paper_err_%": e, "source": src} for m, (e, src) in PAPER_ERRORS.items()])
 
 
 # %% Measuring: latency, peak memory
@@ -715,6 +736,10 @@ def variant_table(cfg, device: torch.device) -> list[dict]:
     return rows
 
 
+# One measurement: the smallest CIFAR ResNet (8 layers), batch 2, on the CPU.
+measure(L02.cifar_resnet(8), (2, 3, 32, 32), torch.device("cpu"), repeats=1)
+
+
 # %% A 1001-layer pre-activation ResNet at initialisation
 def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device) -> dict:
     """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images, recording
@@ -774,42 +799,15 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
     }
 
 
+# The same check on a 20-layer network (the run does 1001): RMS of x_l and of dE/dx_l at each stage end.
+helpers.format_table(deep_gradient_check(20, 2, 0, torch.device("cpu"))["stage_ends"])
+
+
 # %% The equal-budget training comparison
-@torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, data: helpers.ImageData, batches: int, batch_size: int, device) -> None:
-    """Re-estimate every BN layer's running mean and variance as a plain average over `batches` training
-    batches with the final weights. After a short run at a high learning rate the running averages still
-    mix in statistics of much earlier weights, and eval-mode accuracy falls far below train-mode accuracy."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None: cumulative moving average, i.e. the plain mean over the batches seen
-    model.train()
-    generator = torch.Generator().manual_seed(0)
-    amp_dtype = helpers.autocast_dtype(device)  # statistics are accumulated in fp32 inside autocast anyway
-    for _, index in zip(range(batches), helpers.endless_batches(len(data.train_x), batch_size, generator)):
-        index = index.to(data.train_x.device)
-        with helpers.autocast(device, amp_dtype):
-            model(helpers.normalize(data.train_x[index].to(device), data.mean, data.std))
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-
-
 def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
     """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the
     same number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
-    fallback = "dataset" not in cfg.explicit and not cfg.full
-    data = helpers.load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        train_size=cfg.train_size,
-        test_size=cfg.test_size,
-        seed=cfg.seed,
-        download=cfg.download,
-        fallback=fallback,
-    ).to(device)
+    data = helpers.load_data(cfg, test_size=cfg.test_size).to(device)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     milestones = (cfg.train_steps // 2, cfg.train_steps * 3 // 4) if cfg.full else ()
     rows, curves = [], {}
@@ -832,7 +830,11 @@ def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
             desc=name,
         )
         train_s = time.perf_counter() - start
-        recalibrate_batch_norm(model, data, cfg.bn_recalibration_batches, cfg.batch_size, device)
+        # Re-estimate BN statistics with the final weights (lesson 03 explains why), in the autocast dtype
+        calibration = helpers.training_batches(
+            data, cfg.bn_recalibration_batches, cfg.batch_size, device, torch.Generator().manual_seed(0)
+        )
+        helpers.recalibrate_batch_norm(model, calibration, helpers.autocast_dtype(device))
         test = helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype)
         window = max(1, cfg.train_steps // 5)
         rows.append(
@@ -853,6 +855,10 @@ def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
         "test_images": len(data.test_x),
         "curves": curves,
     }
+
+
+# The small members of each family that the equal-budget comparison trains.
+list(SMALL_CIFAR_VARIANTS)
 
 
 # %% Two checks of what the new blocks compute
@@ -897,6 +903,10 @@ def se_effect(seed: int) -> dict:
     }
 
 
+# The grouped 3x3 convolution and the sum of its C separate paths give the same output.
+grouped_equals_paths(0)
+
+
 # %% The run
 def plot(results: dict, path) -> None:
     helpers.use_headless_matplotlib()
@@ -922,35 +932,30 @@ def plot(results: dict, path) -> None:
     helpers.save_figure(fig, path)
 
 
+@helpers.constants_as_keywords
 def main(**overrides):
+    """The five variants of "What you will learn", then all of them measured and trained on the same footing;
+    saves results.json and variants.png in `out`."""
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
-    for key in ("train_size", "test_size", "train_steps", "batch_size", "timing_batch", "timing_repeats"):
-        helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive (got {cfg[key]})")
-    for key in ("cifar_timing_size", "imagenet_timing_size"):
-        helpers.require(cfg[key] >= 32, f"--{key.replace('_', '-')} must be at least 32 pixels (got {cfg[key]})")
-    helpers.require(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
-    helpers.require(cfg.deep_batch >= 2, "--deep-batch must be at least 2 (batch norm needs two images in train mode)")
     started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     print(f"device: {helpers.device_name(device)}\n")
+    results = {
+        "deep_preact": preactivation_at_depth(cfg, device),  # pre-activation: 1001 layers, gradients intact
+        "grouped_conv_equivalence": resnext_as_paths(cfg),  # ResNeXt: one grouped convolution = C paths
+        "squeeze_excitation": squeeze_excitation_gates(cfg),  # SE: channel gates in (0, 1)
+    }
+    results["variants"], results["parameter_mismatches"] = every_variant_measured(cfg, device)  # wide, dense, ...
+    results["training"] = equal_budget_training(cfg, device)
+    plot({"config": dict(cfg), **results}, out_dir / "variants.png")
+    helpers.save_results(out_dir, results, cfg, device, started)
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'variants.png'} in {time.perf_counter() - started:.0f} s")
+    return results
 
-    # 1. ResNeXt: the grouped convolution is C parallel paths, summed.
-    equivalence = grouped_equals_paths(cfg.seed)
-    print(
-        f"ResNeXt block, grouped form vs {equivalence['cardinality']} separate paths of width "
-        f"{equivalence['path_width']}: max |difference| = {equivalence['max_abs_difference']:.1e} "
-        f"(outputs of RMS {equivalence['output_rms']:.2f})"
-    )
-    # 2. SE: gates in (0, 1) that rescale the branch.
-    se = se_effect(cfg.seed)
-    print(
-        f"SE gates of a {se['channels']}-channel block (r = 16, {se['hidden_units']} hidden units) at "
-        f"initialisation: {se['gate_min']:.3f} to {se['gate_max']:.3f}, mean {se['gate_mean']:.3f}; they change "
-        f"the block's output by {100 * se['output_relative_change']:.0f}% (relative L2)\n"
-    )
 
-    # 3. A 1001-layer pre-activation ResNet, forward and backward at initialisation.
+def preactivation_at_depth(cfg, device: torch.device) -> dict:
+    """Pre-activation: a 1001-layer network, forward and backward at initialisation."""
     deep = deep_gradient_check(cfg.deep_depth, cfg.deep_batch, cfg.seed, device)
     print(
         f"Pre-activation ResNet-{deep['depth']} ({deep['units']} residual units, {deep['weighted_layers']} "
@@ -963,7 +968,34 @@ def main(**overrides):
         title="RMS of each unit's input x_l and of dE/dx_l, at the first and last unit of each stage",
     )
 
-    # 4. Every variant on the same footing.
+    return deep
+
+
+def resnext_as_paths(cfg) -> dict:
+    """ResNeXt: the grouped convolution is C parallel paths, summed."""
+    equivalence = grouped_equals_paths(cfg.seed)
+    print(
+        f"ResNeXt block, grouped form vs {equivalence['cardinality']} separate paths of width "
+        f"{equivalence['path_width']}: max |difference| = {equivalence['max_abs_difference']:.1e} "
+        f"(outputs of RMS {equivalence['output_rms']:.2f})"
+    )
+    return equivalence
+
+
+def squeeze_excitation_gates(cfg) -> dict:
+    """Squeeze-and-excitation: gates in (0, 1) that rescale the branch."""
+    se = se_effect(cfg.seed)
+    print(
+        f"SE gates of a {se['channels']}-channel block (r = 16, {se['hidden_units']} hidden units) at "
+        f"initialisation: {se['gate_min']:.3f} to {se['gate_max']:.3f}, mean {se['gate_mean']:.3f}; they change "
+        f"the block's output by {100 * se['output_relative_change']:.0f}% (relative L2)\n"
+    )
+
+    return se
+
+
+def every_variant_measured(cfg, device: torch.device) -> tuple[list[dict], list[str]]:
+    """Every variant (wide and dense included) on the same footing: parameters, MACs, latency, memory."""
     variants = variant_table(cfg, device)
     with torch.device("meta"):  # the deep network's cost, without building it for real a second time
         deep_model = preact_resnet(1001)
@@ -1004,7 +1036,11 @@ def main(**overrides):
     mismatched = [r["model"] for r in variants if r["expected"] is not None and r["parameters"] != r["expected"]]
     print(f"parameter counts equal to the papers' / torchvision's: {mismatched or 'all'}\n")
 
-    # 5. The small CIFAR variants trained with the same budget.
+    return variants, mismatched
+
+
+def equal_budget_training(cfg, device: torch.device) -> dict:
+    """The small CIFAR variants trained with the same budget of images, steps and schedule."""
     training_rows, training = compare_training(cfg, device)
     helpers.print_table(
         training_rows,
@@ -1023,19 +1059,7 @@ def main(**overrides):
         ),
     )
 
-    results = {
-        "grouped_conv_equivalence": equivalence,
-        "squeeze_excitation": se,
-        "deep_preact": deep,
-        "variants": variants,
-        "parameter_mismatches": mismatched,
-        "training": {**training, "rows": training_rows},
-    }
-    record = {"config": dict(cfg), **results}
-    plot(record, out_dir / "variants.png")
-    helpers.save_results(out_dir, results, cfg, device, started)
-    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'variants.png'} in {time.perf_counter() - started:.0f} s")
-    return results
+    return {**training, "rows": training_rows}
 
 
 if __name__ == "__main__":

@@ -82,31 +82,31 @@ import helpers
 L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, cifar_resnet(depth, plain=...)
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights, directions and data order
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/05_visualization"  # folder for results.json and the four figures
-FULL = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset (needs the internet)
-TRAIN_SIZE = 5000  # training images the two landscape networks are trained on
-VAL_SIZE = 500  # training images held out; the feature maps show one of them
-GRADIENT_DEPTHS = (20, 56, 110)  # depths (6n+2) whose per-layer gradients are measured at initialisation
-GRADIENT_BATCH = 32  # images in the batch whose loss gradient is measured
-LANDSCAPE_DEPTH = 20  # depth (6n+2) of the plain and residual network whose loss landscape is drawn
-TRAIN_STEPS = 100  # SGD steps per landscape network
-BATCH_SIZE = 32  # images per SGD step
-LR = 0.1  # peak learning rate (He et al. 2015's CIFAR value), after a linear warm-up
-WARMUP_STEPS = 10  # steps of linear learning-rate warm-up
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16: autocast dtype for training only (the landscape is fp32)
-BN_RECALIBRATION_BATCHES = 20  # train-mode batches that re-estimate BN statistics after training
-GRID_POINTS = 9  # landscape grid points per axis (odd, so that the trained weights are a grid point)
-GRID_RADIUS = 1.0  # the grid spans [-r, r] along both filter-normalised directions
-LOSS_IMAGES = 256  # training images the loss at each grid point is averaged over
-SUMMARY_RADIUS = 0.5  # radius of the circle on which the loss rise is measured
-FEATURE_CHANNELS = 4  # feature maps shown per stage
-RESIDUAL_CHECKPOINT = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
-PLAIN_CHECKPOINT = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
+SEED: int = 0  # random seed for weights, directions and data order
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/05_visualization"  # folder for results.json and the four figures
+FULL: bool = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)
+DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
+TRAIN_SIZE: int = 5000  # training images the two landscape networks are trained on [> 0]
+VAL_SIZE: int = 500  # training images held out; the feature maps show one of them [> 0]
+GRADIENT_DEPTHS: tuple[int, ...] = (20, 56, 110)  # depths (6n+2) whose gradients are measured at init [>= 8]
+GRADIENT_BATCH: int = 32  # images in the batch whose loss gradient is measured [> 0]
+LANDSCAPE_DEPTH: int = 20  # depth (6n+2) of the plain and residual network whose loss landscape is drawn [>= 8]
+TRAIN_STEPS: int = 100  # SGD steps per landscape network [> 0]
+BATCH_SIZE: int = 32  # images per SGD step [> 0]
+LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), after a linear warm-up [> 0]
+WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
+PRECISION: str = "auto"  # autocast dtype for training only (the landscape is fp32)
+BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics after training [>= 0]
+GRID_POINTS: int = 9  # landscape grid points per axis (odd, so that the trained weights are a grid point) [>= 3]
+GRID_RADIUS: float = 1.0  # the grid spans [-r, r] along both filter-normalised directions [> 0]
+LOSS_IMAGES: int = 256  # training images the loss at each grid point is averaged over [> 0]
+SUMMARY_RADIUS: float = 0.5  # radius of the circle on which the loss rise is measured [> 0]
+FEATURE_CHANNELS: int = 4  # feature maps shown per stage [> 0]
+RESIDUAL_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
+PLAIN_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {
@@ -120,6 +120,9 @@ FULL_OVERRIDES = {
     "gradient_batch": 128,
 }
 LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 10; higher values are clipped
+
+
+helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
 # %% Gradient flow at initialisation
@@ -184,6 +187,11 @@ def gradient_table(runs: list[dict]) -> list[dict]:
     return rows
 
 
+# Gradient RMS of each layer of an 8-layer residual net at initialisation, on 4 random images.
+torch.manual_seed(0)
+helpers.format_table(layer_gradients(L02.cifar_resnet(8), torch.randn(4, 3, 32, 32), torch.arange(4)))
+
+
 # %% Filter-normalised directions and the loss surface (Li et al. 2018)
 # Why filter normalisation. A ReLU network with batch norm computes the same function when the weights of
 # one filter are multiplied by any positive number, so "a step of size 1 along a random direction" means
@@ -219,22 +227,6 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator) ->
 # match the trained weights; after a short run at lr 0.1 they may lag behind (the run prints the loss with
 # the stored and with the re-estimated statistics), so we re-estimate them once, at the centre, with
 # train-mode passes over training images; then they stay fixed for the whole grid, as in the paper.
-@torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, batches) -> nn.Module:
-    """Replace BN running statistics by their average over `batches` (train-mode forward passes)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches instead of an exponential one
-    model.train()
-    for x in batches:
-        model(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()
-
-
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Cross-entropy averaged over all images of `batches`, in eval mode (stored BN statistics), fp32."""
@@ -311,6 +303,14 @@ def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) ->
     }
 
 
+# Filter by filter, a filter-normalised direction has the norm of the weights it perturbs.
+conv = nn.Conv2d(3, 4, kernel_size=3)
+direction = filter_normalized_direction(conv, torch.Generator().manual_seed(0))
+torch.stack(
+    [conv.weight.detach().flatten(1).norm(dim=1), direction[0].flatten(1).norm(dim=1)]
+)  # (2, C_out): equal rows
+
+
 # %% Training (or loading) the two landscape networks
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a state_dict, or a checkpoint dict holding one under "model", into `model`."""
@@ -367,6 +367,13 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
     }
 
 
+# The two landscape networks have the same layers and parameters; only the shortcuts differ.
+{
+    kind: f"{helpers.count_parameters(L02.cifar_resnet(LANDSCAPE_DEPTH, plain=kind == 'plain')):,} parameters"
+    for kind in ("plain", "residual")
+}
+
+
 # %% Feature maps after the stem and each stage
 @torch.no_grad()
 def stage_features(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -396,6 +403,10 @@ def feature_table(features: list[tuple[str, torch.Tensor]]) -> list[dict]:
             }
         )
     return rows
+
+
+# The feature maps of an untrained 8-layer net on one random image, stage by stage.
+helpers.format_table(feature_table(stage_features(L02.cifar_resnet(8).eval(), torch.randn(1, 3, 32, 32))))
 
 
 # %% Block diagrams, with shapes measured on the real blocks
@@ -468,6 +479,10 @@ def architecture_specs() -> list[dict]:
             "skip": "identity x\n(clean path)",
         },
     ]
+
+
+# The shapes a bottleneck's branch goes through on an 8x8 map with 256 channels.
+block_shapes(L02.Bottleneck(256, 64).eval(), torch.randn(1, 256, 8, 8))
 
 
 # %% Figures
@@ -628,36 +643,43 @@ def plot_features(features: list[tuple[str, torch.Tensor]], channels: int, mean,
     return helpers.save_figure(fig, path)
 
 
+# In a notebook, the block diagrams (a command-line run draws them in main).
+if helpers.in_notebook():
+    plot_architecture(architecture_specs(), helpers.output_dir(helpers.config(globals(), {})) / "architecture.png")
+
+
 # %% The run
+@helpers.constants_as_keywords
 def main(**overrides):
+    """The four parts of "What you will learn", in order; saves results.json and four figures in `out`."""
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
-    started = time.perf_counter()
-    for key in ("train_size", "val_size", "gradient_batch", "train_steps", "batch_size", "loss_images"):
-        helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive")
     for depth in (*cfg.gradient_depths, cfg.landscape_depth):
-        helpers.require(depth >= 8 and (depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 20, 32, 56, 110)")
-    helpers.require(cfg.grid_points >= 3 and cfg.grid_points % 2 == 1, "--grid-points must be odd and >= 3")
-    helpers.require(cfg.grid_radius > 0, "--grid-radius must be positive")
+        helpers.require((depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 20, 32, 56, 110)")
+    helpers.require(cfg.grid_points % 2 == 1, "--grid-points must be odd (the trained weights sit at the centre)")
     step = 2 * cfg.grid_radius / (cfg.grid_points - 1)
     helpers.require(
         step <= cfg.summary_radius <= cfg.grid_radius - step,
         f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
     )
-    helpers.require(cfg.feature_channels > 0, "--feature-channels must be positive")
+    started = time.perf_counter()
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)
-    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     out = helpers.output_dir(cfg)
     helpers.use_headless_matplotlib()
-    fallback = "dataset" not in cfg.explicit and not cfg.full
-    data = helpers.load_dataset(
-        cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_size, 1, cfg.seed, cfg.download, fallback
-    ).to(device)
+    data = helpers.load_data(cfg, test_size=1).to(device)
     print(f"device {device}, dataset {data.name}: {len(data.train_x)} training images")
-    results = {"dataset": data.name}
+    results = {"dataset": data.name, "gradient_flow": gradients_across_layers(cfg, data, generator, out)}
+    results["landscape"], residual = loss_landscapes(cfg, data, generator, device, out)
+    results["architecture"] = block_diagrams(out)
+    results["features"] = feature_maps(cfg, data, residual, out)
+    helpers.save_results(out, results, cfg, device, started)
+    print(f"\nfigures and results.json in {out}/ ({time.perf_counter() - started:.0f} s)")
+    return results
 
-    # 1. Gradient flow
-    index = torch.randperm(len(data.train_x), generator=generator)[: cfg.gradient_batch].to(device)
+
+def gradients_across_layers(cfg, data: helpers.ImageData, generator: torch.Generator, out: Path) -> dict:
+    """Part 1: the gradient of every layer at initialisation, plain and residual, with and without BN."""
+    index = torch.randperm(len(data.train_x), generator=generator)[: cfg.gradient_batch].to(data.train_x.device)
     images = helpers.normalize(data.train_x[index], data.mean, data.std)
     runs = gradient_flow(cfg.gradient_depths, images, data.train_y[index], cfg.seed)
     table = gradient_table(runs)
@@ -670,27 +692,27 @@ def main(**overrides):
             title="Gradient RMS per layer at initialisation (one batch)",
         )
     )
-    results["gradient_flow"] = {"summary": table, "runs": runs}
     plot_gradient_flow(runs, out / "gradient_flow.png")
 
-    # 2. Loss landscape
+    return {"summary": table, "runs": runs}
+
+
+def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) -> tuple[dict, nn.Module]:
+    """Part 2: Li et al.'s filter-normalised landscape of a trained plain and residual network; returns the
+    numbers and the trained residual network."""
+    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     loss_index = torch.randperm(len(data.train_x), generator=generator)[: cfg.loss_images].to(device)
     loss_x = helpers.normalize(data.train_x[loss_index], data.mean, data.std)
     loss_y = data.train_y[loss_index]
     loss_batches = [(loss_x[s : s + 500], loss_y[s : s + 500]) for s in range(0, len(loss_y), 500)]
-    calibration = [
-        helpers.normalize(data.train_x[i.to(device)], data.mean, data.std)
-        for _, i in zip(
-            range(cfg.bn_recalibration_batches), helpers.endless_batches(len(data.train_x), cfg.batch_size, generator)
-        )
-    ]
+    calibration = helpers.training_batches(data, cfg.bn_recalibration_batches, cfg.batch_size, device, generator)
     coords = np.linspace(-cfg.grid_radius, cfg.grid_radius, cfg.grid_points)
     surfaces, summaries, networks, models = {}, {}, {}, {}
     for plain in (True, False):
         name = f"{'plain' if plain else 'residual'}-{cfg.landscape_depth}"
         model, info = landscape_network(cfg, data, plain, device, amp_dtype)
         info["eval_loss_stored_bn"] = mean_loss(model, loss_batches)
-        recalibrate_batch_norm(model, calibration)
+        helpers.recalibrate_batch_norm(model, calibration)
         info["eval_loss_recalibrated_bn"] = mean_loss(model, loss_batches)
         direction_generator = torch.Generator().manual_seed(cfg.seed + 1)  # same seed for both networks
         directions = (
@@ -736,24 +758,25 @@ def main(**overrides):
         f"locally convex grid points: plain {plain_summary['convex_share']:.0%}, "
         f"residual {residual_summary['convex_share']:.0%}"
     )
-    results["landscape"] = {
-        "coords": coords,
-        "networks": networks,
-        "summaries": summaries,
-        "surfaces": {name: s for name, s in surfaces.items()},
-    }
     plot_landscapes(coords, surfaces, summaries, out / "loss_landscape.png")
 
-    # 3. Architecture diagrams
+    landscape = {"coords": coords, "networks": networks, "summaries": summaries, "surfaces": surfaces}
+    return landscape, models[f"residual-{cfg.landscape_depth}"]
+
+
+def block_diagrams(out: Path) -> list[dict]:
+    """Part 3: the basic, bottleneck and pre-activation blocks drawn with their measured shapes."""
     specs = architecture_specs()
-    results["architecture"] = specs
     for spec in specs:
         shapes = " -> ".join(shape for _, shape in spec["branch"])
         print(f"{spec['title'].splitlines()[0]}: input {spec['input']}, branch {shapes}")
     plot_architecture(specs, out / "architecture.png")
 
-    # 4. Feature maps of the trained residual network
-    residual = models[f"residual-{cfg.landscape_depth}"]
+    return specs
+
+
+def feature_maps(cfg, data: helpers.ImageData, residual: nn.Module, out: Path) -> dict:
+    """Part 4: what the trained residual network computes, after the stem and after each stage."""
     image = helpers.normalize(data.val_x[:1], data.mean, data.std)
     features = stage_features(residual, image)
     rows = feature_table(features)
@@ -767,12 +790,9 @@ def main(**overrides):
             title=f"Feature maps of one validation image (class {label}) in the trained residual network",
         )
     )
-    results["features"] = {"label": label, "stages": rows}
     plot_features(features, cfg.feature_channels, data.mean, data.std, out / "feature_evolution.png")
 
-    helpers.save_results(out, results, cfg, device, started)
-    print(f"\nfigures and results.json in {out}/ ({time.perf_counter() - started:.0f} s)")
-    return results
+    return {"label": label, "stages": rows}
 
 
 if __name__ == "__main__":

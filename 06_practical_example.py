@@ -75,34 +75,34 @@ import helpers
 L02 = helpers.load_lesson(2)  # CIFAR_MODELS: resnet20 ... resnet110 and resnet18 for 32x32 inputs
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED = 0  # random seed for weights, data order and augmentation
-DEVICE = "auto"  # auto | cpu | cuda | mps
-OUT = "outputs/06_practical_example"  # folder for results.json, figures and checkpoints
-FULL = False  # the full recipe: all of CIFAR-10, 200 epochs (meant for a GPU)
-DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | synthetic (quick run falls back if absent)
-DATA_DIR = "data"  # where datasets are stored or downloaded
-DOWNLOAD = True  # download a missing dataset (needs the internet; checksums are verified)
-MODEL = "resnet18"  # lesson 02 (resnet18, resnet20 ... resnet110) or lesson 04 CIFAR model
-TRAIN_SIZE = 3000  # training images used (0: all that are not held out)
-VAL_SIZE = 500  # training images held out for validation (they choose the best checkpoint)
-TEST_SIZE = 1000  # test images evaluated (0: all)
-EPOCHS = 3  # passes over the training images
-BATCH_SIZE = 64  # images per SGD step
-LR = 0.1  # peak learning rate (per batch of 128; not rescaled automatically)
-MOMENTUM = 0.9  # Nesterov momentum
-WEIGHT_DECAY = 5e-4  # L2 penalty on convolution and linear weights (not on BN or biases)
-SCHEDULE = "onecycle"  # onecycle (linear up, linear down to 0) | cosine (linear up, cosine down to 0)
-WARMUP_EPOCHS = 0.5  # epochs of linear learning-rate warm-up from 0
-LABEL_SMOOTHING = 0.1  # probability mass spread uniformly over all classes in the target
-CUTOUT = 0  # side in pixels of a random square zeroed in each training image (0: off)
-PRECISION = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where native, fp16 on old GPUs)
-CHANNELS_LAST = True  # NHWC memory layout (faster convolutions with oneDNN and tensor cores)
-COMPILE = False  # torch.compile the model (slow start, faster epochs on GPUs)
-TTA = True  # also report test accuracy with horizontal-flip test-time augmentation
-RESUME = ""  # checkpoint to continue from (e.g. outputs/06_practical_example/checkpoints/last.pt)
-NUM_MISTAKES = 16  # most confidently misclassified test images shown in the grid
-EVAL_BATCH_SIZE = 500  # images per evaluation batch
-CHECK_EVERY = 25  # steps between loss read-outs (each one waits for the GPU; NaN is checked there)
+SEED: int = 0  # random seed for weights, data order and augmentation
+DEVICE: str = "auto"  # where to run
+OUT: Path = "outputs/06_practical_example"  # folder for results.json, figures and checkpoints
+FULL: bool = False  # the full recipe: all of CIFAR-10, 200 epochs (meant for a GPU)
+DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATA_DIR: Path = "data"  # where datasets are stored or downloaded
+DOWNLOAD: bool = True  # download a missing dataset (needs the internet; checksums are verified)
+MODEL: str = "resnet18"  # lesson 02 (resnet18, resnet20 ... resnet110) or lesson 04 CIFAR model
+TRAIN_SIZE: int = 3000  # training images used (0: all that are not held out) [>= 0]
+VAL_SIZE: int = 500  # training images held out for validation (they choose the best checkpoint) [> 0]
+TEST_SIZE: int = 1000  # test images evaluated (0: all) [>= 0]
+EPOCHS: int = 3  # passes over the training images [> 0]
+BATCH_SIZE: int = 64  # images per SGD step [> 0]
+LR: float = 0.1  # peak learning rate (per batch of 128; not rescaled automatically) [> 0]
+MOMENTUM: float = 0.9  # Nesterov momentum [>= 0]
+WEIGHT_DECAY: float = 5e-4  # L2 penalty on convolution and linear weights (not on BN or biases) [>= 0]
+SCHEDULE: str = "onecycle"  # onecycle: linear up and down; cosine: linear up, cosine down [in SCHEDULES]
+WARMUP_EPOCHS: float = 0.5  # epochs of linear learning-rate warm-up from 0 [>= 0]
+LABEL_SMOOTHING: float = 0.1  # probability mass spread uniformly over all classes in the target [>= 0, < 1]
+CUTOUT: int = 0  # side in pixels of a random square zeroed in each training image (0: off) [>= 0]
+PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, fp16 on old GPUs)
+CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions with oneDNN and tensor cores)
+COMPILE: bool = False  # torch.compile the model (slow start, faster epochs on GPUs)
+TTA: bool = True  # also report test accuracy with horizontal-flip test-time augmentation
+RESUME: Path = ""  # checkpoint to continue from (e.g. outputs/06_practical_example/checkpoints/last.pt)
+NUM_MISTAKES: int = 16  # most confidently misclassified test images shown in the grid [>= 0]
+EVAL_BATCH_SIZE: int = 500  # images per evaluation batch [> 0]
+CHECK_EVERY: int = 25  # steps between loss read-outs (each one waits for the GPU; NaN is checked there) [> 0]
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {
@@ -455,16 +455,7 @@ def main(**overrides):
 
     generator = helpers.seed_everything(cfg.seed)
     generators = (generator, torch.Generator().manual_seed(cfg.seed + 1))  # data order, augmentation
-    data = helpers.load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        train_size=cfg.train_size or None,
-        test_size=cfg.test_size or None,
-        seed=cfg.seed,
-        download=cfg.download,
-        fallback="dataset" not in cfg.explicit and not cfg.full,
-    )
+    data = helpers.load_data(cfg, test_size=cfg.test_size or None)
     helpers.require(
         cfg.batch_size <= len(data.train_x),
         f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)",
@@ -658,4 +649,4 @@ def main(**overrides):
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={"schedule": SCHEDULES})
+    helpers.run_cli(main, globals())

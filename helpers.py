@@ -21,20 +21,24 @@ text and the value as default, so the constants block stays the single source of
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
+import tokenize
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +66,31 @@ def require(condition: bool, message: str) -> None:
 
 
 # =====================================================================================================
-# Constants block -> config object and command-line flags
+# Constants block -> config object, command-line flags and notebook runs
 # =====================================================================================================
+# One line declares everything about a constant:
+#
+#     LR: float = 0.1  # learning rate (paper: 0.1) [> 0]
+#     NAME: type = value  # help text [check]
+#
+# type    int | float | str | bool | Path | tuple[int, ...] | tuple[float, ...] | tuple[str, ...]. It, not the
+#         value, decides the flag's type: `LR: float = 1` still gives a float flag. A Path is kept as a string
+#         with `~` and $VARIABLES expanded ("" stays "": not set).
+# check   optional, at the end of the comment: `[> 0]`, `[>= 0, <= 1]` (every item of a tuple must pass),
+#         `[auto | cpu | cuda]` (one of these words) or `[in NAMES]` (one of the module's tuple NAMES).
+# An edited constant, a keyword of `main` and a flag all go through the same conversion and the same check.
+TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": bool, "Path": str}
+CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+COMMON_CHOICES = {"device": ("auto", "cpu", "cuda", "mps")}  # dataset and precision are added below
+
+
 @dataclass(frozen=True)
 class Constant:
     name: str  # UPPER_CASE name in the lesson
-    default: Any  # the value it has in the lesson file
-    help: str  # the comment beside it
+    type: str  # its annotation: "int", "tuple[int, ...]", ...
+    default: Any  # the value it has now (the lesson file's, or the notebook's after an edit)
+    help: str = ""  # the comment beside it, without the check
+    check: str = ""  # the bracketed check at the end of the comment, without the brackets
 
     @property
     def key(self) -> str:  # the keyword `main` accepts
@@ -78,33 +100,111 @@ class Constant:
     def flag(self) -> str:  # the command-line flag
         return "--" + self.key.replace("_", "-")
 
+    @property
+    def item_type(self) -> str:  # "int" for both `int` and `tuple[int, ...]`
+        return self.type[len("tuple[") : -len(", ...]")] if self.is_tuple else self.type
+
+    @property
+    def is_tuple(self) -> bool:
+        return self.type.startswith("tuple[") and self.type.endswith(", ...]")
+
+
+def _annotation_text(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def _source_lines(module_globals: dict) -> list[str]:
+    """The text the constants block is read from: the lesson file, or in a notebook the last cell run that
+    holds a constants block (IPython keeps every cell's source in `_ih`). Empty when neither exists."""
+    if module_globals.get("__file__"):
+        return Path(module_globals["__file__"]).read_text(encoding="utf-8").splitlines()
+    for cell in reversed(module_globals.get("_ih") or []):
+        if CONSTANTS_START in cell:
+            return cell.splitlines()
+    return []
+
 
 def read_constants(module_globals: dict) -> list[Constant]:
-    """The constants between the `# --- constants` and `# --- end constants` lines of a lesson file."""
-    source = Path(module_globals["__file__"]).read_text(encoding="utf-8").splitlines()
-    try:
-        start = next(i for i, line in enumerate(source) if line.startswith(CONSTANTS_START))
-        end = next(i for i, line in enumerate(source) if line.startswith(CONSTANTS_END))
-    except StopIteration:
-        raise RuntimeError(f"{module_globals['__file__']} has no constants block") from None
+    """The annotated constants between the `# --- constants` and `# --- end constants` lines, with their
+    current values from `module_globals` (so a notebook's edited value counts, as an edited file does)."""
+    lines = _source_lines(module_globals)
+    starts = [i for i, line in enumerate(lines) if line.startswith(CONSTANTS_START)]
+    ends = [i for i, line in enumerate(lines) if line.startswith(CONSTANTS_END)]
+    annotations = module_globals.get("__annotations__", {})
+    if not starts or not ends:  # no source to read: names and types from the annotations alone
+        names = [n for n in annotations if n.isupper() and n in module_globals]
+        return [Constant(n, _annotation_text(annotations[n]), module_globals[n]) for n in names]
+    block = "\n".join(lines[starts[-1] + 1 : ends[-1]])
+    comments = {}  # line -> comment text; a statement that a formatter wrapped keeps its comment on a later line
+    for token in tokenize.generate_tokens(io.StringIO(block).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
     constants = []
-    for line in source[start + 1 : end]:
-        if not line or line.startswith("#") or line.startswith(" "):
+    for node in ast.parse(block).body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id.isupper()):
             continue
-        code, _, comment = line.partition("  # ")
-        name = code.split("=", 1)[0].strip().split(":")[0].strip()
-        if not name.isupper():
-            continue
-        constants.append(Constant(name, module_globals[name], comment.strip()))
+        name = node.target.id
+        comment = " ".join(comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments)
+        annotation = _annotation_text(annotations.get(name, ast.get_source_segment(block, node.annotation)))
+        check = re.search(r"\s*\[([^\[\]]*)\]\s*$", comment)
+        helptext = comment[: check.start()] if check else comment
+        constant = Constant(name, annotation, module_globals[name], helptext.strip(), check.group(1) if check else "")
+        if constant.item_type not in TYPES:
+            raise RuntimeError(f"{name}: unsupported type {annotation!r} (use {', '.join(TYPES)} or tuple[X, ...])")
+        constants.append(constant)
     return constants
+
+
+def _choices(constant: Constant, module_globals: dict) -> tuple[str, ...] | None:
+    if "|" in constant.check:
+        return tuple(word.strip() for word in constant.check.split("|"))
+    if constant.check.startswith("in "):  # a name the module defines (None while it is not defined yet)
+        names = module_globals.get(constant.check[3:].strip())
+        return None if names is None else tuple(names)
+    return {**COMMON_CHOICES, "dataset": DATASETS, "precision": PRECISIONS}.get(constant.key)
+
+
+def convert(constant: Constant, value: Any, module_globals: dict | None = None) -> Any:
+    """`value` as the constant's declared type, checked against its declaration; else a UserError that names
+    the flag. Used for the lesson's own value, for `main`'s keywords and for flags alike."""
+    flag = constant.flag
+    if constant.is_tuple:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        require(len(values) > 0, f"{flag} needs at least one value")
+        return tuple(convert(replace(constant, type=constant.item_type), v, module_globals) for v in values)
+    kind = constant.type
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(kind, isinstance(value, (str, Path)))
+    require(ok, f"{flag} takes {'a path' if kind == 'Path' else kind + ' values'}, not {value!r}")
+    value = TYPES[kind](value)
+    if kind == "Path":
+        value = expand_path(value)
+    choices = _choices(constant, module_globals or {})
+    if choices is not None:
+        require(value in choices, f"{flag} must be one of {', '.join(map(str, choices))} (got {value!r})")
+    elif constant.check and kind in ("int", "float"):
+        for condition in constant.check.split(","):
+            op, _, bound = condition.strip().partition(" ")
+            require(op in CHECKS, f"{constant.name}: cannot read the check {condition.strip()!r}")
+            require(CHECKS[op](float(value), float(bound)), f"{flag} must be {op} {bound} (got {value})")
+    return value
+
+
+def expand_path(text: str) -> str:
+    """`~` and $VARIABLES expanded, as a shell would: `DATA_DIR = "~/data"` must not create a folder named `~`."""
+    return os.path.expanduser(os.path.expandvars(text)) if text else text
 
 
 class Config(dict):
     """The lesson's constants in lower case, with overrides applied; read as `cfg.depth` or `cfg["depth"]`.
+    `cfg.lesson` names the lesson (for results.json)."""
 
-    `cfg.explicit` is the set of keys the caller set on purpose (a flag on the command line or a keyword
-    to `main`), which lets a lesson tell "the default dataset" from "the dataset you asked for".
-    """
+    lesson: str = ""
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -112,81 +212,100 @@ class Config(dict):
         except KeyError:
             raise AttributeError(key) from None
 
-    explicit: frozenset = frozenset()
+
+def lesson_name(module_globals: dict) -> str:
+    """The lesson's file name without `.py`; in a notebook, the notebook's (Jupyter and VS Code set it) or,
+    failing that, the name of the lesson's output folder (`outputs/01_basic_residual_block`)."""
+    for key in ("__file__", "__vsc_ipynb_file__", "__session__"):
+        if module_globals.get(key):
+            return Path(module_globals[key]).stem
+    return Path(str(module_globals.get("OUT", "notebook"))).name
 
 
 def config(module_globals: dict, overrides: dict, full_overrides: dict | None = None) -> Config:
     """Build the config for one run: constants as defaults, then `full_overrides` when `full=True`, then
-    the caller's overrides. Unknown keys are a `TypeError`, as for any Python function."""
-    constants = {c.key: c.default for c in read_constants(module_globals)}
+    the caller's overrides, each converted to its declared type and checked. Unknown keys are a `TypeError`,
+    as for any Python function; a value that fails its check is a `UserError`, before any work is done."""
+    constants = {c.key: c for c in read_constants(module_globals)}
     unknown = sorted(set(overrides) - set(constants))
     if unknown:
         raise TypeError(f"main() got unexpected keyword arguments: {', '.join(unknown)}")
-    cfg = Config(constants)
-    if overrides.get("full", constants.get("full", False)) and full_overrides:
-        cfg.update(full_overrides)
-    cfg.update(overrides)
-    for key, value in cfg.items():  # lists from the command line become tuples, like the constants
-        if isinstance(value, list):
-            cfg[key] = tuple(value)
-    cfg.explicit = frozenset(overrides)
+    values = {key: c.default for key, c in constants.items()}
+    if overrides.get("full", values.get("full", False)) and full_overrides:
+        values.update(full_overrides)
+    values.update(overrides)
+    cfg = Config({key: convert(constants[key], value, module_globals) for key, value in values.items()})
+    cfg.lesson = lesson_name(module_globals)
     return cfg
 
 
-def _flag_type(default: Any) -> dict:
-    if isinstance(default, bool):
-        return {"action": argparse.BooleanOptionalAction}
-    if isinstance(default, (tuple, list)):
-        item = type(default[0]) if default else str
-        return {"nargs": "+", "type": item, "metavar": item.__name__.upper()}
-    if default is None:
-        return {"type": str}
-    return {"type": type(default), "metavar": type(default).__name__.upper()}
-
-
-def build_parser(module_globals: dict, choices: dict[str, Iterable[str]] | None = None):
-    """An argparse parser with one flag per constant. Defaults are SUPPRESSed so that the parsed
-    namespace holds only what the user typed; `main` fills in the rest from the constants."""
-    doc = (module_globals.get("__doc__") or "").strip().splitlines()
-    parser = argparse.ArgumentParser(
-        prog=f"python {Path(module_globals['__file__']).name}",
-        description=doc[0] if doc else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: append every keyword `main` accepts (the constants, lower case) to its docstring, with
+    type, default and help, so that `help(main)` and a notebook's `main?` list them."""
+    lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
+    main.__doc__ = (
+        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
     )
-    choices = choices or {}
-    for constant in read_constants(module_globals):
-        kwargs = _flag_type(constant.default)
-        if constant.key in choices:
-            kwargs["choices"] = list(choices[constant.key])
-            kwargs.pop("metavar", None)
-        parser.add_argument(
-            constant.flag,
-            dest=constant.key,
-            default=argparse.SUPPRESS,
-            help=f"{constant.help} (default: {constant.default!r})",
-            **kwargs,
-        )
+    return main
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors (an unknown flag, "abc" for an int) as one line
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(module_globals: dict, full_overrides: dict | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per constant. Defaults are SUPPRESSed so that the parsed namespace
+    holds only what the user typed; `config` fills in the rest and checks everything."""
+    doc = (module_globals.get("__doc__") or "").strip().splitlines()
+    full_overrides = full_overrides or {}
+    epilog = "--full changes: " + ", ".join(f"{k}={v!r}" for k, v in full_overrides.items()) if full_overrides else None
+    parser = _OneLineErrors(
+        prog=f"python {Path(module_globals['__file__']).name}",
+        description=doc[0] if doc else None,  # argparse %-formats help texts only, not these two
+        epilog=epilog,
+    )
+    for c in read_constants(module_globals):
+        choices = _choices(c, module_globals)
+        item = TYPES[c.item_type]
+        if c.item_type == "bool" and not c.is_tuple:
+            kwargs = {"action": argparse.BooleanOptionalAction}
+        else:
+            kwargs = {"type": item, "metavar": "{" + ",".join(choices) + "}" if choices else c.item_type.upper()}
+            kwargs["nargs"] = "+" if c.is_tuple else None
+        text = f"{c.help} (default: {c.default!r}"
+        text += f"; --full: {full_overrides[c.key]!r})" if c.key in full_overrides else ")"
+        text += f" [{c.check}]" if c.check and not choices else ""
+        parser.add_argument(c.flag, dest=c.key, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs)
     return parser
 
 
-def run_cli(main: Callable[..., Any], module_globals: dict, choices: dict | None = None) -> None:
-    """Parse flags, call `main(**flags)`, and turn a `UserError` into one line on stderr and exit 1."""
-    # Flags every lesson spells the same way; a lesson's own `choices` add to these or replace them.
-    choices = {
-        "device": ("auto", "cpu", "cuda", "mps"),
-        "dataset": DATASETS,
-        "precision": PRECISIONS,
-        **(choices or {}),
-    }
-    args = build_parser(module_globals, choices).parse_args()
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (Jupyter, JupyterLab, VS Code's notebooks and interactive window)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
+    """Run the lesson: from the command line, parse flags and call `main(**flags)`; in a notebook (no lesson
+    file on the command line) call `main()` with the constants as they are now and return its results.
+    A `UserError` becomes one `error: ...` line (and exit status 1 on the command line)."""
+    script = module_globals.get("__file__")
+    command_line = bool(script) and bool(sys.argv) and Path(sys.argv[0]).resolve() == Path(script).resolve()
     try:
+        if not command_line:
+            return main()
+        args = build_parser(module_globals, module_globals.get("FULL_OVERRIDES")).parse_args()
         main(**vars(args))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        if command_line:
+            sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        if command_line:
+            sys.exit(130)
+    return None
 
 
 # =====================================================================================================
@@ -293,11 +412,18 @@ def synchronize(device: torch.device) -> None:
 # =====================================================================================================
 # Output: tables, progress, results.json, figures, atomic writes
 # =====================================================================================================
-def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> str:
+class Table(str):
+    """A formatted table: it prints as itself, and a notebook cell that ends in one shows it as text."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> Table:
     """A fixed-width text table. `columns` is a list of (key, format), e.g. [("depth", "d"), ("ratio", ".2e")];
     headers are the keys. Numbers are right-aligned, text left-aligned."""
     if not rows:
-        return title or ""
+        return Table(title or "")
     columns = columns or [(key, "") for key in rows[0]]
     cells = [[format(row[key], spec) if row.get(key) is not None else "-" for key, spec in columns] for row in rows]
     widths = [max(len(key), *(len(r[i]) for r in cells)) for i, (key, _) in enumerate(columns)]
@@ -309,7 +435,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None,
     out = [title] if title else []
     out += [line([key for key, _ in columns]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
-    return "\n".join(out)
+    return Table("\n".join(out))
 
 
 def print_table(rows, columns=None, title=None) -> None:
@@ -362,6 +488,12 @@ class Progress:
                 print(f"  {self.desc}: {done}{of} ({rate:,.0f} {self.unit}/s) {self.postfix}".rstrip(), flush=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write a file so that a crash never leaves it half-written: `write(tmp)` fills a temporary file in
     the same folder, which then replaces `path` in one `os.replace` (atomic on POSIX and Windows)."""
@@ -371,6 +503,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it what the user's umask allows
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -379,9 +512,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def snake_case(key: str) -> str:
+    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`."""
+    key = key.replace("@", " at ").replace("/", " over ")
+    return re.sub(r"[^0-9a-z]+", "_", key.lower()).strip("_")
+
+
 def _jsonable(value: Any) -> Any:
+    """JSON-ready copy of `value`. Keys become snake_case, and a rate is always a fraction: a table column
+    in percent (`test_err_%`: 8.75) is saved as `test_err`: 0.0875."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            k = str(k)
+            if k.endswith("%") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                k, v = k[:-1], v / 100
+            out[snake_case(k)] = _jsonable(v)
+        return out
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
@@ -400,7 +547,7 @@ def _jsonable(value: Any) -> Any:
 def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
     """Write `results.json`: the lesson's numbers plus the run's context (device, seed, versions, runtime)."""
     record = {
-        "lesson": Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else None,
+        "lesson": cfg.lesson or "notebook",
         "device": str(device),
         "device_name": device_name(device),
         "seed": cfg.get("seed"),
@@ -423,20 +570,24 @@ def device_name(device: torch.device) -> str:
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
+    """Save a matplotlib figure as PNG atomically, show it when running in a notebook, and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    if in_notebook():
+        from IPython.display import display
+
+        display(fig)
     plt.close(fig)
     return path
 
 
 def use_headless_matplotlib() -> None:
-    """Select the file-only backend unless a notebook already chose an inline one."""
+    """Select the file-only backend for command-line runs; a notebook keeps its inline backend."""
     import matplotlib
 
-    if "inline" not in matplotlib.get_backend().lower():
+    if not in_notebook() and "inline" not in matplotlib.get_backend().lower():
         matplotlib.use("Agg")
 
 
@@ -685,8 +836,8 @@ def load_dataset(
     """Load a dataset as `ImageData`, holding `val_size` training images out for validation.
 
     `train_size` / `test_size` keep a seeded random subset (None keeps all). With `fallback=True` a dataset
-    that cannot be had is replaced by the synthetic set, with a loud notice on stderr: meant for the quick
-    default run only; an explicitly requested dataset should fail with instructions instead."""
+    that cannot be had is replaced by Fashion-MNIST (when on disk) or the synthetic set, with a loud notice
+    on stderr. Lessons call `load_data`, which decides `fallback` by the one rule."""
     require(name in DATASETS, f"unknown dataset {name!r} (use one of: {', '.join(DATASETS)})")
     data_dir = Path(data_dir)
     try:
@@ -711,7 +862,7 @@ def load_dataset(
         banner = "!" * 100
         print(
             f"\n{banner}\nNOTICE: {error}\nFalling back to the {substitute.upper()} dataset so that this quick run still works: "
-            f"its numbers are\nnot {name} numbers. Pass --dataset {name} to make a missing dataset an error instead.\n{banner}\n",
+            f"its numbers are\nnot {name} numbers. A --full run never falls back: it stops with the error above.\n{banner}\n",
             file=sys.stderr,
             flush=True,
         )
@@ -732,6 +883,25 @@ def load_dataset(
     mean = tuple(scaled.mean(dim=(0, 2, 3)).tolist())
     std = tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     return ImageData(name, classes, train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
+
+
+def load_data(cfg: Config, test_size: int | None = None) -> ImageData:
+    """The one way a lesson gets its data: `cfg.dataset` with the lesson's data_dir, val_size, train_size
+    (0 or absent: all), seed and download, keeping `test_size` test images (None: all).
+
+    The fallback rule, the only one: when the dataset is not available (not on disk, no download), a quick
+    run substitutes another one with a loud notice, whether the name came from the constants block, a
+    keyword or a flag; a `--full` run stops with an error that says how to get the data."""
+    return load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        train_size=cfg.get("train_size") or None,
+        test_size=test_size,
+        seed=cfg.seed,
+        download=cfg.download,
+        fallback=not cfg.get("full", False),
+    )
 
 
 # =====================================================================================================
@@ -777,6 +947,45 @@ def endless_batches(num_items: int, batch_size: int, generator: torch.Generator)
     )
     while True:
         yield from epoch_batches(num_items, batch_size, generator)
+
+
+def training_batches(
+    data: ImageData, count: int, batch_size: int, device: torch.device, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """`count` shuffled batches of normalised training images on `device`, without augmentation."""
+    batches = endless_batches(len(data.train_x), batch_size, generator)
+    return [
+        normalize(data.train_x[index.to(data.train_x.device)].to(device), data.mean, data.std)
+        for _, index in zip(range(count), batches)
+    ]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module, batches: list[torch.Tensor], amp_dtype: torch.dtype | None = None, channels_last: bool = False
+) -> nn.Module:
+    """Replace every batch-norm layer's running mean and variance by their plain average over `batches`
+    (train-mode forward passes with the final weights; no gradient, no weight change). No batches: no change.
+
+    It is here, not in a lesson, because lessons 03, 04 and 05 all evaluate networks after a few hundred
+    steps at a high learning rate, when the running averages still describe much earlier weights; lesson 03
+    explains the pitfall and measures it."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batches or not norms:
+        return model
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: cumulative average, i.e. the plain mean over the batches seen
+    was_training = model.training
+    model.train()
+    device = batches[0].device
+    for x in batches:
+        with autocast(device, amp_dtype):
+            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.train(was_training)
 
 
 @torch.no_grad()

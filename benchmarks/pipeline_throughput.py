@@ -152,7 +152,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the baseline")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
+    parser.add_argument(
+        "--data-dir", default="data", type=helpers.expand_path, help="folder holding cifar-10-batches-py/"
+    )
     parser.add_argument(
         "--generated-if-missing", action="store_true",
         help="when CIFAR-10 is not in --data-dir, time on a generated image set written in CIFAR-10's file format",

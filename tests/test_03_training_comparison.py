@@ -212,7 +212,7 @@ def test_default_quick_run_falls_back_loudly_to_synthetic(lesson03, tmp_path, mo
     tiny = {k: v for k, v in TINY.items() if k != "dataset"}
     results = lesson03.main(**tiny, data_dir=str(tmp_path / "empty"), download=False, out=str(tmp_path / "o"))
     err = capsys.readouterr().err
-    assert "NOTICE" in err and "Falling back to the SYNTHETIC dataset" in err and "--dataset cifar10" in err
+    assert "NOTICE" in err and "Falling back to the SYNTHETIC dataset" in err and "--full run never falls back" in err
     assert results["dataset"] == "synthetic" and results["fell_back_from"] == "cifar10"
 
 
@@ -224,10 +224,20 @@ def test_fallback_prefers_fashion_mnist_on_disk(lesson03, tmp_path, capsys):
     assert results["dataset"] == "fashion-mnist"
 
 
-@pytest.mark.parametrize("extra", [{"dataset": "cifar10"}, {"dataset": "cifar100"}, {"full": True}])
-def test_missing_dataset_is_an_error_when_asked_for_or_full(lesson03, tmp_path, extra):
+def test_missing_dataset_falls_back_the_same_way_from_a_flag(lesson03, tmp_path, monkeypatch, capsys):
+    """The rule is "this dataset is not available", not "was it typed": a keyword (or flag) naming a missing
+    dataset falls back exactly as the edited constant does."""
+    no_debian_fashion_mnist(monkeypatch, tmp_path)
+    tiny = {**TINY, "dataset": "cifar100"}
+    results = lesson03.main(**tiny, data_dir=str(tmp_path / "empty"), download=False, out=str(tmp_path / "o"))
+    assert "Falling back to the SYNTHETIC dataset" in capsys.readouterr().err
+    assert results["fell_back_from"] == "cifar100"
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_missing_dataset_is_an_error_in_a_full_run(lesson03, tmp_path, dataset):
     with pytest.raises(helpers.UserError) as error:
-        lesson03.main(**extra, data_dir=str(tmp_path), download=False, out=str(tmp_path / "o"))
+        lesson03.main(dataset=dataset, full=True, data_dir=str(tmp_path), download=False, out=str(tmp_path / "o"))
     message = str(error.value)
     assert "could not be downloaded" in message and "cs.toronto.edu" in message
     assert "apt-get install dataset-fashion-mnist" in message  # the offline route on Debian
@@ -236,12 +246,14 @@ def test_missing_dataset_is_an_error_when_asked_for_or_full(lesson03, tmp_path, 
 def test_missing_fashion_mnist_error_names_the_debian_package(lesson03, tmp_path, monkeypatch):
     no_debian_fashion_mnist(monkeypatch, tmp_path)
     with pytest.raises(helpers.UserError, match="apt-get install dataset-fashion-mnist"):
-        lesson03.main(dataset="fashion-mnist", data_dir=str(tmp_path), download=False, out=str(tmp_path / "o"))
+        lesson03.main(
+            dataset="fashion-mnist", full=True, data_dir=str(tmp_path), download=False, out=str(tmp_path / "o")
+        )
 
 
 def test_cli_prints_one_error_line_and_exits_1(tmp_path):
     done = run_script(
-        "03_training_comparison.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download",
+        "03_training_comparison.py", "--full", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download",
         "--out", str(tmp_path / "o"), timeout=120,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr

@@ -110,7 +110,7 @@ def test_plain_deep_net_with_bn_has_a_much_steeper_gradient_profile(lesson05):
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     runs = lesson05.gradient_flow([56], x, y, seed=0)
     table = {(r["net"], r["BN"]): r for r in lesson05.gradient_table(runs)}
-    assert table[("plain", "yes")]["first/last"] > 20 * table[("residual", "yes")]["first/last"]
+    assert table[("plain", "yes")]["first_over_last"] > 20 * table[("residual", "yes")]["first_over_last"]
     # without BN, the residual net's activations (and gradients) grow block by block
     assert table[("residual", "no")]["last_conv"] > 100 * table[("plain", "no")]["last_conv"]
 
@@ -170,12 +170,12 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     assert 0.25 < plain["convex_share"] < 0.75 and 0.25 < residual["convex_share"] < 0.75
     for net in saved["landscape"]["networks"].values():  # stored BN statistics had caught up (< 3%)
         assert abs(net["eval_loss_stored_bn"] / net["eval_loss_recalibrated_bn"] - 1) < 0.03
-    rows = {(r["depth"], r["net"], r["BN"]): r for r in saved["gradient_flow"]["summary"]}
+    rows = {(r["depth"], r["net"], r["bn"]): r for r in saved["gradient_flow"]["summary"]}
     # the card's gradient table (measured: plain+BN 1.3e2, 2.0e4, 4.1e7; residual+BN 32, 1.0e2, 1.6e2)
-    assert rows[(56, "plain", "yes")]["first/last"] > 20 * rows[(56, "residual", "yes")]["first/last"]
-    assert rows[(110, "plain", "yes")]["first/last"] > 1e5
+    assert rows[(56, "plain", "yes")]["first_over_last"] > 20 * rows[(56, "residual", "yes")]["first_over_last"]
+    assert rows[(110, "plain", "yes")]["first_over_last"] > 1e5
     for depth in (20, 56, 110):
         residual = rows[(depth, "residual", "yes")]
         assert residual["max"] / residual["min"] < 600
-        assert rows[(depth, "plain", "no")]["first/last"] < 20  # He init keeps a plain net without BN level
+        assert rows[(depth, "plain", "no")]["first_over_last"] < 20  # He init keeps a plain net without BN level
     assert rows[(110, "residual", "no")]["last_conv"] > 1e5 * rows[(20, "residual", "no")]["last_conv"]

@@ -1,6 +1,8 @@
 """The generic plumbing the lessons rely on: constants -> flags and config, UserError -> one line and exit 1,
 atomic writes, fixed-width tables, loading a lesson by number."""
 
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,65 +11,157 @@ import pytest
 
 import helpers
 
-LESSON_TEXT = '''
-"""A tiny lesson used by the tests."""
+LESSON_TEXT = """
+\"\"\"A tiny lesson used by the tests: 100% made up.\"\"\"
+from __future__ import annotations
 import sys
+from pathlib import Path
 sys.path.insert(0, {repo!r})
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-BATCH_SIZE = 32  # images per batch
-LEARNING_RATE = 0.1  # step size
-AUGMENT = True  # random crops and flips
-DEPTHS = (20, 56)  # network depths to compare
-DATASET = "cifar10"  # which dataset
+BATCH_SIZE: int = 32  # images per batch [> 0]
+LEARNING_RATE: float = {lr}  # step size, 10% of the usual [> 0]
+AUGMENT: bool = True  # random crops and flips
+DEPTHS: tuple[int, ...] = (20, 56)  # network depths to compare [>= 8]
+DATASET: str = "cifar10"  # which dataset
+INIT: str = "he"  # weight init [pytorch | he]
+DATA_DIR: Path = {data_dir!r}  # where the data lives
+FULL: bool = False  # the long run
 # --- end constants -----------------------------------------------------------------------------------
 NOT_A_CONSTANT = 1
+FULL_OVERRIDES = {{"batch_size": 128, "depths": (20, 32, 44, 56, 110)}}
 
 
+@helpers.constants_as_keywords
 def main(**overrides):
-    cfg = helpers.config(globals(), overrides)
-    helpers.require(cfg.batch_size > 0, "--batch-size must be positive (pass a number above 0)")
-    print(sorted(cfg.items()), sorted(cfg.explicit))
+    \"\"\"Print the config.\"\"\"
+    cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
+    print(repr(sorted(cfg.items())))
     return cfg
 
 
 if __name__ == "__main__":
-    helpers.run_cli(main, globals(), choices={{"dataset": helpers.DATASETS}})
-'''
+    helpers.run_cli(main, globals())
+"""
+
+
+def write_lesson(tmp_path, lr="0.1", data_dir="data"):
+    path = tmp_path / "07_tiny.py"
+    path.write_text(textwrap.dedent(LESSON_TEXT.format(repo=str(helpers.REPO_DIR), lr=lr, data_dir=data_dir)))
+    module_globals = {"__file__": str(path), "__name__": "tiny"}
+    exec(compile(path.read_text(), str(path), "exec"), module_globals)
+    return path, module_globals
 
 
 @pytest.fixture
 def tiny_lesson(tmp_path):
-    path = tmp_path / "07_tiny.py"
-    path.write_text(textwrap.dedent(LESSON_TEXT.format(repo=str(helpers.REPO_DIR))))
-    module_globals = {"__file__": str(path)}
-    exec(compile(path.read_text(), str(path), "exec"), module_globals)
-    return path, module_globals
+    return write_lesson(tmp_path)
+
+
+def run(path, *args, env=None):
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env)
 
 
 def test_constants_become_flags_and_config(tiny_lesson):
     _, module_globals = tiny_lesson
     constants = {c.name: c for c in helpers.read_constants(module_globals)}
-    assert list(constants) == ["BATCH_SIZE", "LEARNING_RATE", "AUGMENT", "DEPTHS", "DATASET"]
+    assert list(constants)[:4] == ["BATCH_SIZE", "LEARNING_RATE", "AUGMENT", "DEPTHS"]
     assert constants["BATCH_SIZE"].flag == "--batch-size" and constants["BATCH_SIZE"].help == "images per batch"
-    parser = helpers.build_parser(module_globals, {"dataset": helpers.DATASETS})
+    assert constants["BATCH_SIZE"].check == "> 0" and constants["DEPTHS"].type == "tuple[int, ...]"
+    parser = helpers.build_parser(module_globals)
     args = vars(parser.parse_args(["--batch-size", "8", "--no-augment", "--depths", "32", "44", "110"]))
     assert args == {"batch_size": 8, "augment": False, "depths": [32, 44, 110]}  # only what was typed
     cfg = helpers.config(module_globals, args)
     assert cfg.batch_size == 8 and cfg.learning_rate == 0.1 and cfg.depths == (32, 44, 110)
-    assert cfg.explicit == {"batch_size", "augment", "depths"}
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--dataset", "imagenet"])  # not among the choices: argparse usage error
+    assert cfg.lesson == "07_tiny"
     with pytest.raises(TypeError):
         helpers.config(module_globals, {"batch_sise": 8})  # a misspelt keyword fails like any Python call
 
 
-def test_user_error_is_one_line_and_exit_1(tiny_lesson):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size must be > 0 (got 0)"),
+        ({"depths": (20, 4)}, "--depths must be >= 8 (got 4)"),
+        ({"dataset": "imagenet"}, "--dataset must be one of cifar10, cifar100, fashion-mnist, synthetic"),
+        ({"init": "xavier"}, "--init must be one of pytorch, he (got 'xavier')"),
+        ({"batch_size": 2.5}, "--batch-size takes int values, not 2.5"),
+        ({"augment": 1}, "--augment takes bool values, not 1"),
+    ],
+)
+def test_values_are_checked_against_their_declaration(tiny_lesson, overrides, message):
+    _, module_globals = tiny_lesson
+    with pytest.raises(helpers.UserError, match="^" + re.escape(message)):
+        helpers.config(module_globals, overrides)
+
+
+def test_range_check_is_one_error_line_and_exit_1(tiny_lesson):
     path, _ = tiny_lesson
-    done = subprocess.run([sys.executable, str(path), "--batch-size", "0"], capture_output=True, text=True)
+    done = run(path, "--batch-size", "0")
     assert done.returncode == 1
-    assert done.stderr == "error: --batch-size must be positive (pass a number above 0)\n"
+    assert done.stderr == "error: --batch-size must be > 0 (got 0)\n"
+    done = run(path, "--batch-size", "many")  # argparse's own complaint, also one line
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+
+
+def test_edited_constant_keeps_its_flag_type(tmp_path):
+    """`LEARNING_RATE = 0.1` edited to `1`: the flag still takes floats, and the value is a float."""
+    path, module_globals = write_lesson(tmp_path, lr="1")
+    assert helpers.config(module_globals, {}).learning_rate == 1.0
+    assert isinstance(helpers.config(module_globals, {}).learning_rate, float)
+    done = run(path, "--learning-rate", "0.05")
+    assert done.returncode == 0, done.stderr
+    assert "('learning_rate', 0.05)" in done.stdout
+    path, module_globals = write_lesson(tmp_path, lr="-1")  # an edited constant is checked like a flag
+    done = run(path)
+    assert done.returncode == 1 and done.stderr == "error: --learning-rate must be > 0 (got -1.0)\n"
+
+
+def test_help_is_percent_safe_and_shows_full(tiny_lesson):
+    path, _ = tiny_lesson
+    done = run(path, "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "100% made up" in text and "10% of the usual" in text
+    assert "--full changes: batch_size=128, depths=(20, 32, 44, 56, 110)" in text
+    assert "(default: 32; --full: 128)" in text and "[> 0]" in text
+
+
+def test_paths_expand_home_and_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LESSON_DATA", str(tmp_path / "elsewhere"))
+    path, module_globals = write_lesson(tmp_path, data_dir="~/data")
+    assert helpers.config(module_globals, {}).data_dir == str(tmp_path / "home" / "data")
+    assert helpers.config(module_globals, {"data_dir": "$LESSON_DATA/x"}).data_dir == str(tmp_path / "elsewhere/x")
+    done = run(path, "--data-dir", "~/other", env={**os.environ})
+    assert f"('data_dir', '{tmp_path / 'home' / 'other'}')" in done.stdout
+    assert helpers.expand_path("") == ""  # empty stays empty: "not set"
+
+
+def test_main_docstring_lists_its_keywords(tiny_lesson):
+    _, module_globals = tiny_lesson
+    doc = module_globals["main"].__doc__
+    assert doc.startswith("Print the config.")
+    for line in ("batch_size: int = 32  images per batch", "depths: tuple[int, ...] = (20, 56)", "full: bool = False"):
+        assert line in doc
+
+
+def test_notebook_namespace_needs_no_file_and_ignores_argv(tmp_path, monkeypatch):
+    """In a kernel there is no `__file__`, sys.argv holds the kernel's own arguments, and the constants
+    block is found in IPython's cell history `_ih`: types, checks and help still come from it."""
+    source = textwrap.dedent(LESSON_TEXT.format(repo=str(helpers.REPO_DIR), lr="1", data_dir="~/d"))
+    cells = source.split("# --- constants")
+    cells = [cells[0], "# --- constants" + cells[1]]
+    namespace = {"__name__": "__main__", "_ih": [""]}
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel.json"])
+    for cell in cells:
+        namespace["_ih"].append(cell)
+        exec(compile(cell, "<cell>", "exec"), namespace)
+    cfg = namespace["main"](learning_rate=2)
+    assert cfg.learning_rate == 2.0 and cfg.lesson == "notebook"  # no file, no OUT constant to name it
+    namespace["BATCH_SIZE"] = -3  # an edit in the notebook
+    assert helpers.run_cli(namespace["main"], namespace) is None  # one error line on stderr, no exit
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -107,3 +201,31 @@ def test_load_lesson_by_number():
     assert hasattr(module, "ResidualBlock") and module.__file__.endswith("01_basic_residual_block.py")
     with pytest.raises(FileNotFoundError):
         helpers.load_lesson(99)
+
+
+def test_a_declaration_wrapped_by_the_formatter_keeps_its_help_and_check():
+    cell = (
+        "# --- constants\n"
+        "SIZES: tuple[int, ...] = (\n    128,\n    64,\n)  # layer widths [> 0]\n"
+        "NAME: str = (\n    'a'  # which one [a | b]\n)\n"
+        "# --- end constants\n"
+    )
+    namespace = {"_ih": ["", cell]}
+    exec(cell, namespace)
+    sizes, name = helpers.read_constants(namespace)
+    assert (sizes.help, sizes.check, sizes.type) == ("layer widths", "> 0", "tuple[int, ...]")
+    assert (name.help, name.check) == ("which one", "a | b")
+    with pytest.raises(helpers.UserError, match="--sizes must be > 0"):
+        helpers.config(namespace, {"sizes": (3, 0)})
+
+
+def test_atomic_write_gives_the_permissions_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = helpers.atomic_write(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        os.umask(0o077)
+        path = helpers.atomic_write(tmp_path / "b.json", lambda tmp: tmp.write_text("{}"))
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

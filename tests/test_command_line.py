@@ -1,0 +1,37 @@
+"""`--help` of every lesson and of the benchmark prints and exits 0 (a `%` in a comment once broke it), and
+shows what `--full` changes. All of them run in one Python process, so that torch is imported once."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPTS = sorted(p.name for p in REPO.glob("0[1-6]_*.py")) + ["benchmarks/pipeline_throughput.py"]
+
+PRINT_HELP = """
+import contextlib, io, runpy, sys
+sys.path.insert(0, {repo!r})
+for script in {scripts!r}:
+    sys.argv = [{repo!r} + "/" + script, "--help"]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as done:
+            assert done.code in (0, None), (script, done.code)
+    print("=== " + script)
+    print(text.getvalue())
+"""
+
+
+def test_help_of_every_lesson_and_the_benchmark():
+    code = PRINT_HELP.format(repo=str(REPO), scripts=SCRIPTS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sections = dict(part.split("\n", 1) for part in done.stdout.split("=== ")[1:])
+    assert sorted(sections) == sorted(SCRIPTS)
+    for script, text in sections.items():
+        assert text.startswith("usage: "), script
+        if script.startswith("0") and "--full" in text:  # lessons 03-06
+            assert "--full changes: " in text and "; --full: " in text, script
+    assert "until training error < 80%" in " ".join(sections["03_training_comparison.py"].split())
