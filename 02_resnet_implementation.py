@@ -426,15 +426,27 @@ def cifar_resnet(
 # CIFAR stem (a 3x3 stride-1 convolution, no max-pool) keeps 32x32 maps in layer1 and 4x4 in layer4; it
 # costs 15x the multiply-adds (555 vs 37 MMACs, measured below) because every layer now works on 16x
 # more positions. Lesson 06 trains this network.
+# The same stem on ResNet-34/50/101/152 gives the "CIFAR ResNet-50" and friends of the widely used CIFAR
+# implementations (kuangliu/pytorch-cifar, 21.3M to 58.2M parameters for 10 classes): the ImageNet
+# stages and blocks unchanged, only the stem swapped. Names: `resnet20` ... `resnet110` are He et al.'s
+# 6n+2 CIFAR nets; `cifar_resnetNN` is ImageNet's ResNet-NN with the 32x32 stem; plain `resnetNN` for
+# NN in 18/34/50/101/152 is always the ImageNet net (above), in every lesson.
+def cifar_stem_resnet(name: str, num_classes: int = 10, zero_init_residual: bool = False) -> ResNet:
+    """ImageNet ResNet `name` (resnet18 ... resnet152) with the small-input stem (3x3 stride-1 convolution,
+    no max-pool) for 32x32 images."""
+    block, blocks_per_stage = IMAGENET_BLOCKS[name]
+    return ResNet(block, blocks_per_stage, num_classes, zero_init_residual, small_input_stem=True)
+
+
 def cifar_resnet18(num_classes: int = 10, zero_init_residual: bool = False) -> ResNet:
-    """ResNet-18 with the small-input stem (3x3 stride-1 convolution, no max-pool) for 32x32 images."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, zero_init_residual, small_input_stem=True)
+    """ResNet-18 with the small-input stem for 32x32 images (lesson 06's --full model)."""
+    return cifar_stem_resnet("resnet18", num_classes, zero_init_residual)
 
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 CIFAR_MODELS = {  # name -> builder(num_classes); ResNet-1202 is left out (19.4M parameters, slow to train)
     **{f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in CIFAR_DEPTHS[:-1]},
-    "resnet18": cifar_resnet18,
+    **{f"cifar_{name}": functools.partial(cifar_stem_resnet, name) for name in IMAGENET_BLOCKS},
 }
 
 

@@ -72,7 +72,7 @@ import torch.nn as nn
 
 import helpers
 
-L02 = helpers.load_lesson(2)  # CIFAR_MODELS: resnet20 ... resnet110 and resnet18 for 32x32 inputs
+L02 = helpers.load_lesson(2)  # CIFAR_MODELS: resnet20 ... resnet110, cifar_resnet18 ... cifar_resnet152
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, data order and augmentation
@@ -106,7 +106,7 @@ CHECK_EVERY: int = 25  # steps between loss read-outs (each one waits for the GP
 # --- end constants -----------------------------------------------------------------------------------
 
 FULL_OVERRIDES = {
-    "model": "resnet18",
+    "model": "cifar_resnet18",
     "train_size": 0,
     "val_size": 5000,
     "test_size": 0,

@@ -146,7 +146,7 @@ def time_lesson06(model_name, data, batch_size, steps, warmup, device, amp_dtype
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet18"], help="CIFAR models to time")
+    parser.add_argument("--models", nargs="+", default=["resnet20", "cifar_resnet18"], help="CIFAR models to time")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step, both pipelines")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per pipeline and model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")

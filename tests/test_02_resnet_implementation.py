@@ -76,8 +76,27 @@ def test_cifar_resnet18_parameter_count_and_stem(lesson02):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+CIFAR_STEM_PARAMS = {  # 10 classes; the counts of kuangliu/pytorch-cifar's ResNet18 ... ResNet152
+    "cifar_resnet18": 11_173_962,
+    "cifar_resnet34": 21_282_122,
+    "cifar_resnet50": 23_520_842,
+    "cifar_resnet101": 42_512_970,
+    "cifar_resnet152": 58_156_618,
+}
+
+
+@pytest.mark.parametrize("name", list(CIFAR_STEM_PARAMS))
+def test_cifar_stem_family_parameter_counts(lesson02, name):
+    model = meta(lesson02.CIFAR_MODELS[name], 10)
+    assert helpers.count_parameters(model) == CIFAR_STEM_PARAMS[name]
+    assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(model.maxpool, nn.Identity)
+
+
 def test_cifar_models_interface(lesson02):
-    assert set(lesson02.CIFAR_MODELS) == {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"}
+    assert set(lesson02.CIFAR_MODELS) == {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110"} | set(
+        CIFAR_STEM_PARAMS
+    )
     for name, build in lesson02.CIFAR_MODELS.items():
         model = meta(build, 100)
         assert model.fc.out_features == 100, name

@@ -128,7 +128,7 @@ def test_cutout_zeroes_one_square_at_most(lesson06):
 
 # --- optimiser -----------------------------------------------------------------------------------------
 def test_weight_decay_only_on_conv_and_linear_weights(lesson06):
-    model = lesson06.model_registry()["resnet18"](10)
+    model = lesson06.model_registry()["cifar_resnet18"](10)
     decay, no_decay = lesson06.parameter_groups(model, 5e-4)
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     assert {id(p) for p in decay["params"]} == weights
