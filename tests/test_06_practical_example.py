@@ -356,16 +356,25 @@ def test_more_command_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_shows_what_the_lesson_card_claims(tmp_path):
-    """The default run (Fashion-MNIST fallback here): the card says val 24.4/68.6/73.0%, test 74.2%, TTA 74.5% (ResNet-18)."""
+    """The default run (Fashion-MNIST fallback here): >= 90% on the full 10,000-image test set within 3 minutes
+    end to end on 2 CPU cores (the issue's target; the card gives the measured numbers)."""
+    import time
+
+    quiet = os.cpu_count() == 2 and os.getloadavg()[0] < 0.5  # the budget is for a quiet 2-core machine
+    started = time.perf_counter()
     result = run_script("06_practical_example.py", "--out", str(tmp_path), timeout=1200)
+    wall_s = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "results.json").read_text())
     if saved["dataset"] != "fashion-mnist":
         pytest.skip(f"the card's numbers are for the Fashion-MNIST fallback, this machine gave {saved['dataset']}")
+    assert saved["model"] == "resnet20" and saved["num_test"] == 10_000 and len(saved["history"]) == 2
     val = [h["val_accuracy"] for h in saved["history"]]
-    assert val[0] < 0.5 and val[1] > 0.65 and 0.7 < val[2] < 0.85  # real learning within 3 epochs
-    assert 0.72 < saved["test_accuracy"] < 0.83
-    assert abs(saved["test_accuracy_flip_tta"] - saved["test_accuracy"]) < 0.03
+    assert val[0] < val[1]  # epoch 1 is read at the peak learning rate, with lagging BN statistics
+    assert saved["test_accuracy"] >= 0.90
+    assert abs(saved["test_accuracy_flip_tta"] - saved["test_accuracy"]) < 0.01  # flips keep Fashion-MNIST's labels
+    if quiet:
+        assert wall_s < 180, f"the quick demo took {wall_s:.0f} s"
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
