@@ -167,6 +167,20 @@ def model_name(depth: int, plain: bool) -> str:
     return f"{'plain' if plain else 'resnet'}-{depth}"
 
 
+def family_table(depths) -> helpers.Table:
+    """Every depth as a plain and as a residual net: the same weighted layers and the same parameters."""
+    rows = []
+    for depth in depths:
+        for plain in (True, False):
+            model = build_model(depth, plain, num_classes=10, seed=0)
+            layers, params = len(helpers.weighted_layers(model)), helpers.count_parameters(model)
+            rows.append({"model": model_name(depth, plain), "weighted layers": layers, "parameters": params})
+    return helpers.format_table(rows, [("model", ""), ("weighted layers", "d"), ("parameters", ",d")])
+
+
+family_table(DEPTHS)
+
+
 # %% Gradient norms of every weighted layer
 # The paper (section 4.1) argues that the trouble of deep plain nets is "unlikely to be caused by vanishing
 # gradients": with batch norm the forward signals keep non-zero variance and the backward gradients
@@ -202,8 +216,10 @@ def checkpoint_steps(iterations: int, count: int) -> list[int]:
     return sorted({0} | {max(0, round(iterations * k / count) - 1) for k in range(1, count + 1)})
 
 
-# %% Batch-norm statistics for evaluation
-# Pitfall. In training mode batch norm normalises with the current batch's mean and variance; in eval mode
+checkpoint_steps(ITERATIONS, GRAD_CHECKPOINTS)  # the steps whose layer gradients the run records
+
+
+# Batch-norm statistics for evaluation. Pitfall. In training mode batch norm normalises with the current batch's mean and variance; in eval mode
 # with running averages updated by momentum 0.1 at every step. After a few hundred steps at learning rate
 # 0.1 the weights still change fast, so the running averages describe weights from tens of steps ago and
 # the eval-mode network is not the network that was trained: measured below, held-out error with the raw
@@ -214,7 +230,6 @@ def checkpoint_steps(iterations: int, count: int) -> list[int]:
 # helpers.recalibrate_batch_norm does the re-estimation; train_one calls it.
 
 
-# %% Training one model
 def train_one(
     cfg, data: helpers.ImageData, depth: int, plain: bool, device: torch.device, amp_dtype: torch.dtype | None
 ) -> dict:
@@ -290,6 +305,25 @@ def train_one(
         "curve": {"error": errors, "loss": losses, "lr": [h["lr"] for h in history]},
         "gradients": {"layers": layer_names, "by_iteration": {str(s): g for s, g in sorted(gradients.items())}},
     }
+
+
+def shared_recipe(cfg) -> helpers.Table:
+    """What every model of the run shares (the only difference between two models is depth or the "+ x")."""
+    warmup = "every net" if cfg.warmup_depth == 0 else f"nets of {cfg.warmup_depth}+ layers"
+    ramp = "linear ramp" if not cfg.warmup_lr else f"constant lr {cfg.warmup_lr:g}"
+    rows = [
+        {"setting": "weights", "value": f"Kaiming normal, seed {cfg.seed}"},
+        {"setting": "mini-batches", "value": f"{cfg.batch_size} images, one order drawn from seed {cfg.seed}"},
+        {"setting": "optimiser", "value": f"SGD, momentum {cfg.momentum:g}, weight decay {cfg.weight_decay:g}"},
+        {"setting": "learning rate", "value": f"{cfg.lr:g} after {cfg.warmup_iterations} warm-up iterations"},
+        {"setting": "warm-up", "value": f"{ramp}, for {warmup}"},
+        {"setting": "iterations", "value": f"{cfg.iterations}, lr / 10 at {', '.join(map(str, cfg.lr_milestones))}"},
+        {"setting": "precision", "value": f"autocast {cfg.precision}, channels-last {cfg.channels_last}"},
+    ]
+    return helpers.format_table(rows, [("setting", ""), ("value", "")], "Identical conditions for every model")
+
+
+shared_recipe(helpers.config(globals(), {}))
 
 
 # %% The verdict, computed from the curves, against its control and its own noise
@@ -376,9 +410,10 @@ def verdict_sentence(verdict: dict) -> str:
     """The verdict as one line a learner can check against the table."""
     s, d, band = verdict["shallow_depth"], verdict["deep_depth"], verdict["noise_band"]["gap_difference"]
     gaps = (
-        f"plain-{d} ends {verdict['plain_gap']:+.1%} vs plain-{s}, resnet-{d} {verdict['resnet_gap']:+.1%} vs "
-        f"resnet-{s}; the shortcuts remove {verdict['gap_difference']:.1%} of the depth penalty "
-        f"(noise band +-{band:.1%}, {verdict['noise_z']:g} standard errors)"
+        f"training error, deeper minus shallower: plain {100 * verdict['plain_gap']:+.1f} points "
+        f"(plain-{d} vs plain-{s}), residual {100 * verdict['resnet_gap']:+.1f} points (resnet-{d} vs resnet-{s}); "
+        f"difference {100 * verdict['gap_difference']:+.1f} points, noise band +-{100 * band:.1f} "
+        f"({verdict['noise_z']:g} standard errors)"
     )
     meaning = {
         "reproduced": "degradation reproduced: the deeper plain net trains worse, and the residual control shows "
@@ -404,6 +439,14 @@ def depth_trend(end_errors: dict[int, float], standard_errors: dict[int, float],
     return "not monotonic: " + ", ".join(f"{a}->{b} {step}" for a, b, step in zip(depths, depths[1:], steps))
 
 
+# How the verdict reads, on made-up flat curves: a 20-point plain gap against a 1-point residual gap.
+verdict_sentence(
+    degradation_verdict(
+        {"plain": {20: [0.2] * 50, 56: [0.4] * 50}, "resnet": {20: [0.2] * 50, 56: [0.21] * 50}}, 0.2, 2
+    )
+)
+
+
 def binned_curve(curve: dict, iterations: int, max_points: int = 2000) -> dict:
     """The curves as means over bins of consecutive iterations, so that results.json of a 64k-iteration run
     stays small; `bin` iterations per point (1 in the quick run: every iteration is kept)."""
@@ -414,7 +457,7 @@ def binned_curve(curve: dict, iterations: int, max_points: int = 2000) -> dict:
     return {"bin": size, **binned}
 
 
-# %% Figures
+# %% Figures, and the whole run
 def plot_training_error(models: list[dict], smoothing: int, path: Path) -> Path:
     """Fig. 6 of the paper: training error against iterations, plain nets left, residual nets right;
     held-out error (after BN recalibration) as a marker at the end of each curve."""
@@ -464,7 +507,6 @@ def plot_gradients(models: list[dict], path: Path) -> Path:
     return helpers.save_figure(fig, path)
 
 
-# %% Putting it together
 def load_data(cfg) -> helpers.ImageData:
     """The training set with a held-out part (helpers.load_data states the rule for a missing dataset)."""
     return helpers.load_data(cfg, test_size=None if cfg.eval_test else 1)
