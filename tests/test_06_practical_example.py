@@ -338,7 +338,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     sentinel.write_text("keep")
     result = run_script("06_practical_example.py", "--dataset", "synthetic", "--out", str(tmp_path), "--lr", "nan")
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: --lr must be a positive")
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: --lr is nan, not a number")
     assert sentinel.read_text() == "keep"
 
 
