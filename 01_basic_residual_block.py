@@ -453,6 +453,29 @@ def one_cpu_thread():
         torch.set_num_threads(threads)
 
 
+def check_sizes(cfg: helpers.Config) -> None:
+    """Sizes that are valid numbers but cannot run: batch norm in train mode needs two values per channel, and
+    no tensor may outgrow the machine's memory (estimates, generous by a small factor)."""
+    helpers.require_seed(cfg.seed)
+    helpers.require(
+        cfg.sweep_batch_size * cfg.sweep_side**2 >= 2,
+        "--sweep-batch-size x --sweep-side^2 must be at least 2: batch norm in train mode needs more than one value per channel",
+    )
+    batch, in_channels, height, width = cfg.trace_input_shape
+    helpers.require_memory(
+        4 * 8 * batch * height * width * (in_channels + cfg.trace_out_channels), "--trace-input-shape"
+    )
+    sizes = cfg.mlp_sizes
+    helpers.require_memory(
+        4 * 16 * (sum(a * b for a, b in zip(sizes, sizes[1:])) + cfg.mlp_batch_size * sum(sizes)), "--mlp-sizes"
+    )
+    depth = max(cfg.sweep_depths)
+    helpers.require_memory(
+        4 * 16 * depth * cfg.sweep_batch_size * cfg.sweep_channels * cfg.sweep_side**2, "the depth sweep"
+    )
+    helpers.require_memory(8 * 4 * (cfg.jacobian_channels * cfg.jacobian_side**2) ** 2, "the Jacobian check")
+
+
 def main(**overrides):
     cfg = helpers.config(globals(), overrides)
     started = time.perf_counter()
@@ -470,6 +493,7 @@ def main(**overrides):
     )
     helpers.require(all(d > 0 for d in cfg.sweep_depths), "--sweep-depths must be positive numbers of blocks")
     helpers.require(all(init in INITS for init in cfg.sweep_inits), f"--sweep-inits takes {' and/or '.join(INITS)}")
+    check_sizes(cfg)
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)

@@ -781,8 +781,14 @@ def main(**overrides):
     cfg = helpers.config(globals(), overrides)
     started = time.perf_counter()
     helpers.require(cfg.image_size >= 32, "--image-size must be at least 32 pixels (a ResNet downsamples by 32)")
-    helpers.require(cfg.latency_seconds >= 0, "--latency-seconds must be zero or positive")
+    helpers.require_seed(cfg.seed)
+    helpers.require_positive("--latency-seconds", cfg.latency_seconds)  # inf would time forever
     helpers.require(all(b > 0 for b in cfg.latency_batch_sizes), "--latency-batch-sizes must be positive integers")
+    if cfg.measure_latency:  # the stem's output, (B, 64, side/2, side/2) in float32, a few times over
+        helpers.require_memory(
+            4 * 8 * 64 * max(cfg.latency_batch_sizes) * (cfg.image_size // 2) ** 2,
+            "--image-size x --latency-batch-sizes",
+        )
     helpers.require(
         cfg.shape_model in MEASURED_MODELS, f"unknown --shape-model (use one of {', '.join(MEASURED_MODELS)})"
     )

@@ -446,6 +446,11 @@ def validate(cfg) -> None:
     helpers.require(0 < cfg.end_fraction <= 1, "--end-fraction must be in (0, 1]")
     helpers.require(cfg.tolerance >= 0, "--tolerance must be zero or positive")
     helpers.require(cfg.smoothing > 0, "--smoothing must be a positive integer")
+    helpers.require_seed(cfg.seed)
+    helpers.require_number("--momentum", cfg.momentum, 0, 1, high_open=True)  # torch's SGD raises on < 0
+    helpers.require_number("--weight-decay", cfg.weight_decay, 0)
+    helpers.require(all(m >= 0 for m in cfg.lr_milestones), "--lr-milestones must be iterations >= 0")
+    helpers.require(cfg.warmup_iterations >= 0, "--warmup-iterations must be zero or positive")
 
 
 def main(**overrides):

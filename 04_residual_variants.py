@@ -917,8 +917,24 @@ def main(**overrides):
         helpers.require(cfg[key] > 0, f"--{key.replace('_', '-')} must be positive (got {cfg[key]})")
     for key in ("cifar_timing_size", "imagenet_timing_size"):
         helpers.require(cfg[key] >= 32, f"--{key.replace('_', '-')} must be at least 32 pixels (got {cfg[key]})")
-    helpers.require(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
+    helpers.require_positive("--lr", cfg.lr)
+    helpers.require_seed(cfg.seed)  # checked now: the seed is first used after a minute of timing
+    helpers.require(cfg.warmup_steps >= 0 and cfg.val_size > 0, "--warmup-steps must be >= 0 and --val-size > 0")
+    helpers.require(cfg.bn_recalibration_batches >= 0, "--bn-recalibration-batches must be zero or positive")
+    per_unit = 9 if cfg.deep_depth >= 164 else 6  # preact_resnet's rule: bottleneck units from depth 164 on
+    helpers.require(
+        cfg.deep_depth > 2 and (cfg.deep_depth - 2) % per_unit == 0,
+        f"--deep-depth must be {per_unit}n+2 (bottleneck units from depth 164 on), e.g. 164 or 1001, not {cfg.deep_depth}",
+    )
+    for flag, batch, side in (
+        ("--timing-batch x --cifar-timing-size", cfg.timing_batch, cfg.cifar_timing_size),
+        ("--timing-batch x --imagenet-timing-size", cfg.timing_batch, cfg.imagenet_timing_size),
+    ):
+        helpers.require_memory(4 * 16 * 256 * batch * side**2, flag)  # a wide early activation, several times over
+    helpers.require_memory(4 * 256 * 32 * 32 * cfg.deep_batch * (cfg.deep_depth // 3), "--deep-depth x --deep-batch")
     helpers.require(cfg.deep_batch >= 2, "--deep-batch must be at least 2 (batch norm needs two images in train mode)")
+    if cfg.dataset != "synthetic":
+        helpers.check_data_dir(cfg.data_dir)  # the data is loaded after a minute of timing: check it now
     started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)

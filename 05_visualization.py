@@ -644,6 +644,11 @@ def main(**overrides):
         f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
     )
     helpers.require(cfg.feature_channels > 0, "--feature-channels must be positive")
+    helpers.require_seed(cfg.seed)
+    helpers.require_positive("--lr", cfg.lr)
+    helpers.require(cfg.warmup_steps >= 0, "--warmup-steps must be zero or positive")
+    helpers.require(cfg.bn_recalibration_batches >= 0, "--bn-recalibration-batches must be zero or positive")
+    helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)

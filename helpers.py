@@ -771,6 +771,17 @@ def make_synthetic(
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+def check_data_dir(data_dir: str | Path) -> None:
+    """Cheap checks of `--data-dir` that a lesson can run before any long work: it is a folder (or absent), and
+    the Fashion-MNIST files in it, if any, are intact. (CIFAR's files are checked by MD5 when loaded.)"""
+    data_dir = Path(data_dir)
+    require(
+        not data_dir.exists() or data_dir.is_dir(),
+        f"--data-dir {data_dir} is a file, not a folder (pass the folder that holds or will hold the datasets)",
+    )
+    verify_idx_files(data_dir / "FashionMNIST" / "raw", len(FASHION_CLASSES))
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path = "data",
@@ -789,10 +800,8 @@ def load_dataset(
     default run only; an explicitly requested dataset should fail with instructions instead."""
     require(name in DATASETS, f"unknown dataset {name!r} (use one of: {', '.join(DATASETS)})")
     data_dir = Path(data_dir)
-    require(
-        name == "synthetic" or not data_dir.exists() or data_dir.is_dir(),
-        f"--data-dir {data_dir} is a file, not a folder (pass the folder that holds or will hold the datasets)",
-    )
+    if name != "synthetic":
+        check_data_dir(data_dir)
     try:
         if name == "synthetic":
             x, y = make_synthetic(synthetic_size + max(synthetic_size // 6, 1000), seed=12345)
