@@ -631,8 +631,8 @@ def _torchvision_cifar(name: str, data_dir: Path, download: bool):
             folder = data_dir / cls.base_folder
             require(
                 not folder.exists(),
-                f"{name} files in {folder} are corrupt or incomplete: {_first_sentence(error)} (delete {folder} "
-                f"and its archive to unpack or download them again)",
+                f"{name} files in {folder} are corrupt or incomplete: torchvision says {_first_sentence(error)!r} "
+                f"(delete {folder} and its archive to unpack or download them again)",
             )
             raise DataUnavailableError(
                 f"{name} is not in {data_dir} and could not be downloaded: {_first_sentence(error)} ({_download_hint(name, data_dir)})"
