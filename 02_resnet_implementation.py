@@ -732,7 +732,7 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = weights.get_state_dict(progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
-        reason = str(getattr(error, "reason", error)).splitlines()[0][:100]
+        reason = helpers.error_summary(getattr(error, "reason", None) or error)
         print(
             f"NOTICE: --pretrained skipped: torchvision's {model_name} {weights.name} weights could not be loaded from "
             f"the torch cache or the network ({reason}); everything above ran without them.",

@@ -248,7 +248,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, not a torch file, or a forbidden global in the pickle
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        reason = helpers.error_summary(error)
         raise helpers.UserError(
             f"cannot load checkpoint {path}: {reason} (pass a checkpoint written by this lesson)"
         ) from None
@@ -404,7 +404,7 @@ def restore_training_state(state: dict, path, model, optimizer, scheduler, scale
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise helpers.UserError(
-            f"checkpoint {path} does not fit model {state['run_config']['model']}: {helpers._first_sentence(error)}"
+            f"checkpoint {path} does not fit model {state['run_config']['model']}: {helpers.error_summary(error)}"
         ) from None
     planned = dict(vars(shape))
     try:
@@ -414,7 +414,7 @@ def restore_training_state(state: dict, path, model, optimizer, scheduler, scale
         set_rng_state(state["rng"], *generators)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
         raise helpers.UserError(
-            f"checkpoint {path} is damaged: cannot restore the training state: {helpers._first_sentence(error)} "
+            f"checkpoint {path} is damaged: cannot restore the training state: {helpers.error_summary(error)} "
             f"(pass a checkpoint written by this lesson)"
         ) from None
     # LambdaLR restores its multiplier's attributes from the file; they must be the plan this run made
@@ -483,7 +483,7 @@ def clear_previous_run(out: Path, checkpoints: Path, keep: set[Path]) -> list[st
     held and every check passed, right before training, so a failed start never deletes anything."""
     keep = {p.resolve() for p in keep}
     stale = [out / name for name in OUTPUT_FILES] + [checkpoints / name for name in CHECKPOINT_FILES]
-    stale += [*out.glob(".*.tmp"), *checkpoints.glob(".*.tmp")]
+    stale += [*out.glob(".*.tmp"), *checkpoints.glob(".*.tmp")]  # any age: the lock rules out a save in progress
     removed = []
     for path in stale:
         if path.is_file() and path.resolve() not in keep:

@@ -240,19 +240,19 @@ def run_cli(main: Callable[..., Any], module_globals: dict, choices: dict | None
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except (MemoryError, torch.OutOfMemoryError) as error:
-        print(f"error: out of memory: {_first_sentence(error)} (use smaller sizes)", file=sys.stderr)
+        print(f"error: out of memory: {error_summary(error)} (use smaller sizes)", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as error:  # the CPU allocator reports failure as a plain RuntimeError
         if "allocate" not in str(error):
             raise
-        print(f"error: out of memory: {_first_sentence(error)} (use smaller sizes)", file=sys.stderr)
+        print(f"error: out of memory: {error_summary(error)} (use smaller sizes)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
-def _first_sentence(error: BaseException) -> str:
+def error_summary(error: BaseException) -> str:
     """An exception's message on one line, whole (not cut mid-sentence), without torch's C++ frames."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -514,8 +514,25 @@ def use_headless_matplotlib() -> None:
 
 
 def output_dir(cfg: Config) -> Path:
-    """Create `cfg.out` and check that files can be written in it, before any long work."""
-    return writable_dir(cfg.out)
+    """Create `cfg.out` and check that files can be written in it, before any long work; remove the temporary
+    files of saves that a killed run left there."""
+    out = writable_dir(cfg.out)
+    remove_orphan_temporaries(out)
+    return out
+
+
+def remove_orphan_temporaries(folder: Path, min_age_s: float = 600) -> list[Path]:
+    """Delete `atomic_write`'s temporary files (`.NAME.XXXXXXXX.tmp`) untouched for `min_age_s` seconds: a save
+    rewrites its file continuously until it is renamed, so an old one belongs to a process that was killed
+    mid-save (the age keeps a concurrent run's save in progress safe)."""
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def writable_dir(path: str | Path, flag: str = "--out") -> Path:
@@ -631,11 +648,11 @@ def _torchvision_cifar(name: str, data_dir: Path, download: bool):
             folder = data_dir / cls.base_folder
             require(
                 not folder.exists(),
-                f"{name} files in {folder} are corrupt or incomplete: torchvision says {_first_sentence(error)!r} "
+                f"{name} files in {folder} are corrupt or incomplete: torchvision says {error_summary(error)!r} "
                 f"(delete {folder} and its archive to unpack or download them again)",
             )
             raise DataUnavailableError(
-                f"{name} is not in {data_dir} and could not be downloaded: {_first_sentence(error)} ({_download_hint(name, data_dir)})"
+                f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)} ({_download_hint(name, data_dir)})"
             ) from None
         x = (
             torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
@@ -732,7 +749,7 @@ def _torchvision_fashion_mnist(data_dir: Path, download: bool, debian_dir: Path 
                 ds = cls(root=str(data_dir), train=train, download=download)
         except (RuntimeError, OSError, ValueError) as error:
             raise DataUnavailableError(
-                f"fashion-mnist is not in {data_dir} and could not be downloaded: {_first_sentence(error)} ({_download_hint('fashion-mnist', data_dir)})"
+                f"fashion-mnist is not in {data_dir} and could not be downloaded: {error_summary(error)} ({_download_hint('fashion-mnist', data_dir)})"
             ) from None
         x = F.pad(ds.data, (2, 2, 2, 2))  # (N, 28, 28) -> (N, 32, 32), zero border like LeNet's input
         x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 32, 32) -> (N, 3, 32, 32)

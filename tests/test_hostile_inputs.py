@@ -15,6 +15,7 @@ semantics, NaN-never-best, the output-folder lock, stale files and the checkpoin
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 from pathlib import Path
 
@@ -311,3 +312,28 @@ def test_data_dir_checks_need_no_network_and_name_the_file(tmp_path):
         helpers.load_dataset("fashion-mnist", folder, download=False)
     with pytest.raises(helpers.UserError, match=r"--data-dir .* is a file"):
         helpers.load_dataset("cifar10", folder / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte", download=False)
+
+
+def test_output_dir_removes_orphan_temporaries_of_killed_saves(tmp_path):
+    old, fresh = tmp_path / ".results.json.a1b2c3.tmp", tmp_path / ".curves.png.d4e5f6.tmp"
+    for path in (old, fresh):
+        path.write_text("half a file")
+    os.utime(old, (0, 0))  # untouched since 1970: its process is long gone
+    helpers.output_dir(helpers.Config(out=str(tmp_path)))
+    assert not old.exists() and fresh.exists()  # a save in progress (of a concurrent run) is left alone
+
+
+def test_writable_dir_names_the_file_in_the_way(tmp_path):
+    (tmp_path / "checkpoints").write_text("in the way")
+    with pytest.raises(helpers.UserError, match=r"checkpoints is a file, not a folder \(pass --out"):
+        helpers.writable_dir(tmp_path / "checkpoints" / "deeper")
+
+
+def test_require_number_names_nan_and_infinity():
+    with pytest.raises(helpers.UserError, match=r"--momentum is nan, not a number"):
+        helpers.require_number("--momentum", float("nan"), 0)
+    with pytest.raises(helpers.UserError, match=r"--lr must be finite, not inf"):
+        helpers.require_positive("--lr", float("inf"))
+    with pytest.raises(helpers.UserError, match=r"--seed must be an integer from 0 to 4294967295, not True"):
+        helpers.require_seed(True)
+    helpers.require_seed(2**32 - 1)
