@@ -48,6 +48,15 @@ HOSTILE = [
         row(lesson, ["--out", "{blocker}/out"], 1, r"cannot write to output folder .*blocker is a file, not a folder")
         for lesson in (L01, L02, L03, L05, L06)
     ],
+    *[
+        row(
+            lesson,
+            ["--out", "/sys/hostile-out"],
+            1,
+            r"cannot write to output folder /sys/hostile-out: Operation not permitted",
+        )
+        for lesson in (L01, L04, L06)
+    ],  # a read-only place even for root
     row(L03, ["--depth", "20"], 2, r"unrecognized arguments: --depth", "03:abbreviated --depth"),
     row(L06, ["--epoch", "2"], 2, r"unrecognized arguments: --epoch", "06:abbreviated --epoch"),
     # --- numbers that are not numbers, or out of range ---------------------------------------------------------
