@@ -646,6 +646,14 @@ def main(**overrides):
     helpers.require(cfg.feature_channels > 0, "--feature-channels must be positive")
     helpers.require_seed(cfg.seed)
     helpers.require_positive("--lr", cfg.lr)
+    for flag, path in (
+        ("--residual-checkpoint", cfg.residual_checkpoint),
+        ("--plain-checkpoint", cfg.plain_checkpoint),
+    ):
+        helpers.require(
+            not path or Path(path).is_file(),
+            f"{flag} {path} is not a file (check the path, or leave it empty to train)",
+        )
     helpers.require(cfg.warmup_steps >= 0, "--warmup-steps must be zero or positive")
     helpers.require(cfg.bn_recalibration_batches >= 0, "--bn-recalibration-batches must be zero or positive")
     helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations

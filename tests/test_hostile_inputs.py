@@ -71,6 +71,7 @@ HOSTILE = [
     row(L04, ["--deep-depth", "1000"], 1, r"--deep-depth must be 9n\+2"),
     row(L05, ["--lr", "-0.1"], 1, r"--lr must be > 0, not -0.1"),
     row(L05, ["--grid-radius", "inf"], 1, r"--grid-radius must be finite"),
+    row(L05, ["--plain-checkpoint", "{tmp}/nope.pt"], 1, r"--plain-checkpoint .*nope.pt is not a file"),
     row(L06, ["--momentum", "nan"], 1, r"--momentum is nan, not a number"),
     row(L06, ["--momentum", "-0.9"], 1, r"--momentum must be >= 0"),
     row(L06, ["--lr", "-1"], 1, r"--lr must be a positive number, not -1"),
