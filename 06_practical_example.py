@@ -766,7 +766,7 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
     keep |= {best_source[0]} if best_source is not None else set()
     removed = clear_previous_run(out, checkpoints, keep)
     if removed:
-        print(f"cleared the files of an earlier run from {out}: {', '.join(removed)}")
+        print(f"removed the previous files from {out} (this run writes its own): {', '.join(removed)}")
     if best_source is not None and not (checkpoints / "best.pt").exists():  # resumed into a new --out
         save_checkpoint(checkpoints / "best.pt", best_source[1])
     run_config = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
