@@ -688,6 +688,16 @@ def main(**overrides):
         return run_pipeline(held, **overrides)
 
 
+def resume_command(cfg, path: Path) -> str:
+    """The command that continues this run, quoted for a POSIX shell (paths may hold spaces). The checkpoint
+    brings the run's settings; where the data is and where and how to compute are repeated if they were given."""
+    words = ["python", "06_practical_example.py", "--resume", str(path)]
+    for key in ("out", "data_dir", "device", "precision"):
+        if key in cfg.explicit:
+            words += ["--" + key.replace("_", "-"), str(cfg[key])]
+    return " ".join(shlex.quote(word) for word in words)
+
+
 def finished_already(state: dict, path) -> dict:
     """`--resume` of a run that has done all its epochs: say so, and change nothing."""
     run, best, epochs = state["run"], state["best"], state["run_config"]["epochs"]
@@ -824,9 +834,7 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
                 save_checkpoint(checkpoints / "last.pt", checkpoint_state())
                 status = "interrupted"
                 print(f"interrupted in epoch {run['epoch'] + 1} at step {run['step']}: saved {checkpoints / 'last.pt'}")
-                print(
-                    f"continue with: python 06_practical_example.py --resume {shlex.quote(str(checkpoints / 'last.pt'))}"
-                )
+                print(f"continue with: {resume_command(cfg, checkpoints / 'last.pt')}")
                 break
             val = helpers.evaluate(
                 model, data.val_x, data.val_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size,

@@ -463,3 +463,15 @@ def test_a_new_run_clears_the_files_of_an_earlier_one(lesson06, finished_run, ti
     assert len(ids) == 1 and earlier_id not in ids
     assert not list(out.rglob("*.tmp"))
     assert json.loads((out / "results.json").read_text())["model"] == "resnet32"
+
+
+def test_the_resume_hint_survives_a_path_with_spaces(lesson06):
+    import shlex
+
+    cfg = helpers.Config(out="my runs/a b", data_dir="data", device="cpu", precision="auto")
+    cfg.explicit = frozenset({"out", "device"})
+    command = lesson06.resume_command(cfg, Path("my runs/a b/checkpoints/last.pt"))
+    assert shlex.split(command) == [
+        "python", "06_practical_example.py", "--resume", "my runs/a b/checkpoints/last.pt",
+        "--out", "my runs/a b", "--device", "cpu",
+    ]  # fmt: skip
