@@ -475,3 +475,38 @@ def test_the_resume_hint_survives_a_path_with_spaces(lesson06):
         "python", "06_practical_example.py", "--resume", "my runs/a b/checkpoints/last.pt",
         "--out", "my runs/a b", "--device", "cpu",
     ]  # fmt: skip
+
+
+SCHEMA_DAMAGE = {
+    "no model": (lambda s: s.pop("model"), r"it has no 'model' entry"),
+    "optimizer a list": (lambda s: s.update(optimizer=[]), r"'optimizer' is a list, not a dict"),
+    "run_config without lr": (lambda s: s["run_config"].pop("lr"), r"run_config\['lr'\] is missing"),
+    "epochs a string": (
+        lambda s: s["run_config"].update(epochs="2"),
+        r"run_config\['epochs'\] is missing or not a int",
+    ),
+    "epoch a bool": (lambda s: s["run"].update(epoch=True), r"run\['epoch'\] is missing or not a int"),
+    "epoch past the end": (lambda s: s["run"].update(epoch=9), r"epoch 9 is outside 0..2"),
+    "negative step": (lambda s: s["run"].update(step=-1), r"step -1 or counts are negative"),
+    "seen not step x batch": (lambda s: s["run"].update(seen=7), r"7 images seen in 0 steps"),
+    "nan loss sum": (lambda s: s["run"].update(loss_sum=math.nan), r"training loss sum nan"),
+    "short history": (lambda s: s["history"].pop(), r"1 history records for 2 epochs"),
+    "history record incomplete": (lambda s: s["history"][0].pop("val_loss"), r"history record 1 is incomplete"),
+    "best epoch ahead": (lambda s: s["best"].update(epoch=3), r"best epoch 3 is outside 0..2"),
+    "rng not bytes": (lambda s: s["rng"].update(order=torch.zeros(3)), r"rng\['order'\] is not a byte tensor"),
+    "weights not tensors": (lambda s: s["model"].update({"conv1.weight": [1.0]}), r"bad model weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEMA_DAMAGE))
+def test_checkpoint_schema_is_checked_key_by_key(lesson06, finished_run, tmp_path, case):
+    import copy
+
+    out, _ = finished_run
+    state = copy.deepcopy(torch.load(out / "checkpoints" / "last.pt", weights_only=True))
+    damage, message = SCHEMA_DAMAGE[case]
+    damage(state)
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(helpers.UserError, match=rf"checkpoint .*damaged.pt is damaged: {message}"):
+        lesson06.load_checkpoint(path)
