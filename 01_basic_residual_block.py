@@ -545,6 +545,28 @@ def one_cpu_thread():
         torch.set_num_threads(threads)
 
 
+def check_sizes(cfg: helpers.Config) -> None:
+    """Sizes that are valid numbers but cannot run: batch norm in train mode needs two values per channel, and
+    no tensor may outgrow the machine's memory (estimates, generous by a small factor)."""
+    helpers.require(
+        cfg.sweep_batch_size * cfg.sweep_side**2 >= 2,
+        "--sweep-batch-size x --sweep-side^2 must be at least 2: batch norm in train mode needs more than one value per channel",
+    )
+    batch, in_channels, height, width = cfg.trace_input_shape
+    helpers.require_memory(
+        4 * 8 * batch * height * width * (in_channels + cfg.trace_out_channels), "--trace-input-shape"
+    )
+    sizes = cfg.mlp_sizes
+    helpers.require_memory(
+        4 * 16 * (sum(a * b for a, b in zip(sizes, sizes[1:])) + cfg.mlp_batch_size * sum(sizes)), "--mlp-sizes"
+    )
+    depth = max(cfg.sweep_depths)
+    helpers.require_memory(
+        4 * 16 * depth * cfg.sweep_batch_size * cfg.sweep_channels * cfg.sweep_side**2, "the depth sweep"
+    )
+    helpers.require_memory(8 * 4 * (cfg.jacobian_channels * cfg.jacobian_side**2) ** 2, "the Jacobian check")
+
+
 @helpers.constants_as_keywords
 def main(**overrides):
     """The four parts of "What you will learn", in order; saves results.json and depth_sweep.png in `out`."""
@@ -552,6 +574,7 @@ def main(**overrides):
     helpers.require(len(cfg.trace_input_shape) == 4, "--trace-input-shape needs four integers: B C H W")
     helpers.require(len(cfg.mlp_sizes) >= 2, "--mlp-sizes needs at least two widths, input first (e.g. 128 64 1)")
     started = time.perf_counter()
+    check_sizes(cfg)
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)
     helpers.seed_everything(cfg.seed)

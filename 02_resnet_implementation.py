@@ -769,7 +769,7 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = weights.get_state_dict(progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
-        reason = str(getattr(error, "reason", error)).splitlines()[0][:100]
+        reason = helpers.error_summary(getattr(error, "reason", None) or error)
         print(
             f"NOTICE: --pretrained skipped: torchvision's {model_name} {weights.name} weights could not be loaded from "
             f"the torch cache or the network ({reason}); everything above ran without them.",
@@ -822,6 +822,11 @@ default_sample_image()
 def main(**overrides):
     """The parts of "What you will learn", in order; saves results.json and resnet_family.png in `out`."""
     cfg = helpers.config(globals(), overrides)
+    if cfg.measure_latency:  # the stem's output, (B, 64, side/2, side/2) in float32, a few times over
+        helpers.require_memory(
+            4 * 8 * 64 * max(cfg.latency_batch_sizes) * (cfg.image_size // 2) ** 2,
+            "--image-size x --latency-batch-sizes",
+        )
     image = cfg.image or default_sample_image()
     if cfg.pretrained:  # check before the minutes of work, not after
         helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")

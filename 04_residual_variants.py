@@ -937,6 +937,19 @@ def main(**overrides):
     """The five variants of "What you will learn", then all of them measured and trained on the same footing;
     saves results.json and variants.png in `out`."""
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
+    per_unit = 9 if cfg.deep_depth >= 164 else 6  # preact_resnet's rule: bottleneck units from depth 164 on
+    helpers.require(
+        cfg.deep_depth > 2 and (cfg.deep_depth - 2) % per_unit == 0,
+        f"--deep-depth must be {per_unit}n+2 (bottleneck units from depth 164 on), e.g. 164 or 1001, not {cfg.deep_depth}",
+    )
+    for flag, batch, side in (
+        ("--timing-batch x --cifar-timing-size", cfg.timing_batch, cfg.cifar_timing_size),
+        ("--timing-batch x --imagenet-timing-size", cfg.timing_batch, cfg.imagenet_timing_size),
+    ):
+        helpers.require_memory(4 * 16 * 256 * batch * side**2, flag)  # a wide early activation, several times over
+    helpers.require_memory(4 * 256 * 32 * 32 * cfg.deep_batch * (cfg.deep_depth // 3), "--deep-depth x --deep-batch")
+    if cfg.dataset != "synthetic":
+        helpers.check_data_dir(cfg.data_dir)  # the data is loaded after a minute of timing: check it now
     started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg)

@@ -320,7 +320,7 @@ def load_weights(model: nn.Module, path: str) -> None:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
         raise helpers.UserError(
-            f"cannot load {path}: {str(error).splitlines()[0][:120]} (pass a state_dict file)"
+            f"cannot load {path}: {helpers.error_summary(error)} (pass a state_dict file)"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -328,7 +328,7 @@ def load_weights(model: nn.Module, path: str) -> None:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise helpers.UserError(
-            f"{path} does not hold weights of this network: {str(error).splitlines()[0][:160]} "
+            f"{path} does not hold weights of this network: {helpers.error_summary(error)} "
             "(pass weights of the same depth and kind, or leave the flag empty to train)"
         ) from None
 
@@ -661,6 +661,15 @@ def main(**overrides):
         step <= cfg.summary_radius <= cfg.grid_radius - step,
         f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
     )
+    for flag, path in (
+        ("--residual-checkpoint", cfg.residual_checkpoint),
+        ("--plain-checkpoint", cfg.plain_checkpoint),
+    ):
+        helpers.require(
+            not path or Path(path).is_file(),
+            f"{flag} {path} is not a file (check the path, or leave it empty to train)",
+        )
+    helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations
     started = time.perf_counter()
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)

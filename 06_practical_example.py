@@ -66,9 +66,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shlex
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +97,7 @@ TEST_SIZE: int = 0  # test images evaluated (0: all) [>= 0]
 EPOCHS: int = 2  # passes over the training images [> 0]
 BATCH_SIZE: int = 128  # images per SGD step [> 0]
 LR: float = 0.2  # peak learning rate (for a batch of 128; not rescaled automatically; --full: 0.1) [> 0]
-MOMENTUM: float = 0.9  # Nesterov momentum [>= 0]
+MOMENTUM: float = 0.9  # Nesterov momentum [>= 0, < 1]
 WEIGHT_DECAY: float = 5e-4  # L2 penalty on convolution and linear weights (not on BN or biases) [>= 0]
 SCHEDULE: str = "onecycle"  # onecycle: linear up and down; cosine: linear up, cosine down [in SCHEDULES]
 WARMUP_EPOCHS: float = 0.5  # epochs of linear learning-rate warm-up from 0 [>= 0]
@@ -122,7 +125,7 @@ FULL_OVERRIDES = {
     "warmup_epochs": 5.0,
 }
 SCHEDULES = ("onecycle", "cosine")
-CHECKPOINT_FORMAT = "lesson06-checkpoint-v1"  # marks files this lesson wrote
+CHECKPOINT_FORMAT = "lesson06-checkpoint-v2"  # marks files this lesson wrote (v2: settings, run id, checked schema)
 
 
 # %% Models by name
@@ -259,15 +262,269 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, not a torch file, or a forbidden global in the pickle
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        reason = helpers.error_summary(error)
         raise helpers.UserError(
             f"cannot load checkpoint {path}: {reason} (pass a checkpoint written by this lesson)"
         ) from None
     helpers.require(
+        not (isinstance(state, dict) and state.get("format") == "lesson06-checkpoint-v1"),
+        f"{path} was written by an earlier version of this lesson and cannot be resumed (start a new run)",
+    )
+    helpers.require(
         isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT,
         f"{path} is not a checkpoint of this lesson (pass a file from {OUT}/checkpoints)",
     )
+    check_checkpoint_schema(state, path)
     return state
+
+
+# %% Resuming: the checkpoint owns the run's settings, and is checked key by key before any of it is used
+# Settings that fix what a run computes. A checkpoint stores them; `--resume` continues with the stored values
+# and refuses a flag that contradicts one. The learning-rate schedule is planned from `epochs`, `batch_size`,
+# `lr`, `schedule` and `warmup_epochs` at the first start, so continuing it with other values would follow a
+# plan made for another run (a longer `--epochs` would run past the schedule's end, at a negative learning
+# rate). To train longer, start a new run with more epochs.
+RESUME_KEYS = {
+    "model": str,
+    "dataset": str,  # the dataset really used (after a quick run's fallback)
+    "train_size": int,
+    "val_size": int,
+    "test_size": int,
+    "seed": int,
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "momentum": float,
+    "weight_decay": float,
+    "schedule": str,
+    "warmup_epochs": float,
+    "label_smoothing": float,
+    "cutout": int,
+}
+RUN_KEYS = {"epoch": int, "step": int, "order_state": torch.Tensor, "loss_sum": float, "correct": int, "seen": int}
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "seconds")
+CHECKPOINT_KEYS = {
+    "format": str,
+    "run_id": str,
+    "run_config": dict,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "rng": dict,
+    "run": dict,
+    "history": list,
+    "best": dict,
+}
+
+
+def is_kind(value, kind) -> bool:
+    """isinstance, except that a bool is not a number and an int is a float (as in Python arithmetic)."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def check_checkpoint_schema(state: dict, path) -> None:
+    """Every key this lesson reads from a checkpoint, with its type and, where it can be known without the data,
+    its range: a damaged or hand-edited file is refused with one line instead of a KeyError deep in training."""
+
+    def need(condition: bool, what: str) -> None:
+        helpers.require(condition, f"checkpoint {path} is damaged: {what} (pass a checkpoint written by this lesson)")
+
+    for key, kind in CHECKPOINT_KEYS.items():
+        need(key in state, f"it has no {key!r} entry")
+        need(is_kind(state[key], kind), f"{key!r} is a {type(state[key]).__name__}, not a {kind.__name__}")
+    config, run, best = state["run_config"], state["run"], state["best"]
+    for key, kind in {**RESUME_KEYS, "num_train": int}.items():
+        need(key in config and is_kind(config[key], kind), f"run_config[{key!r}] is missing or not a {kind.__name__}")
+    for key, kind in RUN_KEYS.items():
+        need(key in run and is_kind(run[key], kind), f"run[{key!r}] is missing or not a {kind.__name__}")
+    need(
+        all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()), "bad model weights"
+    )
+    need(config["epochs"] > 0 and config["batch_size"] > 0 and config["num_train"] > 0, "non-positive sizes")
+    need(0 <= run["epoch"] <= config["epochs"], f"epoch {run['epoch']} is outside 0..{config['epochs']}")
+    need(run["step"] >= 0 and 0 <= run["correct"] <= run["seen"], f"step {run['step']} or counts are negative")
+    need(run["seen"] == run["step"] * config["batch_size"], f"{run['seen']} images seen in {run['step']} steps")
+    need(math.isfinite(run["loss_sum"]) and run["loss_sum"] >= 0, f"training loss sum {run['loss_sum']}")
+    need(run["order_state"].dtype == torch.uint8, "the data-order generator state is not a byte tensor")
+    need(len(state["history"]) == run["epoch"], f"{len(state['history'])} history records for {run['epoch']} epochs")
+    for number, record in enumerate(state["history"], start=1):
+        need(
+            isinstance(record, dict) and all(is_kind(record.get(k), float) for k in HISTORY_KEYS),
+            f"history record {number} is incomplete",
+        )
+    need(is_kind(best.get("epoch"), int) and is_kind(best.get("val_accuracy"), float), "'best' is incomplete")
+    need(0 <= best["epoch"] <= run["epoch"], f"best epoch {best['epoch']} is outside 0..{run['epoch']}")
+    need(
+        (best["epoch"] == 0) == (run["epoch"] == 0) and math.isfinite(best["val_accuracy"]),
+        f"best epoch {best['epoch']} with validation accuracy {best['val_accuracy']}",
+    )
+    rng = state["rng"]
+    for key in ("torch", "order", "augment"):
+        need(
+            isinstance(rng.get(key), torch.Tensor) and rng[key].dtype == torch.uint8,
+            f"rng[{key!r}] is not a byte tensor",
+        )
+    numpy = rng.get("numpy")
+    need(
+        isinstance(rng.get("python"), tuple)
+        and isinstance(numpy, dict)
+        and isinstance(numpy.get("keys"), torch.Tensor)
+        and isinstance(numpy.get("name"), str)
+        and is_kind(numpy.get("pos"), int)
+        and isinstance(rng.get("numpy_gauss"), (tuple, list))
+        and len(rng["numpy_gauss"]) == 2,
+        "the Python or NumPy random state is incomplete",
+    )
+
+
+def resume_config(cfg, state: dict, path) -> helpers.Config:
+    """The run's settings for `--resume`: the checkpoint's, with a flag given on purpose that disagrees refused
+    (one line naming the saved value). Flags not in RESUME_KEYS (device, precision, out, ...) stay free."""
+    saved = state["run_config"]
+    for key in RESUME_KEYS:
+        flag = "--" + key.replace("_", "-")
+        helpers.require(
+            key not in cfg.explicit or cfg[key] == saved[key],
+            f"checkpoint {path} was written for {key} {saved[key]!r}, this run has {cfg[key]!r} (leave {flag} out "
+            f"to continue with {saved[key]}; a run's settings cannot change when it resumes: start a new run)",
+        )
+    merged = helpers.Config({**cfg, **{key: saved[key] for key in RESUME_KEYS}})
+    merged.explicit = cfg.explicit | {"dataset"}  # the saved dataset, with no quick-run fallback
+    return merged
+
+
+def check_resumable(state: dict, cfg, data: helpers.ImageData, path, steps_per_epoch: int) -> None:
+    """Checks that need the data: the same number of training images, and a position inside the schedule."""
+    saved, run = state["run_config"], state["run"]
+    helpers.require(
+        saved["num_train"] == len(data.train_x),
+        f"checkpoint {path} was written for num_train {saved['num_train']!r}, this run has {len(data.train_x)!r} "
+        f"(the dataset in --data-dir changed; pass the data the run started with)",
+    )
+    helpers.require(
+        run["step"] < steps_per_epoch
+        and run["epoch"] * steps_per_epoch + run["step"] == state["scheduler"].get("last_epoch"),
+        f"checkpoint {path} is damaged: step {run['step']} of epoch {run['epoch'] + 1} does not match its "
+        f"schedule ({steps_per_epoch} steps per epoch) (pass a checkpoint written by this lesson)",
+    )
+
+
+def restore_training_state(state: dict, path, model, optimizer, scheduler, scaler, generators, shape) -> None:
+    """Load weights, optimiser, schedule, scaler and random states; any mismatch is one error line."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise helpers.UserError(
+            f"checkpoint {path} does not fit model {state['run_config']['model']}: {helpers.error_summary(error)}"
+        ) from None
+    planned = dict(vars(shape))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], *generators)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
+        raise helpers.UserError(
+            f"checkpoint {path} is damaged: cannot restore the training state: {helpers.error_summary(error)} "
+            f"(pass a checkpoint written by this lesson)"
+        ) from None
+    # LambdaLR restores its multiplier's attributes from the file; they must be the plan this run made
+    helpers.require(
+        vars(shape) == planned,
+        f"checkpoint {path} is damaged: its schedule {vars(shape)} differs from {planned} (pass a checkpoint written by this lesson)",
+    )
+
+
+def checkpoint_of_best(state: dict, path) -> tuple[Path, dict] | None:
+    """The best.pt that belongs to a resumed checkpoint: beside it, of the same run, from the best epoch. Needed
+    at the end for the test evaluation, so its absence is an error now, not after the remaining epochs."""
+    if state["best"]["epoch"] == 0:
+        return None
+    best_path = Path(path).parent / "best.pt"
+    hint = f"(put the best.pt written with {path} beside it, or start a new run)"
+    helpers.require(
+        best_path.is_file(),
+        f"the best checkpoint of this run (epoch {state['best']['epoch']}) is not at {best_path} {hint}",
+    )
+    best = load_checkpoint(best_path)
+    helpers.require(
+        best["run_id"] == state["run_id"] and best["run"]["epoch"] == state["best"]["epoch"],
+        f"{best_path} is not the best checkpoint of the run in {path} (it is from another run or another epoch) {hint}",
+    )
+    return best_path, best
+
+
+# %% The output folder: one run at a time, and no files of an earlier run left beside a new one
+OUTPUT_FILES = ("results.json", "curves.png", "confusion_matrix.png", "mistakes.png")  # rewritten by every run
+CHECKPOINT_FILES = ("last.pt", "best.pt")
+
+
+@contextlib.contextmanager
+def output_folder_lock(out: Path):
+    """Hold an exclusive lock on `out` while this run uses it: a second run on the same folder fails at once
+    with one line, instead of mixing its files with this run's. The operating system drops the lock when the
+    process ends, however it ends, so a killed run never leaves a stale lock (the .lock file itself stays)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one run per folder is then up to the user
+        yield
+        return
+    handle = (out / ".lock").open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise helpers.UserError(
+                f"output folder {out} is in use by another run (process {owner}); wait for it to end, or pass another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
+
+
+def clear_previous_run(out: Path, checkpoints: Path, keep: set[Path]) -> list[str]:
+    """Remove what an earlier run left in `out` (its results, figures, checkpoints and the temporary files of a
+    save that was killed), except the files in `keep` (a resumed run's own checkpoints). Called with the lock
+    held and every check passed, right before training, so a failed start never deletes anything."""
+    keep = {p.resolve() for p in keep}
+    stale = [out / name for name in OUTPUT_FILES] + [checkpoints / name for name in CHECKPOINT_FILES]
+    stale += [*out.glob(".*.tmp"), *checkpoints.glob(".*.tmp")]  # any age: the lock rules out a save in progress
+    removed = []
+    for path in stale:
+        if path.is_file() and path.resolve() not in keep:
+            path.unlink()
+            removed.append(str(path.relative_to(out)))
+    return removed
+
+
+def non_finite_entries(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers (batch-norm statistics included) holding NaN or infinity."""
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+
+
+def require_finite_run(model: nn.Module, losses: dict, where: str, kept: str) -> None:
+    """Checked before anything is saved or marked best: diverged weights must never become a checkpoint."""
+    problems = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
+    bad = non_finite_entries(model)
+    if bad:
+        problems.append(f"non-finite values in {len(bad)} weight tensors, e.g. {', '.join(bad[:3])}")
+    if problems:
+        raise StopTraining(
+            f"training diverged {where}: {'; '.join(problems)} (lower --lr, or use --precision fp32); nothing of it was saved, {kept}"
+        )
 
 
 # %% Evaluation
@@ -293,7 +550,7 @@ def test_time_flip_logits(model, images, labels, data, device, amp_dtype, cfg) -
 
 # %% Training
 class StopTraining(helpers.UserError):
-    """The loss stopped being a finite number; the last good checkpoint is kept."""
+    """Training diverged (NaN or infinity in a loss or in the weights); nothing diverged is ever saved."""
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop_flag):
@@ -332,7 +589,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
             if not math.isfinite(mean_loss):
                 raise StopTraining(
                     f"the training loss became {mean_loss} in epoch {run['epoch'] + 1} by step {run['step']} "
-                    f"(lower --lr, or use --precision fp32); the last good checkpoint is kept"
+                    f"(lower --lr, or use --precision fp32)"
                 )
             progress.set_postfix(f"loss {mean_loss:.3f} lr {scheduler.get_last_lr()[0]:.4f}")
         if stop_flag["stop"]:
@@ -413,55 +670,61 @@ def plot_mistakes(images, labels, predictions, confidence, classes, path: Path) 
 
 # %% Putting it together
 def validate_config(cfg) -> None:
-    """Every flag a user can get wrong, checked before anything is loaded or written."""
-    require = helpers.require
+    """What the constants' declarations cannot say, checked before anything is loaded or written (the
+    declarations already checked every range: epochs, sizes, rates, the schedule's name, the seed)."""
     names = model_registry()
-    require(cfg.model in names, f"unknown model {cfg.model!r} (use one of: {', '.join(names)})")
-    require(
-        cfg.dataset in helpers.DATASETS, f"unknown dataset {cfg.dataset!r} (use one of: {', '.join(helpers.DATASETS)})"
-    )
-    require(cfg.epochs > 0, f"--epochs must be a positive integer, not {cfg.epochs}")
-    require(cfg.batch_size > 0, f"--batch-size must be a positive integer, not {cfg.batch_size}")
-    require(
-        isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0,
-        f"--lr must be a positive number, not {cfg.lr}",
-    )
-    require(cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r} (use one of: {', '.join(SCHEDULES)})")
-    require(cfg.warmup_epochs >= 0, "--warmup-epochs must be zero or positive")
-    require(0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)")
-    require(cfg.weight_decay >= 0 and cfg.momentum >= 0, "--weight-decay and --momentum must not be negative")
-    require(cfg.train_size >= 0 and cfg.test_size >= 0, "--train-size and --test-size must be >= 0 (0: all)")
-    require(cfg.cutout >= 0, "--cutout must be >= 0 pixels (0: off)")
-    require(cfg.check_every > 0 and cfg.eval_batch_size > 0, "--check-every and --eval-batch-size must be positive")
-    require(cfg.num_mistakes >= 0, "--num-mistakes must be >= 0")
-
-
-def check_resumable(state: dict, cfg, data: helpers.ImageData, path: str) -> None:
-    """A checkpoint continues only the run it came from: same model, dataset, training images and batch size."""
-    saved = state["run_config"]
-    for key, ours, hint in (
-        ("model", cfg.model, "--model"),
-        ("dataset", data.name, "--dataset"),
-        ("num_train", len(data.train_x), "--train-size/--val-size"),
-        ("batch_size", cfg.batch_size, "--batch-size"),
-    ):
-        helpers.require(
-            saved[key] == ours,
-            f"checkpoint {path} was written for {key} {saved[key]!r}, this run has {ours!r} (pass {hint} {saved[key]})",
-        )
+    helpers.require(cfg.model in names, f"unknown model {cfg.model!r} (use one of: {', '.join(names)})")
 
 
 def main(**overrides):
+    """Train, evaluate and report; `overrides` are the constants in lower case (tests pass tiny values)."""
+    with contextlib.ExitStack() as held:  # holds the output folder's lock until the run ends, however it ends
+        return run_pipeline(held, **overrides)
+
+
+def resume_command(cfg, path: Path) -> str:
+    """The command that continues this run, quoted for a POSIX shell (paths may hold spaces). The checkpoint
+    brings the run's settings; where the data is and where and how to compute are repeated if they were given."""
+    words = ["python", "06_practical_example.py", "--resume", str(path)]
+    for key in ("out", "data_dir", "device", "precision"):
+        if key in cfg.explicit:
+            words += ["--" + key.replace("_", "-"), str(cfg[key])]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def finished_already(state: dict, path) -> dict:
+    """`--resume` of a run that has done all its epochs: say so, and change nothing."""
+    run, best, epochs = state["run"], state["best"], state["run_config"]["epochs"]
+    print(
+        f"the run in {path} is finished ({run['epoch']} of {epochs} epochs, best validation accuracy "
+        f"{best['val_accuracy']:.2%} at epoch {best['epoch']}): nothing to resume. Its results.json and figures are "
+        f"beside its checkpoints folder; to train again, start a new run without --resume."
+    )
+    return {"status": "already finished", "history": state["history"], "best_epoch": best["epoch"]}
+
+
+def run_pipeline(held: contextlib.ExitStack, **overrides):
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
     started = time.perf_counter()
     validate_config(cfg)
+    resumed = None
+    if cfg.resume:  # the checkpoint's settings replace the defaults; contradicting flags are refused
+        resumed = load_checkpoint(cfg.resume)
+        cfg = resume_config(cfg, resumed, cfg.resume)
+        validate_config(cfg)
+        if resumed["run"]["epoch"] == cfg.epochs:
+            return finished_already(resumed, cfg.resume)
     device = helpers.pick_device(cfg.device)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
-    resumed = load_checkpoint(cfg.resume) if cfg.resume else None  # fails before anything is written
+    out = helpers.output_dir(cfg)  # a blocked or read-only --out fails here, before any work
+    checkpoints = helpers.writable_dir(out / "checkpoints")
+    held.enter_context(output_folder_lock(out))  # a second run on the same --out fails here
+    best_source = checkpoint_of_best(resumed, cfg.resume) if resumed is not None else None
 
     generator = helpers.seed_everything(cfg.seed)
     generators = (generator, torch.Generator().manual_seed(cfg.seed + 1))  # data order, augmentation
-    data = helpers.load_data(cfg, test_size=cfg.test_size or None)
+    # A resumed run continues on the checkpoint's dataset, or not at all: no fallback then.
+    data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=resumed is None)
     helpers.require(
         cfg.batch_size <= len(data.train_x),
         f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)",
@@ -469,15 +732,10 @@ def main(**overrides):
     steps_per_epoch = len(data.train_x) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
 
-    model = model_registry()[cfg.model](data.num_classes)
     if resumed is not None:
-        check_resumable(resumed, cfg, data, cfg.resume)
-        try:
-            model.load_state_dict(resumed["model"])
-        except RuntimeError as error:
-            raise helpers.UserError(
-                f"checkpoint {cfg.resume} does not fit model {cfg.model}: {str(error).splitlines()[0][:120]}"
-            ) from None
+        check_resumable(resumed, cfg, data, cfg.resume, steps_per_epoch)
+
+    model = model_registry()[cfg.model](data.num_classes)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -492,25 +750,27 @@ def main(**overrides):
 
     run = {"epoch": 0, "step": 0, "order_state": generator.get_state(), "loss_sum": 0.0, "correct": 0, "seen": 0}
     history, best = [], {"val_accuracy": -1.0, "epoch": 0}
+    run_id, kept = uuid.uuid4().hex, "no checkpoint was written"  # kept: what a divergence leaves behind
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        set_rng_state(resumed["rng"], *generators)
+        restore_training_state(resumed, cfg.resume, model, optimizer, scheduler, scaler, generators, shape)
         run, history, best = dict(resumed["run"]), list(resumed["history"]), dict(resumed["best"])
+        run_id, kept = resumed["run_id"], f"{cfg.resume} (epoch {run['epoch']}, step {run['step']}) is kept"
 
-    out = helpers.output_dir(cfg)
-    checkpoints = out / "checkpoints"
-    run_config = {
-        "model": cfg.model,
-        "dataset": data.name,
-        "num_train": len(data.train_x),
-        "batch_size": cfg.batch_size,
-    }
+    # Every check passed: now the folder becomes this run's. An earlier run's files go (a resumed run keeps its
+    # own checkpoints), so results, figures and checkpoints in --out always belong to one run.
+    keep = {Path(cfg.resume)} if resumed is not None else set()
+    keep |= {best_source[0]} if best_source is not None else set()
+    removed = clear_previous_run(out, checkpoints, keep)
+    if removed:
+        print(f"removed the previous files from {out} (this run writes its own): {', '.join(removed)}")
+    if best_source is not None and not (checkpoints / "best.pt").exists():  # resumed into a new --out
+        save_checkpoint(checkpoints / "best.pt", best_source[1])
+    run_config = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
 
     def checkpoint_state() -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
+            "run_id": run_id,
             "run_config": run_config,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -536,16 +796,31 @@ def main(**overrides):
     with ctrl_c_requests_stop(stop_flag):
         while run["epoch"] < cfg.epochs:
             epoch_started, seen_before = time.perf_counter(), run["seen"]
-            run = train_one_epoch(
-                trained_model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop_flag
-            )
+            try:
+                run = train_one_epoch(
+                    trained_model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    data,
+                    cfg,
+                    device,
+                    amp_dtype,
+                    generators,
+                    run,
+                    stop_flag,
+                )
+            except StopTraining as error:
+                raise StopTraining(f"{error}; {kept}") from None
             helpers.synchronize(device)
             seconds = time.perf_counter() - epoch_started
             if not run["complete"]:  # Ctrl-C: save where we are, mid-epoch, and stop
+                losses = {"training loss": run["loss_sum"]}
+                require_finite_run(model, losses, f"in epoch {run['epoch'] + 1}", kept)
                 save_checkpoint(checkpoints / "last.pt", checkpoint_state())
                 status = "interrupted"
                 print(f"interrupted in epoch {run['epoch'] + 1} at step {run['step']}: saved {checkpoints / 'last.pt'}")
-                print(f"continue with: python 06_practical_example.py --resume {checkpoints / 'last.pt'} (same flags)")
+                print(f"continue with: {resume_command(cfg, checkpoints / 'last.pt')}")
                 break
             val = helpers.evaluate(
                 model, data.val_x, data.val_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size,
@@ -561,15 +836,18 @@ def main(**overrides):
                 "images_per_s": (run["seen"] - seen_before) / seconds,
                 "seconds": seconds,
             }
+            losses = {"training loss": record["train_loss"], "validation loss": record["val_loss"]}
+            require_finite_run(model, losses, f"in epoch {record['epoch']}", kept)  # before saving or marking best
             history.append(record)
             is_best = val["accuracy"] > best["val_accuracy"]
             if is_best:
                 best = {"val_accuracy": val["accuracy"], "epoch": record["epoch"]}
             run.update(epoch=run["epoch"] + 1, step=0, loss_sum=0.0, correct=0, seen=0)
             state = checkpoint_state()
-            save_checkpoint(checkpoints / "last.pt", state)
-            if is_best:
+            if is_best:  # best first: a last.pt always has its best.pt on disk
                 save_checkpoint(checkpoints / "best.pt", state)
+            save_checkpoint(checkpoints / "last.pt", state)
+            kept = f"{checkpoints / 'last.pt'} (end of epoch {record['epoch']}) is kept"
             print(
                 f"{record['epoch']:>4}/{cfg.epochs:<4}  {record['lr']:7.4f}  {record['train_loss']:10.4f}  "
                 f"{record['train_accuracy']:9.2%}  {record['val_loss']:8.4f}  {record['val_accuracy']:7.2%}  "
@@ -602,7 +880,12 @@ def main(**overrides):
         return results
 
     # The test set is evaluated once, with the checkpoint the validation set chose.
-    model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
+    chosen = load_checkpoint(checkpoints / "best.pt")
+    helpers.require(
+        chosen["run_id"] == run_id,
+        f"{checkpoints / 'best.pt'} was replaced by another run while this one ran (give each run its own --out)",
+    )
+    model.load_state_dict(chosen["model"])
     test = helpers.evaluate(
         model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size, cfg.channels_last
     )
@@ -654,5 +937,14 @@ def main(**overrides):
     return results
 
 
+def command_line(**flags):
+    """`main` for the command line: a run stopped by Ctrl-C (after saving) exits with status 130, the shell's
+    convention for an interrupted program, so that scripts and schedulers can tell it from a finished one."""
+    results = main(**flags)
+    if results["status"] == "interrupted":
+        raise KeyboardInterrupt
+    return results
+
+
 if __name__ == "__main__":
-    helpers.run_cli(main, globals())
+    helpers.run_cli(command_line, globals())

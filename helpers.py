@@ -65,6 +65,56 @@ def require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def require_number(
+    flag: str, value: Any, low: float | None = None, high: float | None = None, *, low_open=False, high_open=False
+) -> None:
+    """`value` is a finite number in [low, high] (an end given as None is unbounded; `low_open`/`high_open`
+    exclude it), else a UserError naming the flag. NaN is reported as "not a number": every comparison with
+    NaN is false, so a check like `value >= 0` would otherwise call it negative."""
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{flag} must be a number, not {value!r}")
+    require(not math.isnan(value), f"{flag} is nan, not a number (pass a finite value)")
+    require(math.isfinite(value), f"{flag} must be finite, not {value}")
+    if low is not None:
+        require(
+            value > low if low_open else value >= low,
+            f"{flag} must be {'>' if low_open else '>='} {low:g}, not {value:g}",
+        )
+    if high is not None:
+        require(
+            value < high if high_open else value <= high,
+            f"{flag} must be {'<' if high_open else '<='} {high:g}, not {value:g}",
+        )
+
+
+def require_positive(flag: str, value: Any) -> None:
+    """A finite number > 0 (sizes, rates, time budgets)."""
+    require_number(flag, value, 0, low_open=True)
+
+
+SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit unsigned integers
+
+
+def require_seed(seed: Any) -> None:
+    """0 <= seed < 2**32: the range every random number generator the lessons seed accepts."""
+    require(
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT,
+        f"--seed must be an integer from 0 to {SEED_LIMIT - 1}, not {seed}",
+    )
+
+
+def require_memory(num_bytes: float, what: str) -> None:
+    """Refuse, before trying, a tensor that cannot fit in this machine's memory (an allocation that size
+    either fails with a long allocator message or, with overcommit, gets the process killed later)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: let the allocator decide
+        return
+    require(
+        num_bytes < total / 2,
+        f"{what} needs {num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory (use smaller sizes)",
+    )
+
+
 # =====================================================================================================
 # Constants block -> config object, command-line flags and notebook runs
 # =====================================================================================================
@@ -182,6 +232,8 @@ def convert(constant: Constant, value: Any, module_globals: dict | None = None) 
     }.get(kind, isinstance(value, (str, Path)))
     require(ok, f"{flag} takes {'a path' if kind == 'Path' else kind + ' values'}, not {value!r}")
     value = TYPES[kind](value)
+    if kind == "float":  # no constant of any lesson means anything at nan or infinity
+        require_number(flag, value)
     if kind == "Path":
         value = expand_path(value)
     choices = _choices(constant, module_globals or {})
@@ -236,6 +288,8 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
     values.update(overrides)
     cfg = Config({key: convert(constants[key], value, module_globals) for key, value in values.items()})
     cfg.lesson = lesson_name(module_globals)
+    if "seed" in cfg:
+        require_seed(cfg.seed)
     return cfg
 
 
@@ -264,6 +318,7 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
         prog=f"python {Path(module_globals['__file__']).name}",
         description=doc[0] if doc else None,  # argparse %-formats help texts only, not these two
         epilog=epilog,
+        allow_abbrev=False,  # `--epoch 5` is an error, not a silent `--epochs 5`
     )
     for c in read_constants(module_globals):
         choices = _choices(c, module_globals)
@@ -301,11 +356,27 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
         print(f"error: {error}", file=sys.stderr)
         if command_line:
             sys.exit(1)
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        print(f"error: out of memory: {error_summary(error)} (use smaller sizes)", file=sys.stderr)
+        if command_line:
+            sys.exit(1)
+    except RuntimeError as error:  # the CPU allocator reports failure as a plain RuntimeError
+        if "allocate" not in str(error):
+            raise
+        print(f"error: out of memory: {error_summary(error)} (use smaller sizes)", file=sys.stderr)
+        if command_line:
+            sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         if command_line:
             sys.exit(130)
     return None
+
+
+def error_summary(error: BaseException) -> str:
+    """An exception's message on one line, whole (not cut mid-sentence), without torch's C++ frames."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 # =====================================================================================================
@@ -395,6 +466,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a CPU generator for data order, so that the data order does
     not depend on how many random numbers the model's initialisation drew."""
+    require_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -592,14 +664,45 @@ def use_headless_matplotlib() -> None:
 
 
 def output_dir(cfg: Config) -> Path:
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create output folder {out}: {error.strerror} (pass --out with a writable folder)"
-        ) from None
+    """Create `cfg.out` and check that files can be written in it, before any long work; remove the temporary
+    files of saves that a killed run left there."""
+    out = writable_dir(cfg.out)
+    remove_orphan_temporaries(out)
     return out
+
+
+def remove_orphan_temporaries(folder: Path, min_age_s: float = 600) -> list[Path]:
+    """Delete `atomic_write`'s temporary files (`.NAME.XXXXXXXX.tmp`) untouched for `min_age_s` seconds: a save
+    rewrites its file continuously until it is renamed, so an old one belongs to a process that was killed
+    mid-save (the age keeps a concurrent run's save in progress safe)."""
+    removed = []
+    now = time.time()
+    for path in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create the folder `path` if needed and prove it writable by creating and removing a file in it, so that
+    a read-only or blocked path (a file where the folder should be) fails now, not after an hour of training."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            reason = f"{blocker} is a file, not a folder"
+        raise UserError(
+            f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
+        ) from None
+    return path
 
 
 # =====================================================================================================
@@ -692,13 +795,30 @@ def _torchvision_cifar(name: str, data_dir: Path, download: bool):
             with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
                 ds = cls(root=str(data_dir), train=train, download=download)
         except (RuntimeError, OSError, ValueError) as error:  # not found / corrupted / no network
+            folder = data_dir / cls.base_folder
+            require(
+                not folder.exists(),
+                f"{name} files in {folder} are corrupt or incomplete: torchvision says {error_summary(error)!r} "
+                f"(delete {folder} and its archive to unpack or download them again)",
+            )
             raise DataUnavailableError(
-                f"{name} is not in {data_dir} and could not be downloaded: {str(error).splitlines()[0][:120]} ({_download_hint(name, data_dir)})"
+                f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)} ({_download_hint(name, data_dir)})"
             ) from None
         x = (
             torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         )  # (N, H, W, C) -> (N, C, H, W)
-        sets += [x, torch.as_tensor(ds.targets, dtype=torch.int64)]
+        y = torch.as_tensor(ds.targets, dtype=torch.int64)
+        require(
+            x.shape[1:] == (3, 32, 32) and len(x) == len(y) and len(y) > 0,
+            f"{name} files in {data_dir / cls.base_folder} are corrupt: images of shape {tuple(x.shape)} for "
+            f"{len(y)} labels (delete the folder and its archive to download them again)",
+        )
+        require(
+            int(y.min()) >= 0 and int(y.max()) < len(ds.classes),
+            f"{name} files in {data_dir / cls.base_folder} are corrupt: labels outside 0..{len(ds.classes) - 1} "
+            f"(delete the folder and its archive to download them again)",
+        )
+        sets += [x, y]
     return (*sets, tuple(ds.classes))
 
 
@@ -710,6 +830,43 @@ FASHION_MNIST_RAW_MD5 = {
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
+
+
+IDX_MAGIC = {1: 2049, 3: 2051}  # the IDX format's magic number: 0x0000 0x08 (unsigned bytes) 0x0D (dimensions)
+
+
+def _idx_shape(path: Path, dims: int) -> tuple[int, ...]:
+    """The shape an (uncompressed, unsigned-byte) IDX file declares, after checking its magic number and size."""
+    with path.open("rb") as f:
+        header = f.read(4 + 4 * dims)
+    corrupt = f"{path} is corrupt"
+    hint = f"(delete {path.parent} to unpack or download the files again)"
+    require(len(header) == 4 + 4 * dims, f"{corrupt}: it is only {len(header)} bytes long {hint}")
+    magic = int.from_bytes(header[:4], "big")
+    require(magic == IDX_MAGIC[dims], f"{corrupt}: wrong magic number {magic} (expected {IDX_MAGIC[dims]}) {hint}")
+    shape = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    size = path.stat().st_size - len(header)
+    require(size == math.prod(shape), f"{corrupt}: it declares {shape} bytes of data but holds {size} {hint}")
+    return shape
+
+
+def verify_idx_files(raw_dir: Path, num_classes: int) -> None:
+    """Check the four MNIST-style files in `raw_dir` before torchvision reads them: magic numbers, sizes, one
+    label per image and every label a class index (torchvision checks none of this for local files)."""
+    if not all((raw_dir / name).is_file() for name in FASHION_MNIST_RAW_MD5):
+        return  # absent: torchvision downloads them, or reports them missing
+    for split in ("train", "t10k"):
+        images, labels = raw_dir / f"{split}-images-idx3-ubyte", raw_dir / f"{split}-labels-idx1-ubyte"
+        count, height, width = _idx_shape(images, 3)
+        require((height, width) == (28, 28), f"{images} is corrupt: images of {height}x{width} pixels, not 28x28")
+        (num_labels,) = _idx_shape(labels, 1)
+        require(num_labels == count, f"{labels} is corrupt: {num_labels} labels for {count} images in {images.name}")
+        values = np.frombuffer(labels.read_bytes()[8:], dtype=np.uint8)
+        require(
+            values.size == 0 or int(values.max()) < num_classes,
+            f"{labels} is corrupt: label {int(values.max()) if values.size else 0} is outside 0..{num_classes - 1} "
+            f"(delete {raw_dir} to unpack or download the files again)",
+        )
 
 
 def _install_debian_fashion_mnist(raw_dir: Path, source: Path) -> bool:
@@ -734,6 +891,7 @@ def _torchvision_fashion_mnist(data_dir: Path, download: bool, debian_dir: Path 
     raw_dir = data_dir / cls.__name__ / "raw"
     if not all((raw_dir / name).exists() for name in FASHION_MNIST_RAW_MD5):
         _install_debian_fashion_mnist(raw_dir, debian_dir)
+    verify_idx_files(raw_dir, len(FASHION_CLASSES))
     sets = []
     for train in (True, False):
         try:
@@ -741,7 +899,7 @@ def _torchvision_fashion_mnist(data_dir: Path, download: bool, debian_dir: Path 
                 ds = cls(root=str(data_dir), train=train, download=download)
         except (RuntimeError, OSError, ValueError) as error:
             raise DataUnavailableError(
-                f"fashion-mnist is not in {data_dir} and could not be downloaded: {str(error).splitlines()[0][:120]} ({_download_hint('fashion-mnist', data_dir)})"
+                f"fashion-mnist is not in {data_dir} and could not be downloaded: {error_summary(error)} ({_download_hint('fashion-mnist', data_dir)})"
             ) from None
         x = F.pad(ds.data, (2, 2, 2, 2))  # (N, 28, 28) -> (N, 32, 32), zero border like LeNet's input
         x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 32, 32) -> (N, 3, 32, 32)
@@ -822,6 +980,17 @@ def make_synthetic(num_images: int, seed: int, size: int = 32) -> tuple[torch.Te
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), synthetic_label(params["theta"], params["freq"])
 
 
+def check_data_dir(data_dir: str | Path) -> None:
+    """Cheap checks of `--data-dir` that a lesson can run before any long work: it is a folder (or absent), and
+    the Fashion-MNIST files in it, if any, are intact. (CIFAR's files are checked by MD5 when loaded.)"""
+    data_dir = Path(data_dir)
+    require(
+        not data_dir.exists() or data_dir.is_dir(),
+        f"--data-dir {data_dir} is a file, not a folder (pass the folder that holds or will hold the datasets)",
+    )
+    verify_idx_files(data_dir / "FashionMNIST" / "raw", len(FASHION_CLASSES))
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path = "data",
@@ -840,6 +1009,8 @@ def load_dataset(
     on stderr. Lessons call `load_data`, which decides `fallback` by the one rule."""
     require(name in DATASETS, f"unknown dataset {name!r} (use one of: {', '.join(DATASETS)})")
     data_dir = Path(data_dir)
+    if name != "synthetic":
+        check_data_dir(data_dir)
     try:
         if name == "synthetic":
             x, y = make_synthetic(synthetic_size + max(synthetic_size // 6, 1000), seed=12345)
@@ -885,13 +1056,14 @@ def load_dataset(
     return ImageData(name, classes, train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
 
 
-def load_data(cfg: Config, test_size: int | None = None) -> ImageData:
+def load_data(cfg: Config, test_size: int | None = None, fallback: bool = True) -> ImageData:
     """The one way a lesson gets its data: `cfg.dataset` with the lesson's data_dir, val_size, train_size
     (0 or absent: all), seed and download, keeping `test_size` test images (None: all).
 
     The fallback rule, the only one: when the dataset is not available (not on disk, no download), a quick
     run substitutes another one with a loud notice, whether the name came from the constants block, a
-    keyword or a flag; a `--full` run stops with an error that says how to get the data."""
+    keyword or a flag; a `--full` run (or a caller passing `fallback=False`, such as a resumed run) stops with
+    an error that says how to get the data."""
     return load_dataset(
         cfg.dataset,
         cfg.data_dir,
@@ -900,7 +1072,7 @@ def load_data(cfg: Config, test_size: int | None = None) -> ImageData:
         test_size=test_size,
         seed=cfg.seed,
         download=cfg.download,
-        fallback=not cfg.get("full", False),
+        fallback=fallback and not cfg.get("full", False),
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -145,7 +146,7 @@ def time_lesson06(model_name, data, batch_size, steps, warmup, device, amp_dtype
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--models", nargs="+", default=["resnet20", "cifar_resnet18"], help="CIFAR models to time")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step, both pipelines")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per pipeline and model")
@@ -162,17 +163,28 @@ def main() -> None:
     parser.add_argument("--peak-gflops-fp32", type=float, default=None, help="override the estimated fp32 peak")
     parser.add_argument("--peak-gflops-bf16", type=float, default=None, help="override the estimated bf16 peak")
     args = parser.parse_args()
+    generated = []  # folders of generated data, removed however the run ends
     try:
-        run(args)
+        run(args, generated)
     except helpers.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        for folder in generated:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(args) -> None:
+def run(args, generated: list) -> None:
     helpers.require(
         args.batch_size > 0 and args.steps > 0 and args.warmup >= 0, "--batch-size and --steps must be positive"
     )
+    helpers.require(args.workers >= 0, f"--workers must be 0 or more DataLoader processes, not {args.workers}")
+    for flag, value in (("--peak-gflops-fp32", args.peak_gflops_fp32), ("--peak-gflops-bf16", args.peak_gflops_bf16)):
+        if value is not None:
+            helpers.require_positive(flag, value)
     unknown = [m for m in args.models if m not in L06.model_registry()]
     helpers.require(not unknown, f"unknown model(s) {', '.join(unknown)} (use: {', '.join(L06.model_registry())})")
     device = helpers.pick_device(args.device)
@@ -184,8 +196,9 @@ def run(args) -> None:
             f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py (copy it there, or pass --generated-if-missing)",
         )
         data_dir = Path(tempfile.mkdtemp(prefix="cifar10-format-"))
+        generated.append(data_dir)  # 47 MB: removed at the end
         cifar_format.trust_files(cifar_format.write_cifar10_format(data_dir, 10000, 1000))
-        source = f"GENERATED images in CIFAR-10's file format ({data_dir}; real CIFAR-10 not found)"
+        source = f"GENERATED images in CIFAR-10's file format ({data_dir}, removed at the end; real CIFAR-10 not found)"
     data = helpers.load_dataset("cifar10", data_dir, val_size=1, download=False).to(device)
     threads = torch.get_num_threads()
     peak_fp32, peak_bf16, how = device_peak_gflops(device, threads, args)

@@ -334,8 +334,8 @@ def test_cifar_loader_rejects_a_corrupted_file(tmp_path, monkeypatch):
     write_cifar(tmp_path, "cifar10", train_count=50, test_count=10, monkeypatch=monkeypatch)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
         f.write(b"x")  # MD5 no longer matches
-    with pytest.raises(helpers.DataUnavailableError, match="cifar10 is not in"):
-        helpers.load_dataset("cifar10", tmp_path, val_size=5, download=False)
+    with pytest.raises(helpers.UserError, match="cifar10 files in .*cifar-10-batches-py are corrupt or incomplete"):
+        helpers.load_dataset("cifar10", tmp_path, val_size=5, download=False)  # corrupt, not "could not be downloaded"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
