@@ -392,24 +392,35 @@ def test_fashion_mnist_debian_file_with_wrong_checksum_is_refused(tmp_path, monk
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_run_shows_what_the_lesson_card_claims(tmp_path):
+    import os
+    import time
+
+    quiet = os.cpu_count() == 2 and os.getloadavg()[0] < 0.5  # the 3-minute budget is for 2 quiet cores
+    started = time.perf_counter()
     done = run_script("03_training_comparison.py", "--out", str(tmp_path), timeout=3600)
+    wall_s = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"] == "fashion-mnist"  # cifar10 is not on this machine; the fallback is real data
     v = results["verdict"]
-    assert v["deeper_plain_is_worse"] and v["plain_gap"] > 0.06  # card: +20.3 points
-    # card: after 130 iterations resnet-56 is still behind resnet-20 (+19.4 points): the residual half of the
-    # claim needs a longer run, and the card says so
-    assert not v["deeper_resnet_matches_or_beats"] and not v["degradation_reproduced"]
+    end = v["end_train_error"]
+    # the targets for the default run: both halves of the claim, against the control
+    assert v["plain_gap"] >= 0.08  # card: +27.9 points (seed 0)
+    assert v["resnet_gap"] <= 0.03  # card: +1.7 points
+    assert end["plain"]["56"] - end["resnet"]["56"] >= 0.08  # card: 29.1 points
+    assert v["outcome"] == "reproduced" and v["degradation_reproduced"]
     models = {m["name"]: m for m in results["models"]}
     plain56, resnet56 = models["plain-56"], models["resnet-56"]
     assert plain56["gradient_at_init"]["first_over_last_conv"] > 200  # card: 1,330
     assert plain56["gradient_at_init"]["smallest_conv"] > 0.3 * resnet56["gradient_at_init"]["smallest_conv"]
     first_layer = plain56["gradients"]["by_iteration"]
     last = str(results["config"]["iterations"] - 1)
-    assert first_layer["0"]["relative"][0] > 20 and first_layer[last]["relative"][0] < 1e-3  # card: 162, 2e-5
-    assert first_layer[last]["grad_norm"][0] < 0.1 * first_layer[last]["grad_norm"][-2]  # card: 0.010 vs 0.25
+    assert first_layer["0"]["relative"][0] > 20 and first_layer[last]["relative"][0] < 1e-3  # card: 162, 1e-4
+    assert first_layer[last]["grad_norm"][0] < 0.1 * first_layer[last]["grad_norm"][-2]  # card: 0.0077 vs 0.26
+    assert results["gradient_profile"]["plain-56"]["first_over_last_conv_at_end"] < 0.1  # card: 0.03, flipped
     for m in models.values():  # card: stale statistics never help much; re-estimated ones track training error
         assert m["val_error_running_stats"] >= m["val_error"] - 0.03
         assert abs(m["val_error"] - m["end_train_error"]) < 0.06
-    assert models["plain-20"]["val_error_running_stats"] - models["plain-20"]["val_error"] > 0.03  # card: 27 points
+    assert max(m["val_error_running_stats"] - m["val_error"] for m in models.values()) > 0.1  # card: 21 points
+    if quiet:
+        assert wall_s < 180, f"the default run took {wall_s:.0f} s"
