@@ -8,7 +8,8 @@ What you will learn
       of Neural Nets", NeurIPS): two Gaussian directions d1, d2 in weight space, each filter rescaled to
       the norm of the matching trained filter,
           d_{i,j} <- d_{i,j} / ||d_{i,j}|| * ||theta_{i,j}||,     f(alpha, beta) = L(theta + alpha d1 + beta d2),
-      and how to read a number off the grid (loss rise on a circle, share of locally convex points);
+      and how to read a number off the grid (loss rise on a circle, share of grid points where the slice
+      curves upward), and how to check whether a difference between two nets survives other directions;
     * what the basic, bottleneck and pre-activation blocks look like, with the tensor shapes measured
       on lesson 02's blocks (He et al. 2015, Eq. 1: y = F(x, {W_i}) + x; He et al. 2016 for pre-activation);
     * what a trained residual network computes: feature maps after the stem and each stage.
@@ -39,12 +40,15 @@ Fashion-MNIST; one batch of 32 training images)
       its gradients grow to 2.4e7 at 110 layers: shortcuts need batch norm, or a zero-initialised or
       scaled branch, to stay well-conditioned.
     Loss landscape of the two trained nets (9x9 grid over [-1, 1]^2, loss on 256 training images, fp32):
-        net          centre loss   rise at r=0.5   highest rise on the grid   locally convex points
-        plain-20     0.93          1.18            695                        41%
-        ResNet-20    0.96          1.10            69                         49%
+        net          centre loss   rise at r=0.5   highest rise on the grid
+        plain-20     0.93          1.18            695
+        ResNet-20    0.96          1.10            69
     * At this budget (20 layers, 100 steps) the two minima look alike near the centre: the loss rises
-      about as much within radius 0.5 (1.18 vs 1.10) and about half of the grid points are locally
-      convex in both. Far from the centre the plain net's loss climbs ten times higher (695 vs 69). Li et
+      about as much within radius 0.5 (1.18 vs 1.10). Far from the centre the plain net's loss climbs ten
+      times higher (695 vs 69).
+    * The share of the 49 interior grid points where the slice curves upward in every direction (its
+      2x2 finite-difference Hessian is positive semi-definite; not Li et al.'s measure, which maps
+      |lambda_min / lambda_max| of the full Hessian): SHARES. Li et
       al. (Fig. 5) also find 20-layer plain and residual nets alike; the plain net's surface turns chaotic
       at 56 and 110 layers, which this default run is too small to show (see --full and "Try this").
 
@@ -57,9 +61,9 @@ after for plain-20, 0.964 vs 0.960 for ResNet-20): the learning rate was divided
 
 Try this
     * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Does the plain net's rise at
-      radius 0.5 and its convex share move away from the residual net's?
+      radius 0.5 and its upward-curving share move away from the residual net's, in every direction pair?
     * --grid-radius 0.5 --grid-points 21: zoom in on the minimum. Which grid points were the
-      non-convex ones, near the centre or far from it?
+      ones that curve downward somewhere, near the centre or far from it?
     * --gradient-depths 20 56 110 218: how does the plain+BN first/last ratio grow with depth?
     * Replace filter_normalized_direction by a plain Gaussian (no rescaling) and compare the two
       landscapes: the scale of each net's weights, not its geometry, now decides the picture.
@@ -104,6 +108,7 @@ GRID_POINTS: int = 9  # landscape grid points per axis (odd, so that the trained
 GRID_RADIUS: float = 1.0  # the grid spans [-r, r] along both filter-normalised directions [> 0]
 LOSS_IMAGES: int = 256  # training images the loss at each grid point is averaged over [> 0]
 SUMMARY_RADIUS: float = 0.5  # radius of the circle on which the loss rise is measured [> 0]
+DIRECTION_PAIRS: int = 3  # random direction pairs per net; the first is drawn, all give an upward-curving share [> 0]
 FEATURE_CHANNELS: int = 4  # feature maps shown per stage [> 0]
 RESIDUAL_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
 PLAIN_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
@@ -276,18 +281,35 @@ def circle_mean(coords: np.ndarray, surface: np.ndarray, radius: float, points: 
     return float(np.mean(values))
 
 
-def convex_share(coords: np.ndarray, surface: np.ndarray) -> float:
-    """Share of interior grid points where the surface's finite-difference 2x2 Hessian is positive
-    semi-definite (locally convex). Negative curvature in this 2-D slice implies negative curvature of the
-    full loss too (the slice's Hessian is P^T H P); the converse does not hold (Li et al. 2018, sec. 6)."""
+def upward_curving_share(coords: np.ndarray, surface: np.ndarray) -> float:
+    """Share of interior grid points where this 2-D slice curves upward in every direction: its
+    finite-difference 2x2 Hessian is positive semi-definite. A simple reading of one slice, not Li et al.'s
+    measure: they map |lambda_min / lambda_max| of the full Hessian (sec. 6). Downward curvature in the
+    slice implies a negative eigenvalue of the full Hessian too (the slice's Hessian is P^T H P); upward
+    curvature in the slice says nothing about the directions the slice leaves out."""
     h = coords[1] - coords[0]
     f = surface
     f_xx = (f[1:-1, 2:] - 2 * f[1:-1, 1:-1] + f[1:-1, :-2]) / h**2  # d2f/dalpha2
     f_yy = (f[2:, 1:-1] - 2 * f[1:-1, 1:-1] + f[:-2, 1:-1]) / h**2  # d2f/dbeta2
     f_xy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * h**2)
     tolerance = 1e-9 * max(1.0, float(np.abs(f).max())) / h**2  # round-off of a flat region is not curvature
-    convex = (f_xx >= -tolerance) & (f_yy >= -tolerance) & (f_xx * f_yy - f_xy**2 >= -(tolerance**2))
-    return float(convex.mean())
+    upward = (f_xx >= -tolerance) & (f_yy >= -tolerance) & (f_xx * f_yy - f_xy**2 >= -(tolerance**2))
+    return float(upward.mean())
+
+
+def compare_shares(plain: list[float], residual: list[float]) -> dict:
+    """Does "the residual slice curves upward at more grid points" hold across direction pairs? It holds
+    when every pair gives the same sign and the mean difference exceeds the spread between pairs."""
+    differences = [r - p for p, r in zip(plain, residual)]
+    mean = float(np.mean(differences))
+    spread = float(np.ptp(differences)) if len(differences) > 1 else float("inf")
+    same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
+    return {
+        "differences": differences,
+        "mean_difference": mean,
+        "spread": spread,
+        "holds": bool(same_sign and abs(mean) > spread),
+    }
 
 
 def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) -> dict:
@@ -299,7 +321,7 @@ def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) ->
         "min_loss": float(surface.min()),
         "rise_at_radius": circle_mean(coords, surface, radius) - centre_loss,
         "max_rise": float(surface.max()) - centre_loss,
-        "convex_share": convex_share(coords, surface),
+        "upward_curving_share": upward_curving_share(coords, surface),
     }
 
 
@@ -603,7 +625,7 @@ def plot_landscapes(coords: np.ndarray, surfaces: dict[str, np.ndarray], summari
         ax.set_ylabel("beta (direction d2)")
         ax.set_title(
             f"{name}: contours; rise at r={summary['radius']:g}: {summary['rise_at_radius']:.2f}, "
-            f"convex {summary['convex_share']:.0%}",
+            f"curving up {summary['upward_curving_share']:.0%}",
             fontsize=10,
         )
         fig.colorbar(filled, ax=ax, label="training loss")
@@ -724,14 +746,20 @@ def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) ->
         helpers.recalibrate_batch_norm(model, calibration)
         info["eval_loss_recalibrated_bn"] = mean_loss(model, loss_batches)
         direction_generator = torch.Generator().manual_seed(cfg.seed + 1)  # same seed for both networks
-        directions = (
-            filter_normalized_direction(model, direction_generator),
-            filter_normalized_direction(model, direction_generator),
-        )
-        surfaces[name] = loss_surface(model, directions, coords, loss_batches)
+        shares = []
+        for pair in range(cfg.direction_pairs):  # pair 0 is the one drawn; the others test the share's noise
+            directions = (
+                filter_normalized_direction(model, direction_generator),
+                filter_normalized_direction(model, direction_generator),
+            )
+            surface = loss_surface(model, directions, coords, loss_batches)
+            shares.append(upward_curving_share(coords, surface))
+            if pair == 0:
+                surfaces[name] = surface
         summaries[name] = {
             **summarize_surface(coords, surfaces[name], cfg.summary_radius),
             "radius": cfg.summary_radius,
+            "upward_curving_shares": shares,
         }
         networks[name], models[name] = info, model
     print()
@@ -753,7 +781,7 @@ def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) ->
         helpers.format_table(
             [{"net": name, **s} for name, s in summaries.items()],
             [("net", ""), ("centre_loss", ".3f"), ("min_loss", ".3f"), ("rise_at_radius", ".3f")]
-            + [("max_rise", ".3f"), ("convex_share", ".2f")],
+            + [("max_rise", ".3f"), ("upward_curving_share", ".2f")],
             title=f"Loss landscape on a {cfg.grid_points}x{cfg.grid_points} grid over [-{cfg.grid_radius:g}, "
             f"{cfg.grid_radius:g}]^2 (rise: mean loss on the circle r={cfg.summary_radius:g} minus centre loss)",
         )
@@ -763,13 +791,19 @@ def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) ->
     for key, text in (("rise_at_radius", f"rise at r={cfg.summary_radius:g}"), ("max_rise", "highest rise")):
         ratio = plain_summary[key] / residual_summary[key] if residual_summary[key] > 0 else float("inf")
         print(f"{text}: plain {plain_summary[key]:.3f}, residual {residual_summary[key]:.3f} ({ratio:.2f}x)")
+    shares = {k: summaries[n]["upward_curving_shares"] for k, n in (("plain", plain_name), ("residual", residual_name))}
+    comparison = compare_shares(shares["plain"], shares["residual"])
+    verdict = "holds" if comparison["holds"] else "is within noise (the pairs disagree more than the nets differ)"
     print(
-        f"locally convex grid points: plain {plain_summary['convex_share']:.0%}, "
-        f"residual {residual_summary['convex_share']:.0%}"
+        "share of interior grid points where the slice curves upward in every direction, one per direction pair: "
+        f"plain {', '.join(f'{v:.0%}' for v in shares['plain'])}; "
+        f"residual {', '.join(f'{v:.0%}' for v in shares['residual'])}. "
+        f"Residual minus plain: {comparison['mean_difference']:+.0%} on average; the difference {verdict}"
     )
     plot_landscapes(coords, surfaces, summaries, out / "loss_landscape.png")
 
     landscape = {"coords": coords, "networks": networks, "summaries": summaries, "surfaces": surfaces}
+    landscape["upward_curving_comparison"] = comparison
     return landscape, models[f"residual-{cfg.landscape_depth}"]
 
 

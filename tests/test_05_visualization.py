@@ -27,6 +27,7 @@ TINY = {
     "grid_points": 5,
     "loss_images": 32,
     "summary_radius": 0.5,
+    "direction_pairs": 2,
     "device": "cpu",
 }
 
@@ -88,14 +89,14 @@ def test_summary_of_a_known_bowl_and_saddle(lesson05):
     assert summary["min_loss"] == pytest.approx(1.0)
     assert summary["rise_at_radius"] == pytest.approx(3.0 * 0.25, abs=0.02)
     assert summary["max_rise"] == pytest.approx(6.0)
-    assert summary["convex_share"] == 1.0
-    assert lesson05.summarize_surface(coords, alpha**2 - beta**2, 0.5)["convex_share"] == 0.0
+    assert summary["upward_curving_share"] == 1.0
+    assert lesson05.summarize_surface(coords, alpha**2 - beta**2, 0.5)["upward_curving_share"] == 0.0
     # the mixed derivative counts: x^2 + y^2 + c*xy is convex for |c| < 2 and a saddle for |c| > 2
-    assert lesson05.convex_share(coords, alpha**2 + beta**2 + 1.8 * alpha * beta) == 1.0
-    assert lesson05.convex_share(coords, alpha**2 + beta**2 + 3.0 * alpha * beta) == 0.0
+    assert lesson05.upward_curving_share(coords, alpha**2 + beta**2 + 1.8 * alpha * beta) == 1.0
+    assert lesson05.upward_curving_share(coords, alpha**2 + beta**2 + 3.0 * alpha * beta) == 0.0
     # half the grid concave: the share follows
     half = np.where(alpha < 0, -(alpha**2), alpha**2) + beta**2
-    assert 0.35 < lesson05.convex_share(coords, half) < 0.65
+    assert 0.35 < lesson05.upward_curving_share(coords, half) < 0.65
 
 
 def test_without_batch_norm_removes_every_norm(lesson05):
@@ -167,7 +168,7 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     plain, residual = summaries["plain-20"], summaries["residual-20"]  # measured: 1.18/1.10, 695/69, 41%/49%
     assert 0.7 < plain["rise_at_radius"] / residual["rise_at_radius"] < 1.5  # alike near the centre
     assert plain["max_rise"] > 3 * residual["max_rise"]  # the plain net climbs far higher at the edge
-    assert 0.25 < plain["convex_share"] < 0.75 and 0.25 < residual["convex_share"] < 0.75
+    assert 0.25 < plain["upward_curving_share"] < 0.75 and 0.25 < residual["upward_curving_share"] < 0.75
     for net in saved["landscape"]["networks"].values():  # stored BN statistics had caught up (< 3%)
         assert abs(net["eval_loss_stored_bn"] / net["eval_loss_recalibrated_bn"] - 1) < 0.03
     rows = {(r["depth"], r["net"], r["bn"]): r for r in saved["gradient_flow"]["summary"]}
@@ -179,3 +180,10 @@ def test_default_run_matches_the_lesson_card(tmp_path):
         assert residual["max"] / residual["min"] < 600
         assert rows[(depth, "plain", "no")]["first_over_last"] < 20  # He init keeps a plain net without BN level
     assert rows[(110, "residual", "no")]["last_conv"] > 1e5 * rows[(20, "residual", "no")]["last_conv"]
+
+
+def test_share_comparison_holds_only_when_every_pair_agrees_beyond_their_spread(lesson05):
+    assert lesson05.compare_shares([0.40, 0.42, 0.41], [0.60, 0.61, 0.62])["holds"]
+    assert not lesson05.compare_shares([0.41, 0.50, 0.45], [0.49, 0.44, 0.47])["holds"]  # signs disagree
+    assert not lesson05.compare_shares([0.40, 0.45, 0.41], [0.41, 0.60, 0.43])["holds"]  # spread exceeds the mean
+    assert not lesson05.compare_shares([0.40], [0.60])["holds"]  # one pair cannot show a spread
