@@ -254,9 +254,11 @@ def expand_path(text: str) -> str:
 
 class Config(dict):
     """The lesson's constants in lower case, with overrides applied; read as `cfg.depth` or `cfg["depth"]`.
-    `cfg.lesson` names the lesson (for results.json)."""
+    `cfg.lesson` names the lesson (for results.json); `cfg.explicit` holds the keys the caller set (a flag or
+    a keyword), which lesson 06 needs to tell a flag that contradicts a checkpoint from a default."""
 
     lesson: str = ""
+    explicit: frozenset = frozenset()
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -288,6 +290,7 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
     values.update(overrides)
     cfg = Config({key: convert(constants[key], value, module_globals) for key, value in values.items()})
     cfg.lesson = lesson_name(module_globals)
+    cfg.explicit = frozenset(overrides)
     if "seed" in cfg:
         require_seed(cfg.seed)
     return cfg
