@@ -451,6 +451,8 @@ def validate(cfg) -> None:
     helpers.require_number("--weight-decay", cfg.weight_decay, 0)
     helpers.require(all(m >= 0 for m in cfg.lr_milestones), "--lr-milestones must be iterations >= 0")
     helpers.require(cfg.warmup_iterations >= 0, "--warmup-iterations must be zero or positive")
+    # the activations one training step keeps for backward: about 3 maps of (B, 16, 32, 32) floats per layer
+    helpers.require_memory(4 * 3 * cfg.batch_size * 16 * 32 * 32 * max(cfg.depths), "--depths x --batch-size")
 
 
 def main(**overrides):

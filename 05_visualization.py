@@ -657,6 +657,9 @@ def main(**overrides):
     helpers.require(cfg.warmup_steps >= 0, "--warmup-steps must be zero or positive")
     helpers.require(cfg.bn_recalibration_batches >= 0, "--bn-recalibration-batches must be zero or positive")
     helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations
+    depth = max(*cfg.gradient_depths, cfg.landscape_depth)  # a training step keeps ~3 (B, 16, 32, 32) maps per layer
+    batch = max(cfg.gradient_batch, cfg.batch_size)
+    helpers.require_memory(4 * 3 * batch * 16 * 32 * 32 * depth, "--gradient-depths/--landscape-depth x batch size")
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
