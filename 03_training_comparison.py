@@ -530,6 +530,8 @@ def validate(cfg) -> None:
     """What the constants' declarations cannot say (they check every range and the seed)."""
     for depth in cfg.depths:
         helpers.require((depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 14, 20, 32, 44, 56, 110, ...)")
+    # the activations one training step keeps for backward: about 3 maps of (B, 16, 32, 32) floats per layer
+    helpers.require_memory(4 * 3 * cfg.batch_size * 16 * 32 * 32 * max(cfg.depths), "--depths x --batch-size")
 
 
 def train_all(cfg, data: helpers.ImageData, device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:

@@ -692,6 +692,9 @@ def main(**overrides):
             f"{flag} {path} is not a file (check the path, or leave it empty to train)",
         )
     helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations
+    depth = max(*cfg.gradient_depths, cfg.landscape_depth)  # a training step keeps ~3 (B, 16, 32, 32) maps per layer
+    batch = max(cfg.gradient_batch, cfg.batch_size)
+    helpers.require_memory(4 * 3 * batch * 16 * 32 * 32 * depth, "--gradient-depths/--landscape-depth x batch size")
     started = time.perf_counter()
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)

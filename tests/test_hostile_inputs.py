@@ -86,6 +86,8 @@ HOSTILE = [
     row(L01, ["--trace-input-shape", "100000", "64", "560", "560"], 1, r"--trace-input-shape needs .* GiB"),
     row(L01, ["--jacobian-side", "1000"], 1, r"the Jacobian check needs .* GiB"),
     row(L02, ["--image-size", "200000"], 1, r"--image-size x --latency-batch-sizes needs .* GiB"),
+    row(L03, ["--depths", "20", "600002"], 1, r"--depths x --batch-size needs .* GiB"),
+    row(L05, ["--gradient-depths", "600002"], 1, r"--gradient-depths/--landscape-depth x batch size needs"),
     row(L04, ["--timing-batch", "100", "--imagenet-timing-size", "4096"], 1, r"--imagenet-timing-size needs"),
     # --- data: --data-dir a file, corrupt files ---------------------------------------------------------------
     *[
