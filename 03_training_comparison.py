@@ -141,7 +141,7 @@ PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp
 CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
 GRAD_CHECKPOINTS: int = 4  # evenly spaced times at which every layer's gradient is recorded [> 0]
 BN_RECALIBRATION_BATCHES: int = 20  # training batches that re-estimate batch-norm statistics before evaluation [>= 0]
-END_FRACTION: float = 0.2  # the verdict compares mean training error over this final fraction [> 0, <= 1]
+END_FRACTION: float = 0.2  # the verdict compares mean training error over this final fraction (20%) [> 0, <= 1]
 NOISE_Z: float = 2.0  # standard errors a difference of end errors must exceed to count (noise band) [>= 0]
 SMOOTHING: int = 20  # iterations in the moving average of the plotted training error [> 0]
 EVAL_TEST: bool = False  # also report test-set error (never used to choose anything)
