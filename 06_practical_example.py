@@ -60,10 +60,13 @@ Try this
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import signal
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -121,17 +124,36 @@ CHECKPOINT_FORMAT = "lesson06-checkpoint-v1"  # marks files this lesson wrote
 
 # %% Models by name
 def model_registry() -> dict:
-    """name -> builder(num_classes). Lesson 02's CIFAR ResNets, plus lesson 04's CIFAR variants when that
-    lesson is present (it is imported lazily: a missing or broken lesson 04 only removes its names)."""
+    """name -> builder(num_classes). Lesson 02's CIFAR ResNets, plus lesson 04's CIFAR variants."""
     models = dict(L02.CIFAR_MODELS)
+    for name, builder in lesson04_variants().items():
+        models.setdefault(name, builder)
+    return models
+
+
+@functools.cache
+def lesson04_variants() -> dict:
+    """Lesson 04's CIFAR models, imported lazily. A missing lesson 04 gives none; a broken one gives none and
+    says once, on stderr, what broke and where, instead of silently dropping its models."""
     try:
         lesson04 = helpers.load_lesson(4)
-    except Exception:  # noqa: BLE001 - an absent or unfinished lesson 04 must not break this one
-        return models
-    for registry in ("SMALL_CIFAR_VARIANTS", "CIFAR_VARIANTS"):
-        for name, builder in getattr(lesson04, registry, {}).items():
-            models.setdefault(name, builder)
-    return models
+    except FileNotFoundError as error:
+        if "expected one lesson file" not in str(error):
+            raise
+        return {}
+    except Exception as error:  # noqa: BLE001 - lesson 06 still runs on lesson 02's models
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        print(
+            f"NOTICE: lesson 04 failed to import ({type(error).__name__}: {error}, at {Path(where.filename).name}:"
+            f"{where.lineno}); its models are not available here until it is fixed",
+            file=sys.stderr,
+        )
+        return {}
+    variants = {}
+    for registry in (lesson04.SMALL_CIFAR_VARIANTS, lesson04.CIFAR_VARIANTS):
+        for name, builder in registry.items():
+            variants.setdefault(name, builder)
+    return variants
 
 
 # %% The input pipeline

@@ -377,3 +377,20 @@ def test_confusion_matrix_on_known_predictions(lesson06):
     assert torch.equal(matrix, expected)
     per_class = lesson06.per_class_accuracy(matrix)
     assert per_class[:3] == pytest.approx([2 / 3, 1.0, 0.5]) and math.isnan(per_class[3])
+
+
+def test_a_broken_lesson04_is_reported_not_hidden(lesson06, monkeypatch, capsys):
+    """Lesson 06 still runs on lesson 02's models when lesson 04 fails to import, and says what broke."""
+
+    def broken(number):
+        raise NameError("name 'PreActBlok' is not defined")
+
+    lesson06.lesson04_variants.cache_clear()
+    monkeypatch.setattr(lesson06.helpers, "load_lesson", broken)
+    try:
+        models = lesson06.model_registry()
+        assert "resnet20" in models and "preact_resnet20" not in models
+        err = capsys.readouterr().err
+        assert "NOTICE: lesson 04 failed to import (NameError: name 'PreActBlok' is not defined" in err
+    finally:
+        lesson06.lesson04_variants.cache_clear()
