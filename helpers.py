@@ -874,7 +874,8 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random crop after zero padding by `pad` pixels, and a horizontal flip with probability 1/2,
-    done for the whole batch at once on the batch's own device. (B, C, H, W) -> (B, C, H, W), dtype kept."""
+    done for the whole batch at once on the batch's own device. (B, C, H, W) -> (B, C, H, W), dtype kept.
+    (An idea of lesson 06, kept here because `sgd_train(augment=True)` of lessons 03 and 04 uses it too.)"""
     batch, channels, height, width = images.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)  # (2, B)
     flips = (torch.rand(batch, generator=generator) < 0.5).to(images.device)  # (B,)
@@ -976,6 +977,7 @@ def evaluate(
     return {"loss": loss, "accuracy": accuracy, "error": 1 - accuracy, "logits": logits}
 
 
+# He et al.'s CIFAR schedule (lesson 03's subject) lives here because lessons 03, 04 and 05 all train with it.
 def sgd_train(
     model: nn.Module,
     data: ImageData,
