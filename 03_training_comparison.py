@@ -406,6 +406,7 @@ def validate(cfg) -> None:
     helpers.require(cfg.smoothing > 0, "--smoothing must be a positive integer")
 
 
+@helpers.constants_as_keywords
 def main(**overrides):
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
     started = time.perf_counter()

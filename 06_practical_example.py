@@ -459,6 +459,7 @@ def check_resumable(state: dict, cfg, data: helpers.ImageData, path: str) -> Non
         )
 
 
+@helpers.constants_as_keywords
 def main(**overrides):
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
     started = time.perf_counter()

@@ -243,9 +243,8 @@ def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: append every keyword `main` accepts (the constants, lower case) to its docstring, with
     type, default and help, so that `help(main)` and a notebook's `main?` list them."""
     lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
-    main.__doc__ = (
-        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
-    )
+    intro = (main.__doc__.rstrip() + "\n\n") if main.__doc__ else ""
+    main.__doc__ = intro + "Keywords (the constants block, in lower case):\n" + "\n".join(lines)
     return main
 
 

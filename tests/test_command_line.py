@@ -35,3 +35,13 @@ def test_help_of_every_lesson_and_the_benchmark():
         if script.startswith("0") and "--full" in text:  # lessons 03-06
             assert "--full changes: " in text and "; --full: " in text, script
     assert "until training error < 80%" in " ".join(sections["03_training_comparison.py"].split())
+
+
+def test_every_main_lists_its_keywords():
+    import helpers
+
+    for number in range(1, 7):
+        lesson = helpers.load_lesson(number)
+        doc = lesson.main.__doc__
+        for constant in helpers.read_constants(vars(lesson)):
+            assert f"    {constant.key}: {constant.type} = " in doc, (number, constant.key)
