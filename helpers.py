@@ -512,9 +512,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def snake_case(key: str) -> str:
-    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`."""
-    key = key.replace("@", " at ").replace("/", " over ")
-    return re.sub(r"[^0-9a-z]+", "_", key.lower()).strip("_")
+    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`. Hyphens
+    stay: they belong to names used as keys (`resnet-20`, `fashion-mnist`, `when-shapes-match`)."""
+    key = key.replace("@", " at ").replace("/", " over ").replace(" - ", " minus ")
+    return re.sub(r"[^0-9a-z-]+", "_", key.lower()).strip("_")
 
 
 def _jsonable(value: Any) -> Any:

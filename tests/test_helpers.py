@@ -229,3 +229,9 @@ def test_atomic_write_gives_the_permissions_the_umask_allows(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_results_json_keys_are_snake_case_and_rates_fractions():
+    saved = helpers._jsonable({"max |F(x)|": 1, "N=8": 2, "ms@32": 3, "first/last": 4, "test_err_%": 8.75, "GMACs": 5})
+    assert saved == {"max_f_x": 1, "n_8": 2, "ms_at_32": 3, "first_over_last": 4, "test_err": 0.0875, "gmacs": 5}
+    assert helpers._jsonable({"resnet-20": {"v1.5 - v1": 0.2}}) == {"resnet-20": {"v1_5_minus_v1": 0.2}}
