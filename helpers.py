@@ -182,6 +182,7 @@ def convert(constant: Constant, value: Any, module_globals: dict | None = None) 
     }.get(kind, isinstance(value, (str, Path)))
     require(ok, f"{flag} takes {'a path' if kind == 'Path' else kind + ' values'}, not {value!r}")
     value = TYPES[kind](value)
+    require(kind != "float" or math.isfinite(value), f"{flag} must be a finite number (got {value})")
     if kind == "Path":
         value = expand_path(value)
     choices = _choices(constant, module_globals or {})
