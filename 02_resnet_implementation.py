@@ -94,7 +94,7 @@ PlainBlock = lesson01.PlainBlock
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights and inputs
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/02_resnet_implementation"  # folder for results.json and figures
 IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds and latency [>= 32]
 MEASURE_LATENCY: bool = True  # time forward passes (the slowest part of the run)

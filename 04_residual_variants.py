@@ -123,10 +123,10 @@ L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, inputs and data order
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/04_residual_variants"  # folder for results.json and figures
 FULL: bool = False  # longer comparison training on all of the training set (meant for a GPU)
-DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATASET: str = "cifar10"  # a quick run falls back if absent [cifar10 | cifar100 | fashion-mnist | synthetic]
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
 TRAIN_SIZE: int = 8000  # training images kept for the comparison (the quick run sees fewer than that) [> 0]
@@ -137,7 +137,7 @@ BATCH_SIZE: int = 32  # images per SGD step in the comparison [> 0]
 LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up [> 0]
 WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
 AUGMENT: bool = False  # random crop and flip during the comparison (worth it only for long runs)
-PRECISION: str = "auto"  # autocast dtype of the comparison training
+PRECISION: str = "auto"  # autocast dtype of the comparison training [auto | fp32 | bf16 | fp16]
 BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics before evaluation [>= 0]
 TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
 TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]

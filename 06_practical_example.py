@@ -79,10 +79,10 @@ L02 = helpers.load_lesson(2)  # CIFAR_MODELS: resnet20 ... resnet110 and resnet1
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, data order and augmentation
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/06_practical_example"  # folder for results.json, figures and checkpoints
 FULL: bool = False  # the full recipe: all of CIFAR-10, 200 epochs (meant for a GPU)
-DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATASET: str = "cifar10"  # a quick run falls back if absent [cifar10 | cifar100 | fashion-mnist | synthetic]
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset (needs the internet; checksums are verified)
 MODEL: str = "resnet18"  # lesson 02 (resnet18, resnet20 ... resnet110) or lesson 04 CIFAR model
@@ -98,7 +98,7 @@ SCHEDULE: str = "onecycle"  # onecycle: linear up and down; cosine: linear up, c
 WARMUP_EPOCHS: float = 0.5  # epochs of linear learning-rate warm-up from 0 [>= 0]
 LABEL_SMOOTHING: float = 0.1  # probability mass spread uniformly over all classes in the target [>= 0, < 1]
 CUTOUT: int = 0  # side in pixels of a random square zeroed in each training image (0: off) [>= 0]
-PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, fp16 on old GPUs)
+PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, fp16 on old GPUs) [auto | fp32 | bf16 | fp16]
 CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions with oneDNN and tensor cores)
 COMPILE: bool = False  # torch.compile the model (slow start, faster epochs on GPUs)
 TTA: bool = True  # also report test accuracy with horizontal-flip test-time augmentation

@@ -3,19 +3,21 @@
 Nothing here teaches residual networks; the ideas live in the numbered lessons. A lesson uses it like this:
 
     # --- constants ---------------------------------------------------------------
-    DEPTH = 56  # layers in the network (6n+2)
-    DEVICE = "auto"  # auto | cpu | cuda | mps
+    DEPTH: int = 56  # layers in the network (6n+2) [>= 8]
+    DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
     # --- end constants -----------------------------------------------------------
 
+    @helpers.constants_as_keywords  # help(main) lists depth and device
     def main(**overrides):
-        cfg = helpers.config(globals(), overrides)  # cfg.depth == 56 unless overridden
+        cfg = helpers.config(globals(), overrides)  # cfg.depth == 56 unless overridden; checked
         ...
 
-    if __name__ == "__main__":
+    if __name__ == "__main__":  # also true in a notebook, where it runs main() with the cells' constants
         helpers.run_cli(main, globals())
 
 `run_cli` turns every constant of that block into a flag (`DEPTH` -> `--depth`), with the comment as help
-text and the value as default, so the constants block stays the single source of truth.
+text, the annotation as type and the value as default, so the constants block stays the single source of
+truth (see "Constants block" below for the declaration's grammar).
 """
 
 from __future__ import annotations
@@ -81,7 +83,6 @@ def require(condition: bool, message: str) -> None:
 # An edited constant, a keyword of `main` and a flag all go through the same conversion and the same check.
 TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": bool, "Path": str}
 CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
-COMMON_CHOICES = {"device": ("auto", "cpu", "cuda", "mps")}  # dataset and precision are added below
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _choices(constant: Constant, module_globals: dict) -> tuple[str, ...] | None
     if constant.check.startswith("in "):  # a name the module defines (None while it is not defined yet)
         names = module_globals.get(constant.check[3:].strip())
         return None if names is None else tuple(names)
-    return {**COMMON_CHOICES, "dataset": DATASETS, "precision": PRECISIONS}.get(constant.key)
+    return None
 
 
 def convert(constant: Constant, value: Any, module_globals: dict | None = None) -> Any:

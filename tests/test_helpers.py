@@ -24,7 +24,7 @@ BATCH_SIZE: int = 32  # images per batch [> 0]
 LEARNING_RATE: float = {lr}  # step size, 10% of the usual [> 0]
 AUGMENT: bool = True  # random crops and flips
 DEPTHS: tuple[int, ...] = (20, 56)  # network depths to compare [>= 8]
-DATASET: str = "cifar10"  # which dataset
+DATASET: str = "cifar10"  # which dataset [cifar10 | cifar100 | fashion-mnist | synthetic]
 INIT: str = "he"  # weight init [pytorch | he]
 DATA_DIR: Path = {data_dir!r}  # where the data lives
 FULL: bool = False  # the long run
