@@ -82,7 +82,7 @@ import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights and inputs
-DEVICE: str = "cpu"  # where to run (the Jacobian check always runs on the CPU in float64)
+DEVICE: str = "cpu"  # where to run (the Jacobian check always runs on the CPU in float64) [auto | cpu | cuda | mps]
 OUT: Path = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
 TRACE: bool = True  # print the shape after every stage of one block
 TRACE_INPUT_SHAPE: tuple[int, ...] = (32, 64, 56, 56)  # (B, C, H, W) of the traced input: ResNet-34's conv3_1 [> 0]

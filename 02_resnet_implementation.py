@@ -96,7 +96,7 @@ PlainBlock = lesson01.PlainBlock
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights and inputs
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/02_resnet_implementation"  # folder for results.json and figures
 IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds and latency [>= 32]
 MEASURE_LATENCY: bool = True  # time forward passes (the slowest part of the run)
@@ -161,7 +161,11 @@ class Bottleneck(nn.Module):
     4 * `width` channels, y = relu(F(x) + shortcut(x)).
 
     `stride_on="3x3"` subsamples in the 3x3 convolution (torchvision, "ResNet v1.5");
-    `stride_on="1x1"` subsamples in the first 1x1 convolution (the paper's Caffe models, "v1")."""
+    `stride_on="1x1"` subsamples in the first 1x1 convolution (the paper's Caffe models, "v1").
+
+    `groups` and `base_width` are torchvision's: the 3x3 convolution runs on int(width * base_width / 64) *
+    groups channels split into `groups` independent groups. ResNet-50 is groups=1, base_width=64; lesson 04
+    builds ResNeXt-50 (32 groups of 4) and Wide ResNet-50-2 (base width 128) from this same class."""
 
     expansion = 4
 
@@ -172,16 +176,20 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         make_shortcut=projection_shortcut,
         stride_on: str = "3x3",
+        groups: int = 1,
+        base_width: int = 64,
     ):
         super().__init__()
         if stride_on not in ("3x3", "1x1"):
             raise ValueError(f"stride_on must be '3x3' or '1x1', not {stride_on!r}")
         out_channels = width * self.expansion
-        self.conv1 = conv1x1(in_channels, width, stride if stride_on == "1x1" else 1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride if stride_on == "3x3" else 1)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = conv1x1(width, out_channels)
+        inner = int(width * (base_width / 64.0)) * groups  # channels of the 3x3 convolution (width when groups=1)
+        self.conv1 = conv1x1(in_channels, inner, stride if stride_on == "1x1" else 1)
+        self.bn1 = nn.BatchNorm2d(inner)
+        conv2_stride = stride if stride_on == "3x3" else 1
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=conv2_stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = conv1x1(inner, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
         shape_changes = stride != 1 or in_channels != out_channels
         self.downsample = make_shortcut(in_channels, out_channels, stride) if shape_changes else None
@@ -193,8 +201,8 @@ class Bottleneck(nn.Module):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): (B, C_in, H, W) -> (B, 4w, H/s, W/s)"""
         out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, w, H, W), or H/s, W/s in v1
-        out = F.relu(self.bn2(self.conv2(out)))  # (B, w, ., .) -> (B, w, H/s, W/s)
-        return self.bn3(self.conv3(out))  # (B, w, H/s, W/s) -> (B, 4w, H/s, W/s)
+        out = F.relu(self.bn2(self.conv2(out)))  # (B, w, ., .) -> (B, w, H/s, W/s), in `groups` groups
+        return self.bn3(self.conv3(out))  # (B, w, H/s, W/s) -> (B, 4w, H/s, W/s)  (w: the inner width)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)  # x (Eq. 1) or W_s x (Eq. 2)
@@ -276,6 +284,8 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         bottleneck_stride: str = "3x3",
         small_input_stem: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
     ):
         super().__init__()
         if small_input_stem:  # 32x32 images have no resolution to spare: keep it all
@@ -288,7 +298,9 @@ class ResNet(nn.Module):
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # 112 -> 56
         make_block = block
         if block is Bottleneck:
-            make_block = functools.partial(Bottleneck, stride_on=bottleneck_stride)
+            make_block = functools.partial(
+                Bottleneck, stride_on=bottleneck_stride, groups=groups, base_width=width_per_group
+            )
         channels = 64
         for index, (width, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage), start=1):
             stage = make_stage(make_block, channels, width, num_blocks, stride=1 if index == 1 else 2)

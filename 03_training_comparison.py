@@ -118,10 +118,10 @@ L02 = helpers.load_lesson(2)  # cifar_resnet(depth, num_classes, shortcut, plain
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for every model's weights and for the (shared) data order
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/03_training_comparison"  # folder for results.json and figures
 FULL: bool = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)
-DATASET: str = "cifar10"  # dataset (the quick run falls back if absent)
+DATASET: str = "cifar10"  # a quick run falls back if absent [cifar10 | cifar100 | fashion-mnist | synthetic]
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
 DEPTHS: tuple[int, ...] = (20, 56)  # depths (6n+2), each plain and residual (paper: 20 32 44 56 110) [>= 8]
@@ -137,7 +137,7 @@ WARMUP_LR: float = 0.0  # constant warm-up lr (0: linear ramp from LR/WARMUP_ITE
 TRAIN_SIZE: int = 10000  # training images kept (the quick run sees each about 1.7 times) [> 0]
 VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 5000 of 50000) [> 0]
 AUGMENT: bool = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
-PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16)
+PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16) [auto | fp32 | bf16 | fp16]
 CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
 GRAD_CHECKPOINTS: int = 4  # evenly spaced times at which every layer's gradient is recorded [> 0]
 BN_RECALIBRATION_BATCHES: int = 20  # training batches that re-estimate batch-norm statistics before evaluation [>= 0]
@@ -625,13 +625,10 @@ def report_gradients_and_bn(models: list[dict]) -> dict:
     return facts
 
 
+@helpers.constants_as_keywords
 def main(**overrides):
-    """Train plain and residual nets of DEPTHS under identical conditions and judge the degradation problem.
-
-    Keywords: any constant above in lower case (seed, device, out, full, dataset, data_dir, download, depths,
-    iterations, batch_size, lr, momentum, weight_decay, lr_milestones, warmup_iterations, warmup_depth,
-    warmup_lr, train_size, val_size, augment, precision, channels_last, grad_checkpoints,
-    bn_recalibration_batches, end_fraction, noise_z, smoothing, eval_test). Returns the results dict."""
+    """Train plain and residual nets of DEPTHS under identical conditions and judge the degradation problem
+    (the four parts of "What you will learn"); saves results.json and two figures in `out`."""
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
     started = time.perf_counter()
     validate(cfg)

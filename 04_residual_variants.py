@@ -17,7 +17,7 @@ What you will learn
 * Squeeze-and-Excitation (Hu et al. 2018): gate each channel of the residual branch by
   s = sigmoid(W2 relu(W1 mean_{H,W}(u))) (Eqs. 2-4) before the addition.
 ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet built from lesson 02's Bottleneck with one
-change each (`GroupedBottleneck`, `SEBottleneck`); the tests load torchvision's weights into them.
+change each (the Bottleneck's `groups` and `base_width`, `SEBottleneck`); the tests load torchvision's weights into them.
 
 Run
     python 04_residual_variants.py            # sized for under a minute on a quiet 2-core laptop CPU
@@ -130,10 +130,10 @@ L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, inputs and data order
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/04_residual_variants"  # folder for results.json and figures
 FULL: bool = False  # longer comparison training on all of the training set (meant for a GPU)
-DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATASET: str = "cifar10"  # a quick run falls back if absent [cifar10 | cifar100 | fashion-mnist | synthetic]
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
 TRAIN_SIZE: int = 8000  # training images kept for the comparison (the quick run sees fewer than that) [> 0]
@@ -144,7 +144,7 @@ BATCH_SIZE: int = 32  # images per SGD step in the comparison [> 0]
 LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), reached after a linear warm-up [> 0]
 WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
 AUGMENT: bool = False  # random crop and flip during the comparison (worth it only for long runs)
-PRECISION: str = "auto"  # autocast dtype of the comparison training
+PRECISION: str = "auto"  # autocast dtype of the comparison training [auto | fp32 | bf16 | fp16]
 BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics before evaluation [>= 0]
 TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
 TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
@@ -297,7 +297,7 @@ def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: f
 def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
     """ImageNet WRN-50-2-bottleneck: lesson 02's ResNet-50 with the bottleneck's inner width doubled
     (the 1x1 reduction and the 3x3 convolution); the blocks' output widths stay those of ResNet-50."""
-    return L02.ResNet(WideBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    return L02.ResNet(L02.Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
 
 
 # Parameters of two wide CIFAR networks (Zagoruyko and Komodakis 2016, Table 1: 11.0M and 36.5M).
@@ -305,46 +305,20 @@ def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
 
 
 # %% ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution is split into C groups
-class GroupedBottleneck(L02.Bottleneck):
-    """Lesson 02's bottleneck with the 3x3 convolution split into `groups` independent groups (ResNeXt's
-    cardinality C) of `base_width` channels per 64 of the stage's width (d): Xie et al. 2017, Fig. 3c.
-
-    The block computes y = relu(x + sum_{i=1}^{C} T_i(x)) (Eq. 3): each group is one narrow path T_i
-    (1x1 reduce to d, 3x3, 1x1 expand), and the last 1x1 convolution adds the C paths up, because a 1x1
-    convolution over concatenated groups is the sum of 1x1 convolutions over each group
-    (`aggregated_paths` checks this numerically). With groups=1 and a larger base width it is the Wide
-    ResNet bottleneck. Only conv1, bn1, conv2, bn2 and conv3 change; the names stay torchvision's."""
-
-    groups = 1  # C, the cardinality (class attributes: lesson 02's ResNet builds blocks as block(in, width, stride))
-    base_width = 64  # d for a stage of width 64; lesson 02's plain bottleneck is groups=1, base_width=64
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1, groups: int | None = None, base_width=None):
-        super().__init__(in_channels, width, stride)
-        self.groups = groups = groups or self.groups
-        self.base_width = base_width = base_width or self.base_width
-        inner = width * base_width // 64 * groups  # C * d channels inside the block
-        self.conv1 = L02.conv1x1(in_channels, inner)  # (B, C_in, H, W) -> (B, C d, H, W)
-        self.bn1 = nn.BatchNorm2d(inner)
-        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, groups=groups, bias=False)  # C groups
-        self.bn2 = nn.BatchNorm2d(inner)
-        self.conv3 = L02.conv1x1(inner, width * self.expansion)  # sums the C paths: (B, C d, ..) -> (B, 4 width, ..)
-
-
-class ResNeXtBottleneck32x4d(GroupedBottleneck):
-    groups, base_width = 32, 4
-
-
-class WideBottleneck(GroupedBottleneck):
-    groups, base_width = 1, 128
-
-
+# The ResNeXt block is lesson 02's Bottleneck with its 3x3 convolution split into `groups` independent groups
+# (the cardinality C) of `base_width` channels per 64 of the stage's width (d): Xie et al. 2017, Fig. 3c.
+# It computes y = relu(x + sum_{i=1}^{C} T_i(x)) (Eq. 3): each group is one narrow path T_i (1x1 reduce to d,
+# 3x3, 1x1 expand), and the last 1x1 convolution adds the C paths up, because a 1x1 convolution over
+# concatenated groups is the sum of 1x1 convolutions over each group (`aggregated_paths` checks this
+# numerically). With groups=1 and a larger base width it is the Wide ResNet bottleneck. The arguments and the
+# layer names are torchvision's, so a model built from a seed equals torchvision's built from the same seed.
 def resnext50_32x4d(num_classes: int = 1000) -> nn.Module:
     """ResNeXt-50 (32x4d): lesson 02's ResNet-50 built from bottlenecks with 32 groups of 4 channels per 64
     of width (128 channels inside the first stage's blocks, twice ResNet-50's 64, at about the same cost)."""
-    return L02.ResNet(ResNeXtBottleneck32x4d, [3, 4, 6, 3], num_classes=num_classes)
+    return L02.ResNet(L02.Bottleneck, [3, 4, 6, 3], num_classes=num_classes, groups=32, width_per_group=4)
 
 
-def aggregated_paths(block: GroupedBottleneck, x: torch.Tensor) -> torch.Tensor:
+def aggregated_paths(block: L02.Bottleneck, x: torch.Tensor) -> torch.Tensor:
     """The block's branch computed as C separate narrow paths T_i and summed (Fig. 3a, Eq. 2), with the
     grouped block's own weights: path i owns channels [i d, (i+1) d) of conv1, bn1, conv2 and bn2, and
     the matching input channels of conv3. Call with the block in eval mode (BN as a fixed affine map)."""
@@ -378,7 +352,7 @@ class CifarResNeXt(nn.Module):
         super().__init__()
         helpers.require((depth - 2) % 9 == 0 and depth > 2, f"a CIFAR ResNeXt has depth 9n+2, e.g. 29 (got {depth})")
         blocks_per_stage = (depth - 2) // 9
-        make_block = functools.partial(GroupedBottleneck, groups=cardinality, base_width=base_width)
+        make_block = functools.partial(L02.Bottleneck, groups=cardinality, base_width=base_width)
         self.conv1 = conv3x3(3, 64)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1 = L02.make_stage(make_block, 64, 64, blocks_per_stage, stride=1)
@@ -396,7 +370,7 @@ class CifarResNeXt(nn.Module):
 
 
 # ResNeXt-50's block: the 3x3 convolution has groups=32, 32 paths of width 4.
-ResNeXtBottleneck32x4d(256, 64)
+L02.Bottleneck(256, 64, groups=32, base_width=4)
 
 
 # %% DenseNet (Huang et al. 2017): concatenate instead of add
@@ -865,7 +839,7 @@ list(SMALL_CIFAR_VARIANTS)
 def grouped_equals_paths(seed: int) -> dict:
     """A ResNeXt-29 8x64d stage-2 block (8 paths of width 128) computed both ways on the same weights."""
     torch.manual_seed(seed)
-    block = GroupedBottleneck(256, 128, stride=2, groups=8, base_width=64)
+    block = L02.Bottleneck(256, 128, stride=2, groups=8, base_width=64)
     for norm in (block.bn1, block.bn2, block.bn3):  # non-trivial BN statistics and affine parameters
         norm.running_mean.normal_(0, 0.5)
         norm.running_var.uniform_(0.5, 2.0)

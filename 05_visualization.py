@@ -87,10 +87,10 @@ L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, cifar_resnet(depth, plai
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, directions and data order
-DEVICE: str = "auto"  # where to run
+DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/05_visualization"  # folder for results.json and the four figures
 FULL: bool = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)
-DATASET: str = "cifar10"  # dataset (quick run falls back if absent)
+DATASET: str = "cifar10"  # a quick run falls back if absent [cifar10 | cifar100 | fashion-mnist | synthetic]
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset (needs the internet)
 TRAIN_SIZE: int = 5000  # training images the two landscape networks are trained on [> 0]
@@ -102,7 +102,7 @@ TRAIN_STEPS: int = 100  # SGD steps per landscape network [> 0]
 BATCH_SIZE: int = 32  # images per SGD step [> 0]
 LR: float = 0.1  # peak learning rate (He et al. 2015's CIFAR value), after a linear warm-up [> 0]
 WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
-PRECISION: str = "auto"  # autocast dtype for training only (the landscape is fp32)
+PRECISION: str = "auto"  # autocast dtype for training only (the landscape is fp32) [auto | fp32 | bf16 | fp16]
 BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics after training [>= 0]
 GRID_POINTS: int = 9  # landscape grid points per axis (odd, so that the trained weights are a grid point) [>= 3]
 GRID_RADIUS: float = 1.0  # the grid spans [-r, r] along both filter-normalised directions [> 0]

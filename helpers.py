@@ -3,19 +3,21 @@
 Nothing here teaches residual networks; the ideas live in the numbered lessons. A lesson uses it like this:
 
     # --- constants ---------------------------------------------------------------
-    DEPTH = 56  # layers in the network (6n+2)
-    DEVICE = "auto"  # auto | cpu | cuda | mps
+    DEPTH: int = 56  # layers in the network (6n+2) [>= 8]
+    DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
     # --- end constants -----------------------------------------------------------
 
+    @helpers.constants_as_keywords  # help(main) lists depth and device
     def main(**overrides):
-        cfg = helpers.config(globals(), overrides)  # cfg.depth == 56 unless overridden
+        cfg = helpers.config(globals(), overrides)  # cfg.depth == 56 unless overridden; checked
         ...
 
-    if __name__ == "__main__":
+    if __name__ == "__main__":  # also true in a notebook, where it runs main() with the cells' constants
         helpers.run_cli(main, globals())
 
 `run_cli` turns every constant of that block into a flag (`DEPTH` -> `--depth`), with the comment as help
-text and the value as default, so the constants block stays the single source of truth.
+text, the annotation as type and the value as default, so the constants block stays the single source of
+truth (see "Constants block" below for the declaration's grammar).
 """
 
 from __future__ import annotations
@@ -131,7 +133,6 @@ def require_memory(num_bytes: float, what: str) -> None:
 # An edited constant, a keyword of `main` and a flag all go through the same conversion and the same check.
 TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": bool, "Path": str}
 CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
-COMMON_CHOICES = {"device": ("auto", "cpu", "cuda", "mps")}  # dataset and precision are added below
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _choices(constant: Constant, module_globals: dict) -> tuple[str, ...] | None
     if constant.check.startswith("in "):  # a name the module defines (None while it is not defined yet)
         names = module_globals.get(constant.check[3:].strip())
         return None if names is None else tuple(names)
-    return {**COMMON_CHOICES, "dataset": DATASETS, "precision": PRECISIONS}.get(constant.key)
+    return None
 
 
 def convert(constant: Constant, value: Any, module_globals: dict | None = None) -> Any:
@@ -300,9 +301,8 @@ def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: append every keyword `main` accepts (the constants, lower case) to its docstring, with
     type, default and help, so that `help(main)` and a notebook's `main?` list them."""
     lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
-    main.__doc__ = (
-        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
-    )
+    intro = (main.__doc__.rstrip() + "\n\n") if main.__doc__ else ""
+    main.__doc__ = intro + "Keywords (the constants block, in lower case):\n" + "\n".join(lines)
     return main
 
 
@@ -588,9 +588,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def snake_case(key: str) -> str:
-    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`."""
-    key = key.replace("@", " at ").replace("/", " over ")
-    return re.sub(r"[^0-9a-z]+", "_", key.lower()).strip("_")
+    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`. Hyphens
+    stay: they belong to names used as keys (`resnet-20`, `fashion-mnist`, `when-shapes-match`)."""
+    key = key.replace("@", " at ").replace("/", " over ").replace(" - ", " minus ")
+    return re.sub(r"[^0-9a-z-]+", "_", key.lower()).strip("_")
 
 
 def _jsonable(value: Any) -> Any:
@@ -1091,7 +1092,8 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random crop after zero padding by `pad` pixels, and a horizontal flip with probability 1/2,
-    done for the whole batch at once on the batch's own device. (B, C, H, W) -> (B, C, H, W), dtype kept."""
+    done for the whole batch at once on the batch's own device. (B, C, H, W) -> (B, C, H, W), dtype kept.
+    (An idea of lesson 06, kept here because `sgd_train(augment=True)` of lessons 03 and 04 uses it too.)"""
     batch, channels, height, width = images.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)  # (2, B)
     flips = (torch.rand(batch, generator=generator) < 0.5).to(images.device)  # (B,)
@@ -1193,6 +1195,7 @@ def evaluate(
     return {"loss": loss, "accuracy": accuracy, "error": 1 - accuracy, "logits": logits}
 
 
+# He et al.'s CIFAR schedule (lesson 03's subject) lives here because lessons 03, 04 and 05 all train with it.
 def sgd_train(
     model: nn.Module,
     data: ImageData,

@@ -196,7 +196,7 @@ def test_main_writes_results(lesson01, tmp_path):
     for key in ("trace", "fully_connected", "depth_sweep", "jacobian", "zero_init_residual", "runtime_s", "seed"):
         assert key in saved
     assert saved["trace"]["output_shape"] == [2, 16, 4, 4] and saved["trace"]["has_projection"]
-    assert saved["fully_connected"]["shortcuts_applied"] == {"none": 0, "when_shapes_match": 0, "projection": 5}
+    assert saved["fully_connected"]["shortcuts_applied"] == {"none": 0, "when-shapes-match": 0, "projection": 5}
     assert saved["depth_sweep"]["depths"] == [1, 4] and len(saved["depth_sweep"]["rows"]) == 4
     assert saved["depth_sweep"]["rows"][0]["n_4"] == pytest.approx(results["depth_sweep"]["rows"][0]["N=4"])
     assert saved["config"]["sweep_inits"] == ["pytorch"]

@@ -373,7 +373,7 @@ def test_default_run_with_cached_weights(tmp_path, monkeypatch):
     assert cifar["cifar-resnet18"]["params"] == 11_173_962
     stride = {r["model"]: r for r in results["stride_placement"]["rows"]}
     assert round(stride["resnet50"]["v1"], 3) == 3.858 and round(stride["resnet50"]["v1_5"], 3) == 4.089
-    assert all(round(r["v1_5_v1"], 3) == 0.231 for r in stride.values())
+    assert all(round(r["v1_5_minus_v1"], 3) == 0.231 for r in stride.values())
     stages = {r["module"]: r for r in results["stage_shapes"]["rows"]}
     assert stages["layer3"]["output_shape"] == "1x1024x14x14" and stages["layer4"]["output_shape"] == "1x2048x7x7"
     assert max(stages.values(), key=lambda r: r["mmacs"])["module"] == "layer3"
@@ -382,6 +382,6 @@ def test_default_run_with_cached_weights(tmp_path, monkeypatch):
     assert [r["params"] for r in results["block_comparison"]] == [73_984, 70_400, 1_180_672]
     assert [round(r["mmacs"]) for r in results["block_comparison"]] == [231, 218, 3699]
     assert [r["exact_identities"] for r in results["zero_init_residual"]] == [0, 12]
-    assert results["zero_init_residual"][0]["mean_y_x_over_x"] == pytest.approx(0.64, abs=0.01)
+    assert results["zero_init_residual"][0]["mean_y-x_over_x"] == pytest.approx(0.64, abs=0.01)
     assert [r["layer4_map"] for r in results["stem_on_32x32"]] == ["1x1", "4x4"]
     assert [round(r["mmacs"], 1) for r in results["stem_on_32x32"]] == [37.0, 555.4]

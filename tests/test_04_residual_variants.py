@@ -77,7 +77,7 @@ def test_grouped_convolution_equals_sum_of_parallel_paths(lesson04):
 def test_paths_differ_when_the_groups_are_misassigned(lesson04):
     """The equivalence is not automatic: pairing path i's 3x3 weights with another path's channels breaks it."""
     torch.manual_seed(0)
-    block = lesson04.GroupedBottleneck(64, 64, groups=4, base_width=16).eval()
+    block = lesson04.L02.Bottleneck(64, 64, groups=4, base_width=16).eval()
     x = torch.randn(1, 64, 8, 8)
     with torch.no_grad():
         correct = lesson04.aggregated_paths(block, x)
@@ -220,3 +220,18 @@ def test_default_run_matches_the_lesson_card(tmp_path):
         "densenet_bc_40_12",
     }
     assert all(r["test_err"] < 0.75 for r in training.values())  # every model learned something (chance: 90%)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_same_seed_same_model_as_torchvision(lesson04, name):
+    """torchvision's own protocol: seed, build, compare. The grouped bottleneck is built with its final
+    shapes (torchvision's arguments), so the random initialisation draws the same numbers in the same order."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)().eval()
+    torch.manual_seed(0)
+    ours = (lesson04.L02.resnet50 if name == "resnet50" else getattr(lesson04, name))().eval()
+    for (key, expected), (_, actual) in zip(reference.state_dict().items(), ours.state_dict().items(), strict=True):
+        assert torch.equal(actual, expected), key
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)

@@ -111,7 +111,7 @@ def test_plain_deep_net_with_bn_has_a_much_steeper_gradient_profile(lesson05):
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     runs = lesson05.gradient_flow([56], x, y, seed=0)
     table = {(r["net"], r["BN"]): r for r in lesson05.gradient_table(runs)}
-    assert table[("plain", "yes")]["first_over_last"] > 20 * table[("residual", "yes")]["first_over_last"]
+    assert table[("plain", "yes")]["first/last"] > 20 * table[("residual", "yes")]["first/last"]
     # without BN, the residual net's activations (and gradients) grow block by block
     assert table[("residual", "no")]["last_conv"] > 100 * table[("plain", "no")]["last_conv"]
 

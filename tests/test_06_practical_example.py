@@ -514,3 +514,20 @@ def test_checkpoint_schema_is_checked_key_by_key(lesson06, finished_run, tmp_pat
     torch.save(state, path)
     with pytest.raises(helpers.UserError, match=rf"checkpoint .*damaged.pt is damaged: {message}"):
         lesson06.load_checkpoint(path)
+
+
+def test_a_broken_lesson04_is_reported_not_hidden(lesson06, monkeypatch, capsys):
+    """Lesson 06 still runs on lesson 02's models when lesson 04 fails to import, and says what broke."""
+
+    def broken(number):
+        raise NameError("name 'PreActBlok' is not defined")
+
+    lesson06.lesson04_variants.cache_clear()
+    monkeypatch.setattr(lesson06.helpers, "load_lesson", broken)
+    try:
+        models = lesson06.model_registry()
+        assert "resnet20" in models and "preact_resnet20" not in models
+        err = capsys.readouterr().err
+        assert "NOTICE: lesson 04 failed to import (NameError: name 'PreActBlok' is not defined" in err
+    finally:
+        lesson06.lesson04_variants.cache_clear()

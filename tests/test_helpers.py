@@ -24,7 +24,7 @@ BATCH_SIZE: int = 32  # images per batch [> 0]
 LEARNING_RATE: float = {lr}  # step size, 10% of the usual [> 0]
 AUGMENT: bool = True  # random crops and flips
 DEPTHS: tuple[int, ...] = (20, 56)  # network depths to compare [>= 8]
-DATASET: str = "cifar10"  # which dataset
+DATASET: str = "cifar10"  # which dataset [cifar10 | cifar100 | fashion-mnist | synthetic]
 INIT: str = "he"  # weight init [pytorch | he]
 DATA_DIR: Path = {data_dir!r}  # where the data lives
 FULL: bool = False  # the long run
@@ -229,3 +229,9 @@ def test_atomic_write_gives_the_permissions_the_umask_allows(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_results_json_keys_are_snake_case_and_rates_fractions():
+    saved = helpers._jsonable({"max |F(x)|": 1, "N=8": 2, "ms@32": 3, "first/last": 4, "test_err_%": 8.75, "GMACs": 5})
+    assert saved == {"max_f_x": 1, "n_8": 2, "ms_at_32": 3, "first_over_last": 4, "test_err": 0.0875, "gmacs": 5}
+    assert helpers._jsonable({"resnet-20": {"v1.5 - v1": 0.2}}) == {"resnet-20": {"v1_5_minus_v1": 0.2}}
