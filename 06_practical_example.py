@@ -73,8 +73,8 @@ import shlex
 import signal
 import sys
 import time
-import uuid
 import traceback
+import uuid
 from pathlib import Path
 
 import numpy as np
