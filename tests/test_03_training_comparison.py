@@ -228,10 +228,12 @@ def test_missing_dataset_falls_back_the_same_way_from_a_flag(lesson03, tmp_path,
     """The rule is "this dataset is not available", not "was it typed": a keyword (or flag) naming a missing
     dataset falls back exactly as the edited constant does."""
     no_debian_fashion_mnist(monkeypatch, tmp_path)
-    tiny = {**TINY, "dataset": "cifar100"}
-    results = lesson03.main(**tiny, data_dir=str(tmp_path / "empty"), download=False, out=str(tmp_path / "o"))
+    asked = {"dataset": "cifar100", "data_dir": str(tmp_path / "empty"), "download": False, "val_size": 10}
+    cfg = helpers.config(vars(lesson03), asked)  # as `--dataset cifar100 ...` or `main(dataset="cifar100", ...)`
+    assert helpers.load_data(cfg).name == "synthetic"
     assert "Falling back to the SYNTHETIC dataset" in capsys.readouterr().err
-    assert results["fell_back_from"] == "cifar100"
+    with pytest.raises(helpers.UserError, match="cifar100 is not in"):
+        helpers.load_data(helpers.config(vars(lesson03), {**asked, "full": True}))
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
