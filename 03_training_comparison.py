@@ -191,6 +191,8 @@ FULL_OVERRIDES = {
     "eval_test": True,
 }
 
+helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
+
 
 # %% The models: one family, with and without shortcuts
 # He et al. 2015 (section 4.2) compare nets that differ only in the shortcuts: the same 6n+2 weighted
@@ -480,14 +482,6 @@ def depth_trend(end_errors: dict[int, float], standard_errors: dict[int, float],
     return "not monotonic: " + ", ".join(f"{a}->{b} {step}" for a, b, step in zip(depths, depths[1:], steps))
 
 
-# How the verdict reads, on made-up flat curves: a 20-point plain gap against a 1-point residual gap.
-verdict_sentence(
-    degradation_verdict(
-        {"plain": {20: [0.2] * 50, 56: [0.4] * 50}, "resnet": {20: [0.2] * 50, 56: [0.21] * 50}}, 0.2, 2
-    )
-)
-
-
 def binned_curve(curve: dict, iterations: int, max_points: int = 2000) -> dict:
     """The curves as means over bins of consecutive iterations, so that results.json of a 64k-iteration run
     stays small; `bin` iterations per point (1 in the quick run: every iteration is kept)."""
@@ -496,6 +490,14 @@ def binned_curve(curve: dict, iterations: int, max_points: int = 2000) -> dict:
         key: [sum(v[i : i + size]) / len(v[i : i + size]) for i in range(0, len(v), size)] for key, v in curve.items()
     }
     return {"bin": size, **binned}
+
+
+# How the verdict reads, on made-up flat curves: a 20-point plain gap against a 1-point residual gap.
+verdict_sentence(
+    degradation_verdict(
+        {"plain": {20: [0.2] * 50, 56: [0.4] * 50}, "resnet": {20: [0.2] * 50, 56: [0.21] * 50}}, 0.2, 2
+    )
+)
 
 
 # %% Figures, and the whole run
