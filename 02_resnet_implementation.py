@@ -457,7 +457,8 @@ def cifar_resnet18(num_classes: int = 10, zero_init_residual: bool = False) -> R
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 CIFAR_MODELS = {  # name -> builder(num_classes); ResNet-1202 is left out (19.4M parameters, slow to train)
-    **{f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in CIFAR_DEPTHS[:-1]},
+    # ResNet-8 (n = 1, one block per stage) is not in the paper's table; it is lesson 06's CPU quick demo
+    **{f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (8, *CIFAR_DEPTHS[:-1])},
     **{f"cifar_{name}": functools.partial(cifar_stem_resnet, name) for name in IMAGENET_BLOCKS},
 }
 

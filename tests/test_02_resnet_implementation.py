@@ -94,7 +94,7 @@ def test_cifar_stem_family_parameter_counts(lesson02, name):
 
 
 def test_cifar_models_interface(lesson02):
-    assert set(lesson02.CIFAR_MODELS) == {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110"} | set(
+    assert set(lesson02.CIFAR_MODELS) == {"resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"} | set(
         CIFAR_STEM_PARAMS
     )
     for name, build in lesson02.CIFAR_MODELS.items():

@@ -368,7 +368,7 @@ def test_more_command_line_errors(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_shows_what_the_lesson_card_claims(tmp_path):
     """The default run (Fashion-MNIST fallback here): >= 90% on the full 10,000-image test set within 3 minutes
-    end to end on 2 CPU cores (the issue's target; the card gives the measured numbers)."""
+    end to end on 2 CPU cores (the issue's target; the card: 91.0%, 91.1% with flip TTA, 155 s)."""
     import time
 
     quiet = os.cpu_count() == 2 and os.getloadavg()[0] < 0.5  # the budget is for a quiet 2-core machine
@@ -379,9 +379,9 @@ def test_quick_demo_shows_what_the_lesson_card_claims(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     if saved["dataset"] != "fashion-mnist":
         pytest.skip(f"the card's numbers are for the Fashion-MNIST fallback, this machine gave {saved['dataset']}")
-    assert saved["model"] == "resnet20" and saved["num_test"] == 10_000 and len(saved["history"]) == 2
+    assert saved["model"] == "resnet8" and saved["num_test"] == 10_000 and len(saved["history"]) == 3
     val = [h["val_accuracy"] for h in saved["history"]]
-    assert val[0] < val[1]  # epoch 1 is read at the peak learning rate, with lagging BN statistics
+    assert val[0] < val[1] < val[2]  # card: 76.0, 86.1, 91.0%
     assert saved["test_accuracy"] >= 0.90
     assert abs(saved["test_accuracy_flip_tta"] - saved["test_accuracy"]) < 0.01  # flips keep Fashion-MNIST's labels
     if quiet:

@@ -80,7 +80,7 @@ HOSTILE = [
     row(L06, ["--label-smoothing", "1"], 1, r"--label-smoothing must be < 1"),
     row(L06, ["--eval-batch-size", "0"], 1, r"--eval-batch-size must be > 0"),
     row(L06, ["--schedule", "linear"], 1, r"--schedule must be one of onecycle, cosine \(got 'linear'\)"),
-    row(L06, ["--model", "resnet18"], 1, r"unknown model 'resnet18' \(use one of: resnet20"),
+    row(L06, ["--model", "resnet18"], 1, r"unknown model 'resnet18' \(use one of: resnet8, resnet20"),
     # --- shapes: too small for batch norm, too large for memory ------------------------------------------------
     row(L01, ["--sweep-batch-size", "1", "--sweep-side", "1"], 1, r"batch norm in train mode needs more than one"),
     row(L01, ["--trace-input-shape", "100000", "64", "560", "560"], 1, r"--trace-input-shape needs .* GiB"),
@@ -127,7 +127,7 @@ HOSTILE = [
     row(
         L06, ["--resume", "{ckpt:finished}", "--batch-size", "32"], 1, r"was written for batch_size 64, this run has 32"
     ),
-    row(L06, ["--resume", "{ckpt:finished}", "--lr", "0.05"], 1, r"was written for lr 0.2, this run has 0.05"),
+    row(L06, ["--resume", "{ckpt:finished}", "--lr", "0.05"], 1, r"was written for lr 0.1, this run has 0.05"),
     row(L06, ["--resume", "{ckpt:finished}"], 0, None, "06:resume a finished run: says so, changes nothing"),
     # --- the benchmark --------------------------------------------------------------------------------------
     row(BENCH, ["--workers", "-1"], 1, r"--workers must be 0 or more"),
