@@ -152,7 +152,7 @@ DATASET: str = "cifar10"  # a quick run falls back if absent [cifar10 | cifar100
 DATA_DIR: Path = "data"  # where datasets are stored or downloaded
 DOWNLOAD: bool = True  # download a missing dataset through torchvision (needs the internet; checksums verified)
 DEPTHS: tuple[int, ...] = (20, 56)  # depths (6n+2), each plain and residual (paper: 20 32 44 56 110) [>= 8]
-ITERATIONS: int = 130  # SGD iterations per model (paper: 64000) [> 0]
+ITERATIONS: int = 100  # SGD iterations per model (paper: 64000) [> 0]
 BATCH_SIZE: int = 128  # images per iteration (paper: 128) [> 0]
 LR: float = 0.05  # peak learning rate (paper: 0.1; see "A gentle start" in the card) [> 0]
 MOMENTUM: float = 0.9  # SGD momentum (paper: 0.9) [>= 0, < 1]
