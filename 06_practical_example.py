@@ -308,7 +308,7 @@ def check_world_size(state: dict, ddp: Distributed, path) -> None:
     )
     helpers.require(
         saved == ddp.world,
-        f"checkpoint {path} was written for world_size {saved}, this run has {ddp.world} processes (resume it with "
+        f"checkpoint {path} was written by a run of world_size {saved}, this run's world_size is {ddp.world} (resume it with "
         f"{how}; to use another number of processes, start a new run)",
     )
 
