@@ -11,7 +11,10 @@ What you will learn
     * honest evaluation: a validation split chooses the best checkpoint, the test set is only reported,
       flip test-time augmentation is reported separately, per-class accuracy and a confusion matrix;
     * checkpoints that survive crashes (atomic writes), load safely (`weights_only=True`) and resume
-      bit-for-bit: a resumed CPU run ends with exactly the numbers of an uninterrupted one.
+      bit-for-bit: a resumed CPU run ends with exactly the numbers of an uninterrupted one;
+    * data-parallel training with `torchrun` and DistributedDataParallel: every process draws the same global
+      batch and trains on its rank-strided slice, gradients are averaged, so N processes take one process's
+      step (batch norm aside: per process, or over the whole batch with --sync-bn); process 0 alone writes.
 
 Paper
     He, Zhang, Ren, Sun 2015, "Deep Residual Learning for Image Recognition": the quick demo trains lesson
@@ -29,6 +32,10 @@ Run
     python 06_practical_example.py                 # quick demo: under 3 minutes on 2 CPU cores
     python 06_practical_example.py --full          # cifar_resnet18, 200 epochs: >= 94% on CIFAR-10 (cited; a GPU)
     python 06_practical_example.py --resume outputs/06_practical_example/checkpoints/last.pt
+    torchrun --standalone --nproc_per_node N 06_practical_example.py --full          # N GPUs (NCCL)
+    torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT --rdzv_id JOB \
+        06_practical_example.py --full                                              # M machines of N GPUs
+    torchrun --standalone --nproc_per_node 2 06_practical_example.py --device cpu    # 2 CPU processes (gloo)
     python benchmarks/pipeline_throughput.py       # this pipeline against a DataLoader + PIL baseline
     python benchmarks/pipeline_throughput.py --generated-if-missing   # without CIFAR-10 on disk
 
@@ -59,6 +66,9 @@ Try this
     * `--cutout 8 --epochs 8`: cutout (DeVries and Taylor 2017) is reported to hurt short runs and help long
       ones (not measured here); try it.
     * `--model cifar_resnet18 --train-size 5000 --epochs 2`: 13x the arithmetic per image; compare img/s.
+    * `torchrun --standalone --nproc_per_node 2 06_practical_example.py --device cpu --precision fp32`, then the
+      same with `python`: results.json's `first_step_losses` are close but not equal, because each process's
+      batch norm normalises with its own half of the batch (tests/test_distributed.py shows the exact match).
 """
 
 # %%

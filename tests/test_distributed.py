@@ -86,8 +86,11 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
     assert finished["status"] == "finished" and finished["world_size"] == WORLD
     assert [h["epoch"] for h in finished["history"]] == [1, 2]
 
-    # 4. One process, the same global batch of 32 and data order, batch norm over the same 16-image slices:
-    # the first steps' losses agree (float error only: convolutions over 16 or 32 images sum in another order).
+    # 4. One process, the same global batch of 32 and data order, batch norm over the same 16-image slices: the
+    # same losses up to float error (convolutions over 16 or 32 images, on 1 or 2 threads, sum in other orders).
+    # Measured here: step 1 equal, steps 2-4 within 3e-5 relative; the error then grows (4e-4 at step 5) as
+    # small differences in the weights are amplified, so steps 1-4 are compared. One process with epochs 1
+    # has the same learning rates as epochs 2 during those steps (the 4 warm-up steps).
     def resnet20_with_rank_slice_norms(num_classes):
         model = lesson06.L02.CIFAR_MODELS["resnet20"](num_classes)
         for module in model.modules():
@@ -96,11 +99,30 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
         return model
 
     monkeypatch.setattr(lesson06, "model_registry", lambda: {"resnet20": resnet20_with_rank_slice_norms})
-    one = lesson06.main(**{**FLAGS, "epochs": 1, "out": str(tmp_path / "one")})
+    one = lesson06.main(**{**FLAGS, "epochs": 1, "out": str(tmp_path / "one"), "tta": False})
     assert one["world_size"] == 1
-    # epochs 1 instead of 2 changes the schedule after the 4 warm-up steps, so the losses of steps 1-5 are comparable
     two_losses = finished["first_step_losses"]
     assert len(two_losses) == lesson06.FIRST_LOSSES == len(one["first_step_losses"])
     assert two_losses == stopped["first_step_losses"]  # carried through the checkpoint
-    print("one process:", one["first_step_losses"], "\ntwo processes:", two_losses)
-    assert one["first_step_losses"][:5] == pytest.approx(two_losses[:5], rel=1e-4)
+    assert one["first_step_losses"][0] == pytest.approx(two_losses[0], rel=1e-6)  # same weights, same images
+    assert one["first_step_losses"][:4] == pytest.approx(two_losses[:4], rel=2e-4)
+
+
+def test_rank_slices_partition_the_global_batch(lesson06):
+    batch = torch.arange(12)
+    slices = [lesson06.rank_slice(batch, rank, 3) for rank in range(3)]
+    assert [s.tolist() for s in slices] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    assert lesson06.rank_slice(batch, 0, 1) is batch  # one process: the batch itself
+
+
+def test_distributed_context_reads_torchruns_environment(lesson06, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert lesson06.distributed_context() == lesson06.Distributed(0, 1, 0) and lesson06.is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert lesson06.distributed_context() == lesson06.Distributed(3, 4, 1) and not lesson06.is_main_process()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(helpers.UserError, match="RANK 4 is outside 0..3"):
+        lesson06.distributed_context()
