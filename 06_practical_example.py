@@ -298,6 +298,16 @@ def reduce_readout(ddp: Distributed, loss_sum: torch.Tensor, correct: torch.Tens
     return loss, int(count), stops > 0
 
 
+def any_process(ddp: Distributed, flag: bool, device: torch.device) -> bool:
+    """True on every process when `flag` is True on any of them (a Ctrl-C may reach process 0 a moment before
+    process 1, and processes that decide differently would wait for each other forever). One process: `flag`."""
+    if not ddp.active:
+        return flag
+    votes = torch.tensor(float(flag), device=device)  # NCCL reduces tensors on the GPU, gloo on the CPU
+    torch.distributed.all_reduce(votes)
+    return votes.item() > 0
+
+
 def share_buffers_of_rank0(model: nn.Module, ddp: Distributed) -> None:
     """Give every process process 0's batch-norm running statistics. Weights are equal on all processes (DDP
     applies the same averaged gradient), but each process updated its running statistics from its own slice;
@@ -1061,7 +1071,7 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
                 f"{record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if is_best else ''}",
                 flush=True,
             )
-            if stop_flag["stop"]:  # Ctrl-C during the last step of an epoch: the epoch's checkpoint is it
+            if any_process(ddp, stop_flag["stop"], device):  # Ctrl-C late in an epoch: the epoch's checkpoint is it
                 status = "interrupted"
                 print(f"interrupted after epoch {run['epoch']}: saved {checkpoints / 'last.pt'}")
                 break

@@ -126,3 +126,14 @@ def test_distributed_context_reads_torchruns_environment(lesson06, monkeypatch):
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(helpers.UserError, match="RANK 4 is outside 0..3"):
         lesson06.distributed_context()
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_both_processes_at_the_same_step(tmp_path):
+    out = tmp_path / "nan"
+    process = torchrun(*as_flags({**FLAGS, "lr": 1e6, "epochs": 1, "out": out}))  # diverges within a few steps
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("error: the training loss became")]
+    assert len(errors) == WORLD and len(set(errors)) == 1, stderr  # both processes, the same step, one reason
+    assert not (out / "checkpoints" / "last.pt").exists()  # nothing diverged is saved
