@@ -68,7 +68,8 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
     assert (
         stdout.count("interrupted in epoch") + stdout.count("interrupted after epoch") == 1
     )  # printed by process 0 alone
-    assert "continue with: torchrun --standalone --nproc_per_node=2" in stdout
+    if "interrupted in epoch" in stdout:  # the mid-epoch stop prints how to continue
+        assert "continue with: torchrun --standalone --nproc_per_node=2" in stdout
     stopped = json.loads((out / "results.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["world_size"] == WORLD
     last = out / "checkpoints" / "last.pt"
