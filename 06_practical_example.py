@@ -11,7 +11,10 @@ What you will learn
     * honest evaluation: a validation split chooses the best checkpoint, the test set is only reported,
       flip test-time augmentation is reported separately, per-class accuracy and a confusion matrix;
     * checkpoints that survive crashes (atomic writes), load safely (`weights_only=True`) and resume
-      bit-for-bit: a resumed CPU run ends with exactly the numbers of an uninterrupted one.
+      bit-for-bit: a resumed CPU run ends with exactly the numbers of an uninterrupted one;
+    * data-parallel training with `torchrun` and DistributedDataParallel: every process draws the same global
+      batch and trains on its rank-strided slice, gradients are averaged, so N processes take one process's
+      step (batch norm aside: per process, or over the whole batch with --sync-bn); process 0 alone writes.
 
 Paper
     He, Zhang, Ren, Sun 2015, "Deep Residual Learning for Image Recognition": the quick demo trains lesson
@@ -30,6 +33,10 @@ Run
     python 06_practical_example.py                 # quick demo: under 3 minutes on 2 CPU cores
     python 06_practical_example.py --full          # cifar_resnet18, 200 epochs: >= 94% on CIFAR-10 (cited; a GPU)
     python 06_practical_example.py --resume outputs/06_practical_example/checkpoints/last.pt
+    torchrun --standalone --nproc_per_node N 06_practical_example.py --full          # N GPUs (NCCL)
+    torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT --rdzv_id JOB \
+        06_practical_example.py --full                                              # M machines of N GPUs
+    torchrun --standalone --nproc_per_node 2 06_practical_example.py --device cpu    # 2 CPU processes (gloo)
     python benchmarks/pipeline_throughput.py       # this pipeline against a DataLoader + PIL baseline
     python benchmarks/pipeline_throughput.py --generated-if-missing   # without CIFAR-10 on disk
     Runtime of the quick demo: ResNet-8, 3 epochs of all 55,000 training images that are not held out
@@ -66,12 +73,16 @@ Try this
       ones (not measured here); try it.
     * `--model resnet20 --epochs 2 --batch-size 128 --lr 0.2`: 3.3x the arithmetic per image of ResNet-8.
       Measured here: 91.2% test accuracy, in about 3.5 minutes instead of 2.5.
+    * `torchrun --standalone --nproc_per_node 2 06_practical_example.py --device cpu --precision fp32`, then the
+      same with `python`: results.json's `first_step_losses` are close but not equal, because each process's
+      batch norm normalises with its own half of the batch (tests/test_distributed.py shows the exact match).
 """
 
 # %%
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -116,6 +127,7 @@ CUTOUT: int = 0  # side in pixels of a random square zeroed in each training ima
 PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, fp16 on old GPUs) [auto | fp32 | bf16 | fp16]
 CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions with oneDNN and tensor cores)
 COMPILE: bool = False  # torch.compile the model (slow start, faster epochs on GPUs)
+SYNC_BN: bool = False  # under torchrun, batch norm over the whole global batch (SyncBatchNorm; GPUs only)
 TTA: bool = True  # also report test accuracy with horizontal-flip test-time augmentation
 RESUME: Path = ""  # checkpoint to continue from (e.g. outputs/06_practical_example/checkpoints/last.pt)
 NUM_MISTAKES: int = 16  # most confidently misclassified test images shown in the grid [>= 0]
@@ -135,6 +147,7 @@ FULL_OVERRIDES = {
     "warmup_epochs": 5.0,
 }
 SCHEDULES = ("onecycle", "cosine")
+FIRST_LOSSES = 8  # training losses of the run's first steps kept in results.json (to compare runs step by step)
 CHECKPOINT_FORMAT = "lesson06-checkpoint-v2"  # marks files this lesson wrote (v2: settings, run id, checked schema)
 
 
@@ -205,6 +218,148 @@ def to_model_input(images: torch.Tensor, data: helpers.ImageData, channels_last:
     """uint8 (B, C, H, W) -> normalised float, in the memory layout the model was converted to."""
     x = helpers.normalize(images, data.mean, data.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# %% Distributed data parallel: one run on several processes, launched by torchrun
+# `torchrun --nproc_per_node N 06_practical_example.py ...` starts N copies of this script (one per GPU, or N CPU
+# processes) and tells each its place through environment variables: WORLD_SIZE (processes in all), RANK (this
+# one's number, 0 .. WORLD_SIZE - 1) and LOCAL_RANK (its number on this machine, which picks its GPU). Each
+# process holds the whole uint8 dataset and a full copy of the model. Every process draws the same global batch
+# of B indices from the shared seed, exactly as one process would, augments all B images with the shared
+# augmentation generator (so that the random numbers stay in step), and trains on its rank-strided slice
+# batch[rank::world] of B / world images. DistributedDataParallel (DDP) averages the gradients over the processes
+# during backward; each process's loss is the mean over its slice, so the average is the gradient of the mean loss
+# over all B images, and every process takes one process's step: same global batch, same order, same epoch.
+# One exception is batch norm. Each process normalises with the mean and variance of its own B / world images
+# ("ghost batch norm", Hoffer et al. 2017), so the step equals one process's only when every batch-norm layer
+# computes its statistics over those slices; --sync-bn turns the layers into SyncBatchNorm, which all-reduces
+# the statistics so that they cover all B images (PyTorch implements it for GPUs only; it costs one more
+# all-reduce per layer). Checkpoints, figures and results.json are written by process 0 alone.
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process's place in the run: rank `rank` of `world` processes, on GPU `local_rank` of its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:  # more than one process (`torchrun --nproc_per_node 1` is a plain run)
+        return self.world > 1
+
+
+def distributed_context() -> Distributed:
+    """Read torchrun's environment variables; a plain `python 06_practical_example.py` is rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ:
+        return Distributed()
+    try:
+        ddp = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    except (KeyError, ValueError):
+        raise helpers.UserError(
+            "WORLD_SIZE is set but RANK is missing or not a number (launch with torchrun)"
+        ) from None
+    helpers.require(0 <= ddp.rank < ddp.world, f"RANK {ddp.rank} is outside 0..{ddp.world - 1} (launch with torchrun)")
+    return ddp
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files and prints; the others train in step with it and stay quiet."""
+    return distributed_context().rank == 0
+
+
+def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This process's share of a global batch: rows rank, rank + world, rank + 2 world, ...
+    (B, ...) -> (B / world, ...); with world 1 the batch itself."""
+    return batch[rank::world] if world > 1 else batch
+
+
+def distributed_device(device: torch.device, ddp: Distributed) -> torch.device:
+    """The device of this process: its own GPU, `cuda:LOCAL_RANK`; CPU processes share the CPU."""
+    if not ddp.active:
+        return device
+    helpers.require(
+        device.type in ("cpu", "cuda"),
+        f"torchrun runs on CUDA or the CPU, not {device.type} (pass --device cuda or cpu)",
+    )
+    if device.type == "cpu":
+        return device
+    helpers.require(
+        ddp.local_rank < torch.cuda.device_count(),
+        f"LOCAL_RANK {ddp.local_rank} has no GPU: this machine has {torch.cuda.device_count()} (lower --nproc_per_node)",
+    )
+    torch.cuda.set_device(ddp.local_rank)
+    return torch.device("cuda", ddp.local_rank)
+
+
+@contextlib.contextmanager
+def main_process_first(ddp: Distributed):
+    """Run the body on process 0 first (it may download the dataset), then on the others together."""
+    if ddp.active and ddp.rank != 0:
+        torch.distributed.barrier()
+    yield
+    if ddp.active and ddp.rank == 0:
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def process_group(ddp: Distributed, device: torch.device):
+    """Join the run's other processes, NCCL between GPUs and gloo between CPU processes, and leave the group however
+    the run ends. If one process fails, torchrun stops the others; nothing here waits for a process that is gone."""
+    if not ddp.active:
+        yield
+        return
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def reduce_readout(ddp: Distributed, loss_sum: torch.Tensor, correct: torch.Tensor, stop: bool) -> tuple:
+    """(loss sum, correct count, stop?) over all processes, in one all-reduce: sums of the losses and counts, and
+    stop if any process was asked to (Ctrl-C reaches each process on its own). One process: its own numbers."""
+    if not ddp.active:
+        return loss_sum.item(), int(correct.item()), stop
+    flag = torch.tensor(float(stop), dtype=torch.float64, device=loss_sum.device)
+    totals = torch.stack([loss_sum, correct.double(), flag])  # (3,), float64: counts stay exact below 2^53
+    torch.distributed.all_reduce(totals)  # sum over the processes, the same result on each
+    loss, count, stops = totals.tolist()
+    return loss, int(count), stops > 0
+
+
+def any_process(ddp: Distributed, flag: bool, device: torch.device) -> bool:
+    """True on every process when `flag` is True on any of them (a Ctrl-C may reach process 0 a moment before
+    process 1, and processes that decide differently would wait for each other forever). One process: `flag`."""
+    if not ddp.active:
+        return flag
+    votes = torch.tensor(float(flag), device=device)  # NCCL reduces tensors on the GPU, gloo on the CPU
+    torch.distributed.all_reduce(votes)
+    return votes.item() > 0
+
+
+def share_buffers_of_rank0(model: nn.Module, ddp: Distributed) -> None:
+    """Give every process process 0's batch-norm running statistics. Weights are equal on all processes (DDP
+    applies the same averaged gradient), but each process updated its running statistics from its own slice;
+    after this, every process evaluates, checks and could save exactly the model that process 0 saves."""
+    if ddp.active:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def check_world_size(state: dict, ddp: Distributed, path) -> None:
+    """A run resumes with the number of processes it was started with: another number keeps the global batch but
+    changes which images each batch-norm layer sees together, so the run would not continue as it started."""
+    saved = state["run_config"]["world_size"]
+    how = (
+        "python 06_practical_example.py"
+        if saved == 1
+        else f"torchrun --nproc_per_node {saved} (or nodes x processes = {saved})"
+    )
+    helpers.require(
+        saved == ddp.world,
+        f"checkpoint {path} was written by a run of world_size {saved}, this run's world_size is {ddp.world} (resume it with "
+        f"{how}; to use another number of processes, start a new run)",
+    )
 
 
 # %% Optimiser and schedule
@@ -303,6 +458,9 @@ def load_checkpoint(path: str | Path) -> dict:
         isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT,
         f"{path} is not a checkpoint of this lesson (pass a file from {OUT}/checkpoints)",
     )
+    if isinstance(state.get("run_config"), dict):  # written before torchrun was supported: one process
+        state["run_config"].setdefault("world_size", 1)
+        state["run_config"].setdefault("sync_bn", False)
     check_checkpoint_schema(state, path)
     return state
 
@@ -329,6 +487,7 @@ RESUME_KEYS = {
     "warmup_epochs": float,
     "label_smoothing": float,
     "cutout": int,
+    "sync_bn": bool,
 }
 RUN_KEYS = {"epoch": int, "step": int, "order_state": torch.Tensor, "loss_sum": float, "correct": int, "seen": int}
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_s", "seconds")
@@ -365,14 +524,17 @@ def check_checkpoint_schema(state: dict, path) -> None:
         need(key in state, f"it has no {key!r} entry")
         need(is_kind(state[key], kind), f"{key!r} is a {type(state[key]).__name__}, not a {kind.__name__}")
     config, run, best = state["run_config"], state["run"], state["best"]
-    for key, kind in {**RESUME_KEYS, "num_train": int}.items():
+    for key, kind in {**RESUME_KEYS, "num_train": int, "world_size": int}.items():
         need(key in config and is_kind(config[key], kind), f"run_config[{key!r}] is missing or not a {kind.__name__}")
     for key, kind in RUN_KEYS.items():
         need(key in run and is_kind(run[key], kind), f"run[{key!r}] is missing or not a {kind.__name__}")
     need(
         all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()), "bad model weights"
     )
-    need(config["epochs"] > 0 and config["batch_size"] > 0 and config["num_train"] > 0, "non-positive sizes")
+    need(
+        config["epochs"] > 0 and config["batch_size"] > 0 and config["num_train"] > 0 and config["world_size"] > 0,
+        "non-positive sizes",
+    )
     need(0 <= run["epoch"] <= config["epochs"], f"epoch {run['epoch']} is outside 0..{config['epochs']}")
     need(run["step"] >= 0 and 0 <= run["correct"] <= run["seen"], f"step {run['step']} or counts are negative")
     need(run["seen"] == run["step"] * config["batch_size"], f"{run['seen']} images seen in {run['step']} steps")
@@ -582,19 +744,25 @@ class StopTraining(helpers.UserError):
     """Training diverged (NaN or infinity in a loss or in the weights); nothing diverged is ever saved."""
 
 
-def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop_flag):
+def train_one_epoch(
+    model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop_flag, ddp=Distributed()
+):
     """Train from `run["step"]` to the end of epoch `run["epoch"]`, or until `stop_flag["stop"]` is set.
 
     The order of an epoch is drawn from the order generator's state saved at the epoch's start, so a run
     stopped at step k rebuilds the same order and skips k batches; augmentation draws from its own
     generator, whose current state is checkpointed. Loss and accuracy sums stay on the device between
-    read-outs: reading a number from a GPU waits for all queued work, so it happens every CHECK_EVERY steps."""
+    read-outs: reading a number from a GPU waits for all queued work, so it happens every CHECK_EVERY steps.
+    Under torchrun each process trains on its slice of every global batch, and the read-outs sum the processes'
+    numbers (and their Ctrl-C requests, so that all stop at the same step) in one all-reduce."""
     order_generator, augment_generator = generators
     order_generator.set_state(run["order_state"])
     batches = list(helpers.epoch_batches(len(data.train_x), cfg.batch_size, order_generator))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loss_sum = torch.tensor(run["loss_sum"], dtype=torch.float64, device=device)
-    correct = torch.tensor(run["correct"], dtype=torch.int64, device=device)
+    # This process's sums; the run's sums so far (all processes') are counted once, by process 0.
+    loss_sum = torch.tensor(run["loss_sum"] if ddp.rank == 0 else 0.0, dtype=torch.float64, device=device)
+    correct = torch.tensor(run["correct"] if ddp.rank == 0 else 0, dtype=torch.int64, device=device)
+    first_losses = run.setdefault("first_losses", [])  # the run's first steps, to compare runs step by step
     steps = range(run["step"], len(batches))
     progress = helpers.Progress(steps, f"epoch {run['epoch'] + 1}", unit="img", scale=cfg.batch_size)
     model.train()
@@ -602,6 +770,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
         index = batches[step].to(device)
         images = augment(data.train_x[index], cfg.cutout, augment_generator)  # uint8 (B, C, H, W)
         labels = data.train_y[index]  # (B,): indexed with the same rows, so labels follow their images
+        images = rank_slice(images, ddp.rank, ddp.world)  # (B, C, H, W) -> (B / world, C, H, W)
+        labels = rank_slice(labels, ddp.rank, ddp.world)  # (B,) -> (B / world,)
         with helpers.autocast(device, amp_dtype):
             logits = model(to_model_input(images, data, cfg.channels_last))  # (B, C, H, W) -> (B, K)
         loss = criterion(logits.float(), labels)
@@ -612,18 +782,24 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
         scheduler.step()
         loss_sum += loss.detach().double() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
-        run["step"], run["seen"] = step + 1, run["seen"] + len(labels)
-        if run["step"] % cfg.check_every == 0 or run["step"] == len(batches) or stop_flag["stop"]:
-            mean_loss = loss_sum.item() / run["seen"]  # NaN and inf are sticky in a sum
+        run["step"], run["seen"] = step + 1, run["seen"] + cfg.batch_size  # seen: images of all processes
+        if len(first_losses) < FIRST_LOSSES and run["epoch"] == 0 and run["step"] == len(first_losses) + 1:
+            first_losses.append(reduce_readout(ddp, loss.detach().double(), correct, False)[0] / ddp.world)
+        # One process stops at once on Ctrl-C; processes must agree first, at the next regular read-out.
+        local_stop = stop_flag["stop"] and not ddp.active
+        if run["step"] % cfg.check_every == 0 or run["step"] == len(batches) or local_stop:
+            total_loss, total_correct, stop = reduce_readout(ddp, loss_sum, correct, stop_flag["stop"])
+            mean_loss = total_loss / run["seen"]  # NaN and inf are sticky in a sum
             if not math.isfinite(mean_loss):
                 raise StopTraining(
                     f"the training loss became {mean_loss} in epoch {run['epoch'] + 1} by step {run['step']} "
                     f"(lower --lr, or use --precision fp32)"
                 )
+            run["loss_sum"], run["correct"] = total_loss, total_correct
             progress.set_postfix(f"loss {mean_loss:.3f} lr {scheduler.get_last_lr()[0]:.4f}")
-        if stop_flag["stop"]:
-            break
-    run["loss_sum"], run["correct"] = loss_sum.item(), int(correct.item())
+            if stop:
+                stop_flag["stop"] = True  # a Ctrl-C that reached another process stops this one too
+                break
     run["complete"] = run["step"] == len(batches)
     if run["complete"]:  # the next epoch's order continues from the generator's state after this randperm
         run["order_state"] = order_generator.get_state()
@@ -712,10 +888,15 @@ def main(**overrides):
         return run_pipeline(held, **overrides)
 
 
-def resume_command(cfg, path: Path) -> str:
+def resume_command(cfg, path: Path, ddp: Distributed = Distributed()) -> str:  # noqa: B008 - frozen, never changed
     """The command that continues this run, quoted for a POSIX shell (paths may hold spaces). The checkpoint
     brings the run's settings; where the data is and where and how to compute are repeated if they were given."""
-    words = ["python", "06_practical_example.py", "--resume", str(path)]
+    launcher = ["python"] if not ddp.active else ["torchrun", "--standalone", f"--nproc_per_node={ddp.world}"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+    if ddp.active and per_node != ddp.world:  # several machines: HOST:PORT and JOB are the launch's own
+        launcher = ["torchrun", f"--nnodes={ddp.world // per_node}", f"--nproc_per_node={per_node}"]
+        launcher += ["--rdzv_backend=c10d", "--rdzv_endpoint=HOST:PORT", "--rdzv_id=JOB"]
+    words = [*launcher, "06_practical_example.py", "--resume", str(path)]
     for key in ("out", "data_dir", "device", "precision"):
         if key in cfg.explicit:
             words += ["--" + key.replace("_", "-"), str(cfg[key])]
@@ -736,25 +917,43 @@ def finished_already(state: dict, path) -> dict:
 def run_pipeline(held: contextlib.ExitStack, **overrides):
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
     started = time.perf_counter()
+    ddp = distributed_context()  # rank 0 of 1, unless torchrun started this process
+    main_process = ddp.rank == 0
+    if not main_process:  # process 0 prints for the run; errors (stderr) still come from every process
+        held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
     validate_config(cfg)
     resumed = None
     if cfg.resume:  # the checkpoint's settings replace the defaults; contradicting flags are refused
         resumed = load_checkpoint(cfg.resume)
         cfg = resume_config(cfg, resumed, cfg.resume)
         validate_config(cfg)
+        check_world_size(resumed, ddp, cfg.resume)
         if resumed["run"]["epoch"] == cfg.epochs:
             return finished_already(resumed, cfg.resume)
-    device = helpers.pick_device(cfg.device)
+    device = distributed_device(helpers.pick_device(cfg.device), ddp)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
-    out = helpers.output_dir(cfg)  # a blocked or read-only --out fails here, before any work
-    checkpoints = helpers.writable_dir(out / "checkpoints")
-    held.enter_context(output_folder_lock(out))  # a second run on the same --out fails here
+    helpers.require(
+        cfg.batch_size % ddp.world == 0,
+        f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes (use a multiple of {ddp.world})",
+    )
+    helpers.require(
+        not (cfg.sync_bn and ddp.active and device.type != "cuda"),
+        "--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); leave it out to normalise per process",
+    )
+    if main_process:  # only process 0 writes, so only it claims and checks the output folder
+        out = helpers.output_dir(cfg)  # a blocked or read-only --out fails here, before any work
+        checkpoints = helpers.writable_dir(out / "checkpoints")
+        held.enter_context(output_folder_lock(out))  # a second run on the same --out fails here
+    else:
+        out, checkpoints = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    held.enter_context(process_group(ddp, device))  # left (destroyed) when the run ends, however it ends
     best_source = checkpoint_of_best(resumed, cfg.resume) if resumed is not None else None
 
     generator = helpers.seed_everything(cfg.seed)
     generators = (generator, torch.Generator().manual_seed(cfg.seed + 1))  # data order, augmentation
     # A resumed run continues on the checkpoint's dataset, or not at all: no fallback then.
-    data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=resumed is None)
+    with main_process_first(ddp):  # process 0 downloads a missing dataset; the others then read its files
+        data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=resumed is None)
     helpers.require(
         cfg.batch_size <= len(data.train_x),
         f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)",
@@ -766,10 +965,17 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
         check_resumable(resumed, cfg, data, cfg.resume, steps_per_epoch)
 
     model = model_registry()[cfg.model](data.num_classes)
+    if cfg.sync_bn and ddp.active:  # same parameters and buffers, statistics all-reduced over the processes
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    trained_model = torch.compile(model) if cfg.compile else model  # shares parameters with `model`
+    trained_model = model  # what the training steps call; `model` itself is evaluated and saved
+    if ddp.active:  # averages the gradients over the processes during backward (and starts them from rank 0's weights)
+        trained_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    trained_model = torch.compile(trained_model) if cfg.compile else trained_model  # shares parameters with `model`
     optimizer = torch.optim.SGD(
         parameter_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0
     )
@@ -790,12 +996,14 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
     # own checkpoints), so results, figures and checkpoints in --out always belong to one run.
     keep = {Path(cfg.resume)} if resumed is not None else set()
     keep |= {best_source[0]} if best_source is not None else set()
-    removed = clear_previous_run(out, checkpoints, keep)
-    if removed:
-        print(f"removed the previous files from {out} (this run writes its own): {', '.join(removed)}")
-    if best_source is not None and not (checkpoints / "best.pt").exists():  # resumed into a new --out
-        save_checkpoint(checkpoints / "best.pt", best_source[1])
+    if main_process:
+        removed = clear_previous_run(out, checkpoints, keep)
+        if removed:
+            print(f"removed the previous files from {out} (this run writes its own): {', '.join(removed)}")
+        if best_source is not None and not (checkpoints / "best.pt").exists():  # resumed into a new --out
+            save_checkpoint(checkpoints / "best.pt", best_source[1])
     run_config = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
+    run_config["world_size"] = ddp.world
 
     def checkpoint_state() -> dict:
         return {
@@ -816,6 +1024,11 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
         f"{cfg.model} ({helpers.count_parameters(model) / 1e6:.2f}M parameters) on {data.name}: "
         f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images, {device}, "
         f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
+        + (
+            f", {ddp.world} processes of {cfg.batch_size // ddp.world} images per step, sync-bn {cfg.sync_bn}"
+            if ddp.active
+            else ""
+        )
     )
     if resumed is not None:
         print(f"resumed from {cfg.resume} at epoch {run['epoch'] + 1}, step {run['step']} of {steps_per_epoch}")
@@ -839,18 +1052,21 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
                     generators,
                     run,
                     stop_flag,
+                    ddp,
                 )
             except StopTraining as error:
                 raise StopTraining(f"{error}; {kept}") from None
+            share_buffers_of_rank0(model, ddp)  # every process now holds the model process 0 saves
             helpers.synchronize(device)
             seconds = time.perf_counter() - epoch_started
             if not run["complete"]:  # Ctrl-C: save where we are, mid-epoch, and stop
                 losses = {"training loss": run["loss_sum"]}
                 require_finite_run(model, losses, f"in epoch {run['epoch'] + 1}", kept)
-                save_checkpoint(checkpoints / "last.pt", checkpoint_state())
+                if main_process:
+                    save_checkpoint(checkpoints / "last.pt", checkpoint_state())
                 status = "interrupted"
                 print(f"interrupted in epoch {run['epoch'] + 1} at step {run['step']}: saved {checkpoints / 'last.pt'}")
-                print(f"continue with: {resume_command(cfg, checkpoints / 'last.pt')}")
+                print(f"continue with: {resume_command(cfg, checkpoints / 'last.pt', ddp)}")
                 break
             val = helpers.evaluate(
                 model, data.val_x, data.val_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size,
@@ -873,10 +1089,11 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
             if is_best:
                 best = {"val_accuracy": val["accuracy"], "epoch": record["epoch"]}
             run.update(epoch=run["epoch"] + 1, step=0, loss_sum=0.0, correct=0, seen=0)
-            state = checkpoint_state()
-            if is_best:  # best first: a last.pt always has its best.pt on disk
-                save_checkpoint(checkpoints / "best.pt", state)
-            save_checkpoint(checkpoints / "last.pt", state)
+            if main_process:
+                state = checkpoint_state()
+                if is_best:  # best first: a last.pt always has its best.pt on disk
+                    save_checkpoint(checkpoints / "best.pt", state)
+                save_checkpoint(checkpoints / "last.pt", state)
             kept = f"{checkpoints / 'last.pt'} (end of epoch {record['epoch']}) is kept"
             print(
                 f"{record['epoch']:>4}/{cfg.epochs:<4}  {record['lr']:7.4f}  {record['train_loss']:10.4f}  "
@@ -884,7 +1101,7 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
                 f"{record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if is_best else ''}",
                 flush=True,
             )
-            if stop_flag["stop"]:  # Ctrl-C during the last step of an epoch: the epoch's checkpoint is it
+            if any_process(ddp, stop_flag["stop"], device):  # Ctrl-C late in an epoch: the epoch's checkpoint is it
                 status = "interrupted"
                 print(f"interrupted after epoch {run['epoch']}: saved {checkpoints / 'last.pt'}")
                 break
@@ -904,7 +1121,11 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],
         "checkpoint_dir": checkpoints,
+        "world_size": ddp.world,
+        "first_step_losses": run.get("first_losses", []),
     }
+    if not main_process:  # the test set, figures and results.json are process 0's
+        return results
     if status != "finished" or not history:
         helpers.save_results(out, results, cfg, device, started)
         return results
