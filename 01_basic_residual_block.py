@@ -44,7 +44,7 @@ What you should see (seed 0, default constants; tests/test_01_basic_residual_blo
       where plain is at 1e8. This holds at initialisation only: during training the picture changes. He et
       al. (2015, section 4.1) report that their batch-normalised plain nets keep healthy gradient norms
       while training, and lesson 03 measures the profile flipping: plain-56's first convolution gets
-      1,330x the gradient of its last at initialisation and 0.03x after 130 iterations (the first steps
+      1,330x the gradient of its last at initialisation and 0.016x after 100 iterations (the first steps
       blow up the early weights, and batch norm makes a layer's gradient shrink as its weights grow).
       depth_sweep.png plots these ratios against N on log axes.
     * Jacobian: autograd gives d(F(x) + x)/dx = dF/dx + I exactly (max difference 0.0 in float64), and
