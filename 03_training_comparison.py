@@ -637,14 +637,12 @@ def report_gradients_and_bn(models: list[dict]) -> dict:
     facts = {}
     for m in (m for m in models if m["depth"] == deepest):
         by_step = m["gradients"]["by_iteration"]
-        first, last = by_step["0"], by_step[max(by_step, key=int)]
-        facts[m["name"]] = {
-            "first_over_last_conv_at_init": first["grad_norm"][0] / first["grad_norm"][-2],
-            "first_over_last_conv_at_end": last["grad_norm"][0] / last["grad_norm"][-2],
-        }
+        at_init = gradient_summary(by_step["0"]["grad_norm"])["first_over_last_conv"]
+        at_end = gradient_summary(by_step[max(by_step, key=int)]["grad_norm"])["first_over_last_conv"]
+        facts[m["name"]] = {"first_over_last_conv_at_init": at_init, "first_over_last_conv_at_end": at_end}
         print(
-            f"  {m['name']}: first conv / last conv gradient {facts[m['name']]['first_over_last_conv_at_init']:.3g} "
-            f"at initialisation, {facts[m['name']]['first_over_last_conv_at_end']:.3g} at the end of training",
+            f"  {m['name']}: first conv / last conv gradient {at_init:.3g} at initialisation, "
+            f"{at_end:.3g} at the end of training",
             flush=True,
         )
     worst = max(models, key=lambda m: m["val_error_running_stats"] - m["val_error"])

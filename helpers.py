@@ -359,12 +359,8 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
         print(f"error: {error}", file=sys.stderr)
         if command_line:
             sys.exit(1)
-    except (MemoryError, torch.OutOfMemoryError) as error:
-        print(f"error: out of memory: {error_summary(error)} (use smaller sizes)", file=sys.stderr)
-        if command_line:
-            sys.exit(1)
-    except RuntimeError as error:  # the CPU allocator reports failure as a plain RuntimeError
-        if "allocate" not in str(error):
+    except (MemoryError, RuntimeError) as error:  # the CPU allocator reports failure as a plain RuntimeError
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(error):
             raise
         print(f"error: out of memory: {error_summary(error)} (use smaller sizes)", file=sys.stderr)
         if command_line:
