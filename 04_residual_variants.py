@@ -127,6 +127,7 @@ import torch.nn.functional as F
 import helpers
 
 L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_resnet, CIFAR_MODELS
+L03 = helpers.load_lesson(3)  # sgd_train: He et al.'s CIFAR training recipe
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, inputs and data order
@@ -789,7 +790,7 @@ def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
         generator = helpers.seed_everything(cfg.seed)  # same data order for every model
         model = build(num_classes=data.num_classes)
         start = time.perf_counter()
-        history = helpers.sgd_train(
+        history = L03.sgd_train(
             model,
             data,
             steps=cfg.train_steps,

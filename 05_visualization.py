@@ -86,6 +86,7 @@ import torch.nn.functional as F
 import helpers
 
 L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, cifar_resnet(depth, plain=...)
+L03 = helpers.load_lesson(3)  # sgd_train: He et al.'s CIFAR training recipe
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, directions and data order
@@ -369,7 +370,7 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
             "final_train_error": float("nan"),
         }
     generator = torch.Generator().manual_seed(cfg.seed)
-    history = helpers.sgd_train(
+    history = L03.sgd_train(
         model,
         data,
         steps=cfg.train_steps,

@@ -151,6 +151,9 @@ FIRST_LOSSES = 8  # training losses of the run's first steps kept in results.jso
 CHECKPOINT_FORMAT = "lesson06-checkpoint-v2"  # marks files this lesson wrote (v2: settings, run id, checked schema)
 
 
+helpers.config(globals(), {}, FULL_OVERRIDES)  # the settings a run with no flags uses (with --full: FULL_OVERRIDES)
+
+
 # %% Models by name
 def model_registry() -> dict:
     """name -> builder(num_classes). Lesson 02's CIFAR ResNets, plus lesson 04's CIFAR variants."""
@@ -183,6 +186,18 @@ def lesson04_variants() -> dict:
         for name, builder in registry.items():
             variants.setdefault(name, builder)
     return variants
+
+
+def model_summary(names) -> helpers.Table:
+    rows = []
+    for name in names:
+        model = model_registry()[name](10)
+        macs = helpers.count_multiply_adds(model, (1, 3, 32, 32))
+        rows.append({"model": name, "parameters": helpers.count_parameters(model), "G multiply-adds": macs / 1e9})
+    return helpers.format_table(rows, [("model", ""), ("parameters", ",d"), ("G multiply-adds", ".3f")])
+
+
+model_summary([MODEL, FULL_OVERRIDES["model"]])  # the quick demo's model and --full's, per 32x32 image
 
 
 # %% The input pipeline
@@ -218,6 +233,11 @@ def to_model_input(images: torch.Tensor, data: helpers.ImageData, channels_last:
     """uint8 (B, C, H, W) -> normalised float, in the memory layout the model was converted to."""
     x = helpers.normalize(images, data.mean, data.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+example = helpers.make_synthetic(4, seed=0)[0]  # uint8 (4, 3, 32, 32), as the dataset is held
+augmented = augment(example, cutout_size=8, generator=torch.Generator().manual_seed(0))
+f"{tuple(example.shape)} {example.dtype} -> {tuple(augmented.shape)} {augmented.dtype}, {(augmented != example).float().mean():.0%} of the pixels changed"
 
 
 # %% Distributed data parallel: one run on several processes, launched by torchrun
@@ -362,6 +382,9 @@ def check_world_size(state: dict, ddp: Distributed, path) -> None:
     )
 
 
+distributed_context()  # in a notebook or under plain `python`: rank 0 of 1 process
+
+
 # %% Optimiser and schedule
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on convolution and linear weights only; none on BN's scale (gamma) and shift, or biases.
@@ -402,6 +425,13 @@ class LearningRateShape:
         if self.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1 - progress
+
+
+example_shape = LearningRateShape(total_steps=100, warmup_steps=10, schedule=SCHEDULE)
+helpers.format_table(
+    [{"step": t, "lr": LR * example_shape(t)} for t in (0, 5, 9, 10, 30, 55, 80, 99)], [("step", "d"), ("lr", ".4f")],
+    title=f"{SCHEDULE}: peak lr {LR} over 100 steps, 10 of them warm-up",
+)  # fmt: skip
 
 
 # %% Checkpoints: atomic, safe to load, complete enough to resume exactly
@@ -463,6 +493,11 @@ def load_checkpoint(path: str | Path) -> dict:
         state["run_config"].setdefault("sync_bn", False)
     check_checkpoint_schema(state, path)
     return state
+
+
+{
+    key: type(value).__name__ for key, value in rng_state(torch.Generator(), torch.Generator()).items()
+}  # what a checkpoint holds to draw the same numbers again
 
 
 # %% Resuming: the checkpoint owns the run's settings, and is checked key by key before any of it is used
@@ -648,6 +683,9 @@ def checkpoint_of_best(state: dict, path) -> tuple[Path, dict] | None:
     return best_path, best
 
 
+sorted(RESUME_KEYS)  # settings a checkpoint owns: --resume refuses a flag that contradicts one
+
+
 # %% The output folder: one run at a time, and no files of an earlier run left beside a new one
 OUTPUT_FILES = ("results.json", "curves.png", "confusion_matrix.png", "mistakes.png")  # rewritten by every run
 CHECKPOINT_FILES = ("last.pt", "best.pt")
@@ -718,6 +756,11 @@ def require_finite_run(model: nn.Module, losses: dict, where: str, kept: str) ->
         )
 
 
+diverged = nn.Linear(2, 2)
+diverged.weight.data[0, 0] = float("nan")
+non_finite_entries(diverged)  # what require_finite_run would name before refusing to save
+
+
 # %% Evaluation
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) counts: row = true class, column = predicted class."""
@@ -737,6 +780,9 @@ def test_time_flip_logits(model, images, labels, data, device, amp_dtype, cfg) -
     plain = helpers.evaluate(model, images, labels, *args)["logits"]
     mirrored = helpers.evaluate(model, images.flip(3), labels, *args)["logits"]  # flip along W
     return (plain + mirrored) / 2
+
+
+confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)  # rows: true class; columns: predicted
 
 
 # %% Training
@@ -828,7 +874,14 @@ def ctrl_c_requests_stop(stop_flag: dict):
         signal.signal(signal.SIGINT, previous)
 
 
-# %% Figures
+label = torch.tensor([0])
+sure_and_right = torch.tensor([[12.0, 0.0, 0.0]])  # logits of a confident, correct prediction of class 0
+plain_loss = nn.CrossEntropyLoss()(sure_and_right, label)
+smoothed_loss = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)(sure_and_right, label)
+f"a sure, correct prediction costs {plain_loss:.4f} without label smoothing and {smoothed_loss:.4f} with {LABEL_SMOOTHING}: smoothing keeps the logits from growing without end"
+
+
+# %% Figures, and the run phase by phase
 def plot_curves(history: list[dict], lr_curve: list[float], steps_per_epoch: int, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -873,7 +926,7 @@ def plot_mistakes(images, labels, predictions, confidence, classes, path: Path) 
     return helpers.save_figure(fig, path)
 
 
-# %% Putting it together
+# The run, phase by phase: `main` calls one function per phase, in this order.
 def validate_config(cfg) -> None:
     """What the constants' declarations cannot say, checked before anything is loaded or written (the
     declarations already checked every range: epochs, sizes, rates, the schedule's name, the seed)."""
@@ -884,8 +937,36 @@ def validate_config(cfg) -> None:
 @helpers.constants_as_keywords
 def main(**overrides):
     """Train, evaluate and report; `overrides` are the constants in lower case (tests pass tiny values)."""
+    cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
+    started, ddp = time.perf_counter(), distributed_context()  # rank 0 of 1, unless torchrun started us
     with contextlib.ExitStack() as held:  # holds the output folder's lock until the run ends, however it ends
-        return run_pipeline(held, **overrides)
+        if ddp.rank != 0:  # process 0 prints for the run; errors (stderr) still come from every process
+            held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
+        validate_config(cfg)
+        cfg, resumed = settings_of_the_checkpoint(cfg, ddp)  # resuming: the checkpoint owns the run's settings
+        if resumed is not None and resumed["run"]["epoch"] == cfg.epochs:
+            return finished_already(resumed, cfg.resume)
+        device, amp_dtype = device_and_precision(cfg, ddp)  # mixed precision where the hardware has it
+        out, checkpoints = claim_output_folder(cfg, ddp, held)
+        held.enter_context(process_group(ddp, device))  # left (destroyed) when the run ends, however it ends
+        best_source = checkpoint_of_best(resumed, cfg.resume) if resumed is not None else None
+        data = load_training_data(cfg, ddp, resumed)  # CPU for now: moved to the device once the model is built
+        training = build_training(cfg, data, device, amp_dtype, ddp, resumed)  # model, optimiser, schedule
+        data = data.to(device)  # the input pipeline: the whole dataset on the training device, as uint8
+        start_this_runs_files(cfg, out, checkpoints, resumed, best_source, ddp)
+        print_run_header(cfg, training, data, device, amp_dtype, ddp, resumed)
+        status = train_epochs(training, cfg, data, device, amp_dtype, ddp, checkpoints)
+        results = run_summary(training, cfg, data, amp_dtype, ddp, status, checkpoints)
+        if ddp.rank != 0:  # the test set, figures and results.json are process 0's
+            return results
+        if status == "finished" and training.history:  # honest evaluation: the test set once, best checkpoint
+            test_results, mistakes = evaluate_on_test_set(training, cfg, data, device, amp_dtype, checkpoints)
+            results |= test_results
+            results["figures"] = draw_figures(training, cfg, data, results["confusion_matrix"], mistakes, out)
+        helpers.save_results(out, results, cfg, device, started)
+        if "figures" in results:
+            print(f"figures, results.json and checkpoints in {out}")
+        return results
 
 
 def resume_command(cfg, path: Path, ddp: Distributed = Distributed()) -> str:  # noqa: B008 - frozen, never changed
@@ -914,24 +995,21 @@ def finished_already(state: dict, path) -> dict:
     return {"status": "already finished", "history": state["history"], "best_epoch": best["epoch"]}
 
 
-def run_pipeline(held: contextlib.ExitStack, **overrides):
-    cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
-    started = time.perf_counter()
-    ddp = distributed_context()  # rank 0 of 1, unless torchrun started this process
-    main_process = ddp.rank == 0
-    if not main_process:  # process 0 prints for the run; errors (stderr) still come from every process
-        held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
+def settings_of_the_checkpoint(cfg, ddp: Distributed) -> tuple[helpers.Config, dict | None]:
+    """With --resume, the checkpoint's settings replace the defaults (contradicting flags are refused) and the
+    world size must match; without it, the config as it is and no checkpoint."""
+    if not cfg.resume:
+        return cfg, None
+    resumed = load_checkpoint(cfg.resume)
+    cfg = resume_config(cfg, resumed, cfg.resume)
     validate_config(cfg)
-    resumed = None
-    if cfg.resume:  # the checkpoint's settings replace the defaults; contradicting flags are refused
-        resumed = load_checkpoint(cfg.resume)
-        cfg = resume_config(cfg, resumed, cfg.resume)
-        validate_config(cfg)
-        check_world_size(resumed, ddp, cfg.resume)
-        if resumed["run"]["epoch"] == cfg.epochs:
-            return finished_already(resumed, cfg.resume)
+    check_world_size(resumed, ddp, cfg.resume)
+    return cfg, resumed
+
+
+def device_and_precision(cfg, ddp: Distributed) -> tuple[torch.device, torch.dtype | None]:
+    """This process's device and the autocast dtype, after the checks that depend on them."""
     device = distributed_device(helpers.pick_device(cfg.device), ddp)
-    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
     helpers.require(
         cfg.batch_size % ddp.world == 0,
         f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes (use a multiple of {ddp.world})",
@@ -940,235 +1018,264 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
         not (cfg.sync_bn and ddp.active and device.type != "cuda"),
         "--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); leave it out to normalise per process",
     )
-    if main_process:  # only process 0 writes, so only it claims and checks the output folder
-        out = helpers.output_dir(cfg)  # a blocked or read-only --out fails here, before any work
-        checkpoints = helpers.writable_dir(out / "checkpoints")
-        held.enter_context(output_folder_lock(out))  # a second run on the same --out fails here
-    else:
-        out, checkpoints = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    held.enter_context(process_group(ddp, device))  # left (destroyed) when the run ends, however it ends
-    best_source = checkpoint_of_best(resumed, cfg.resume) if resumed is not None else None
+    return device, helpers.autocast_dtype(device, cfg.precision)
 
-    generator = helpers.seed_everything(cfg.seed)
-    generators = (generator, torch.Generator().manual_seed(cfg.seed + 1))  # data order, augmentation
-    # A resumed run continues on the checkpoint's dataset, or not at all: no fallback then.
-    with main_process_first(ddp):  # process 0 downloads a missing dataset; the others then read its files
+
+def claim_output_folder(cfg, ddp: Distributed, held: contextlib.ExitStack) -> tuple[Path, Path]:
+    """--out and its checkpoints folder. Only process 0 writes, so only it checks the folder (a blocked or
+    read-only --out fails here, before any work) and locks it (a second run on the same --out fails here)."""
+    if ddp.rank != 0:
+        return Path(cfg.out), Path(cfg.out) / "checkpoints"
+    out = helpers.output_dir(cfg)
+    checkpoints = helpers.writable_dir(out / "checkpoints")
+    held.enter_context(output_folder_lock(out))
+    return out, checkpoints
+
+
+def load_training_data(cfg, ddp: Distributed, resumed: dict | None) -> helpers.ImageData:
+    """The dataset, on the CPU. A resumed run continues on the checkpoint's dataset, or not at all: no
+    fallback then. Under torchrun, process 0 downloads a missing dataset; the others then read its files."""
+    with main_process_first(ddp):
         data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=resumed is None)
     helpers.require(
         cfg.batch_size <= len(data.train_x),
         f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)",
     )
-    steps_per_epoch = len(data.train_x) // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
+    return data
 
+
+@dataclasses.dataclass
+class Training:
+    """What a run trains and keeps: the model (evaluated and saved), the module the steps call (the model,
+    wrapped by DDP and torch.compile where asked), optimiser, schedule, generators and progress."""
+
+    model: nn.Module
+    trained_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    shape: LearningRateShape
+    generators: tuple[torch.Generator, torch.Generator]  # data order, augmentation
+    steps_per_epoch: int
+    run_config: dict  # the settings a resumed run must keep
+    run: dict  # where in the run we are: epoch, step, running sums, the order generator's state
+    history: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0})
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    kept: str = "no checkpoint was written"  # what a divergence leaves behind
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": self.run_id,
+            "run_config": self.run_config,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(*self.generators),
+            "run": dict(self.run),
+            "history": self.history,
+            "best": self.best,
+        }
+
+
+def build_training(cfg, data, device, amp_dtype, ddp: Distributed, resumed: dict | None) -> Training:
+    """Model (channels-last, DDP, torch.compile where asked), SGD with Nesterov momentum and weight decay on
+    weights only, warm-up then one-cycle or cosine, the gradient scaler (fp16 only); restored from the
+    checkpoint when resuming."""
+    steps_per_epoch = len(data.train_x) // cfg.batch_size
     if resumed is not None:
         check_resumable(resumed, cfg, data, cfg.resume, steps_per_epoch)
-
+    generator = helpers.seed_everything(cfg.seed)  # the weights, then the data order, come from the seed
     model = model_registry()[cfg.model](data.num_classes)
     if cfg.sync_bn and ddp.active:  # same parameters and buffers, statistics all-reduced over the processes
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    trained_model = model  # what the training steps call; `model` itself is evaluated and saved
-    if ddp.active:  # averages the gradients over the processes during backward (and starts them from rank 0's weights)
-        trained_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    trained_model = model
+    if ddp.active:  # averages the gradients over the processes in backward (and starts them from rank 0's weights)
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     trained_model = torch.compile(trained_model) if cfg.compile else trained_model  # shares parameters with `model`
     optimizer = torch.optim.SGD(
         parameter_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0
     )
-    shape = LearningRateShape(total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    data = data.to(device)  # the whole dataset on the training device, as uint8
-
-    run = {"epoch": 0, "step": 0, "order_state": generator.get_state(), "loss_sum": 0.0, "correct": 0, "seen": 0}
-    history, best = [], {"val_accuracy": -1.0, "epoch": 0}
-    run_id, kept = uuid.uuid4().hex, "no checkpoint was written"  # kept: what a divergence leaves behind
-    if resumed is not None:
-        restore_training_state(resumed, cfg.resume, model, optimizer, scheduler, scaler, generators, shape)
-        run, history, best = dict(resumed["run"]), list(resumed["history"]), dict(resumed["best"])
-        run_id, kept = resumed["run_id"], f"{cfg.resume} (epoch {run['epoch']}, step {run['step']}) is kept"
-
-    # Every check passed: now the folder becomes this run's. An earlier run's files go (a resumed run keeps its
-    # own checkpoints), so results, figures and checkpoints in --out always belong to one run.
-    keep = {Path(cfg.resume)} if resumed is not None else set()
-    keep |= {best_source[0]} if best_source is not None else set()
-    if main_process:
-        removed = clear_previous_run(out, checkpoints, keep)
-        if removed:
-            print(f"removed the previous files from {out} (this run writes its own): {', '.join(removed)}")
-        if best_source is not None and not (checkpoints / "best.pt").exists():  # resumed into a new --out
-            save_checkpoint(checkpoints / "best.pt", best_source[1])
-    run_config = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
-    run_config["world_size"] = ddp.world
-
-    def checkpoint_state() -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "run_id": run_id,
-            "run_config": run_config,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(*generators),
-            "run": dict(run),
-            "history": history,
-            "best": best,
-        }
-
-    print(
-        f"{cfg.model} ({helpers.count_parameters(model) / 1e6:.2f}M parameters) on {data.name}: "
-        f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images, {device}, "
-        f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
-        + (
-            f", {ddp.world} processes of {cfg.batch_size // ddp.world} images per step, sync-bn {cfg.sync_bn}"
-            if ddp.active
-            else ""
-        )
+    shape = LearningRateShape(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
+    training = Training(
+        model=model,
+        trained_model=trained_model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, shape),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        shape=shape,
+        generators=(generator, torch.Generator().manual_seed(cfg.seed + 1)),
+        steps_per_epoch=steps_per_epoch,
+        run_config={key: cfg[key] for key in RESUME_KEYS}
+        | {"dataset": data.name, "num_train": len(data.train_x), "world_size": ddp.world},
+        run={"epoch": 0, "step": 0, "order_state": generator.get_state(), "loss_sum": 0.0, "correct": 0, "seen": 0},
     )
     if resumed is not None:
-        print(f"resumed from {cfg.resume} at epoch {run['epoch'] + 1}, step {run['step']} of {steps_per_epoch}")
+        t = training
+        restore_training_state(resumed, cfg.resume, model, optimizer, t.scheduler, t.scaler, t.generators, shape)
+        t.run, t.history, t.best = dict(resumed["run"]), list(resumed["history"]), dict(resumed["best"])
+        t.run_id, t.kept = resumed["run_id"], f"{cfg.resume} (epoch {t.run['epoch']}, step {t.run['step']}) is kept"
+    return training
+
+
+def start_this_runs_files(cfg, out: Path, checkpoints: Path, resumed, best_source, ddp: Distributed) -> None:
+    """Every check passed: now the folder becomes this run's. An earlier run's files go (a resumed run keeps its
+    own checkpoints), so results, figures and checkpoints in --out always belong to one run."""
+    if ddp.rank != 0:
+        return
+    keep = {Path(cfg.resume)} if resumed is not None else set()
+    keep |= {best_source[0]} if best_source is not None else set()
+    removed = clear_previous_run(out, checkpoints, keep)
+    if removed:
+        print(f"removed the previous files from {out} (this run writes its own): {', '.join(removed)}")
+    if best_source is not None and not (checkpoints / "best.pt").exists():  # resumed into a new --out
+        save_checkpoint(checkpoints / "best.pt", best_source[1])
+
+
+def print_run_header(cfg, training: Training, data, device, amp_dtype, ddp: Distributed, resumed) -> None:
+    processes = f", {ddp.world} processes of {cfg.batch_size // ddp.world} images per step, sync-bn {cfg.sync_bn}"
+    print(
+        f"{cfg.model} ({helpers.count_parameters(training.model) / 1e6:.2f}M parameters) on {data.name}: "
+        f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images, {device}, "
+        f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
+        + (processes if ddp.active else "")
+    )
+    if resumed is not None:
+        run = training.run
+        print(
+            f"resumed from {cfg.resume} at epoch {run['epoch'] + 1}, step {run['step']} of {training.steps_per_epoch}"
+        )
     header = f"{'epoch':>9}  {'lr':>7}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'img/s':>7}  {'time s':>6}"
     print(header + "\n" + "-" * len(header), flush=True)
 
-    stop_flag, status = {"stop": False}, "finished"
+
+def train_epochs(training: Training, cfg, data, device, amp_dtype, ddp: Distributed, checkpoints: Path) -> str:
+    """Epochs until the last, each followed by validation and a checkpoint (the best one kept apart); a Ctrl-C
+    saves where the run is and stops it. Returns "finished" or "interrupted"."""
+    t, main_process = training, ddp.rank == 0
+    stop_flag = {"stop": False}
     with ctrl_c_requests_stop(stop_flag):
-        while run["epoch"] < cfg.epochs:
-            epoch_started, seen_before = time.perf_counter(), run["seen"]
+        while t.run["epoch"] < cfg.epochs:
+            epoch_started, seen_before = time.perf_counter(), t.run["seen"]
             try:
-                run = train_one_epoch(
-                    trained_model,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    data,
-                    cfg,
-                    device,
-                    amp_dtype,
-                    generators,
-                    run,
-                    stop_flag,
-                    ddp,
-                )
+                t.run = train_one_epoch(
+                    t.trained_model, t.optimizer, t.scheduler, t.scaler, data, cfg, device, amp_dtype, t.generators,
+                    t.run, stop_flag, ddp,
+                )  # fmt: skip
             except StopTraining as error:
-                raise StopTraining(f"{error}; {kept}") from None
-            share_buffers_of_rank0(model, ddp)  # every process now holds the model process 0 saves
+                raise StopTraining(f"{error}; {t.kept}") from None
+            share_buffers_of_rank0(t.model, ddp)  # every process now holds the model process 0 saves
             helpers.synchronize(device)
             seconds = time.perf_counter() - epoch_started
-            if not run["complete"]:  # Ctrl-C: save where we are, mid-epoch, and stop
-                losses = {"training loss": run["loss_sum"]}
-                require_finite_run(model, losses, f"in epoch {run['epoch'] + 1}", kept)
+            if not t.run["complete"]:  # Ctrl-C: save where we are, mid-epoch, and stop
+                require_finite_run(
+                    t.model, {"training loss": t.run["loss_sum"]}, f"in epoch {t.run['epoch'] + 1}", t.kept
+                )
                 if main_process:
-                    save_checkpoint(checkpoints / "last.pt", checkpoint_state())
-                status = "interrupted"
-                print(f"interrupted in epoch {run['epoch'] + 1} at step {run['step']}: saved {checkpoints / 'last.pt'}")
+                    save_checkpoint(checkpoints / "last.pt", t.checkpoint_state())
+                print(
+                    f"interrupted in epoch {t.run['epoch'] + 1} at step {t.run['step']}: saved {checkpoints / 'last.pt'}"
+                )
                 print(f"continue with: {resume_command(cfg, checkpoints / 'last.pt', ddp)}")
-                break
-            val = helpers.evaluate(
-                model, data.val_x, data.val_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size,
-                cfg.channels_last,
-            )  # fmt: skip
-            record = {
-                "epoch": run["epoch"] + 1,
-                "lr": scheduler.get_last_lr()[0],
-                "train_loss": run["loss_sum"] / run["seen"],
-                "train_accuracy": run["correct"] / run["seen"],
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "images_per_s": (run["seen"] - seen_before) / seconds,
-                "seconds": seconds,
-            }
-            losses = {"training loss": record["train_loss"], "validation loss": record["val_loss"]}
-            require_finite_run(model, losses, f"in epoch {record['epoch']}", kept)  # before saving or marking best
-            history.append(record)
-            is_best = val["accuracy"] > best["val_accuracy"]
-            if is_best:
-                best = {"val_accuracy": val["accuracy"], "epoch": record["epoch"]}
-            run.update(epoch=run["epoch"] + 1, step=0, loss_sum=0.0, correct=0, seen=0)
-            if main_process:
-                state = checkpoint_state()
-                if is_best:  # best first: a last.pt always has its best.pt on disk
-                    save_checkpoint(checkpoints / "best.pt", state)
-                save_checkpoint(checkpoints / "last.pt", state)
-            kept = f"{checkpoints / 'last.pt'} (end of epoch {record['epoch']}) is kept"
+                return "interrupted"
+            record = validate_and_save(t, cfg, data, device, amp_dtype, checkpoints, main_process, seen_before, seconds)
             print(
                 f"{record['epoch']:>4}/{cfg.epochs:<4}  {record['lr']:7.4f}  {record['train_loss']:10.4f}  "
                 f"{record['train_accuracy']:9.2%}  {record['val_loss']:8.4f}  {record['val_accuracy']:7.2%}  "
-                f"{record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if is_best else ''}",
+                f"{record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if record['is_best'] else ''}",
                 flush=True,
             )
             if any_process(ddp, stop_flag["stop"], device):  # Ctrl-C late in an epoch: the epoch's checkpoint is it
-                status = "interrupted"
-                print(f"interrupted after epoch {run['epoch']}: saved {checkpoints / 'last.pt'}")
-                break
+                print(f"interrupted after epoch {t.run['epoch']}: saved {checkpoints / 'last.pt'}")
+                if t.run["epoch"] < cfg.epochs:
+                    print(f"continue with: {resume_command(cfg, checkpoints / 'last.pt', ddp)}")
+                return "interrupted"
+    return "finished"
 
-    results = {
+
+def validate_and_save(t: Training, cfg, data, device, amp_dtype, checkpoints, main_process, seen_before, seconds):
+    """After an epoch: validation loss and accuracy, the epoch's record, and its checkpoints (best first, so that a
+    last.pt always has its best.pt on disk). Nothing non-finite is ever saved or marked best."""
+    val = helpers.evaluate(
+        t.model, data.val_x, data.val_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size, cfg.channels_last
+    )
+    run = t.run
+    record = {
+        "epoch": run["epoch"] + 1,
+        "lr": t.scheduler.get_last_lr()[0],
+        "train_loss": run["loss_sum"] / run["seen"],
+        "train_accuracy": run["correct"] / run["seen"],
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "images_per_s": (run["seen"] - seen_before) / seconds,
+        "seconds": seconds,
+    }
+    losses = {"training loss": record["train_loss"], "validation loss": record["val_loss"]}
+    require_finite_run(t.model, losses, f"in epoch {record['epoch']}", t.kept)  # before saving or marking best
+    t.history.append(record)
+    is_best = val["accuracy"] > t.best["val_accuracy"]
+    if is_best:
+        t.best = {"val_accuracy": val["accuracy"], "epoch": record["epoch"]}
+    run.update(epoch=run["epoch"] + 1, step=0, loss_sum=0.0, correct=0, seen=0)
+    if main_process:
+        state = t.checkpoint_state()
+        if is_best:
+            save_checkpoint(checkpoints / "best.pt", state)
+        save_checkpoint(checkpoints / "last.pt", state)
+    t.kept = f"{checkpoints / 'last.pt'} (end of epoch {record['epoch']}) is kept"
+    return record | {"is_best": is_best}
+
+
+def run_summary(t: Training, cfg, data, amp_dtype, ddp: Distributed, status: str, checkpoints: Path) -> dict:
+    return {
         "status": status,
         "dataset": data.name,
         "requested_dataset": cfg.dataset,
         "model": cfg.model,
-        "parameters": helpers.count_parameters(model),
+        "parameters": helpers.count_parameters(t.model),
         "autocast_dtype": amp_dtype,
         "num_train": len(data.train_x),
         "num_val": len(data.val_x),
         "num_test": len(data.test_x),
-        "steps_per_epoch": steps_per_epoch,
-        "history": history,
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_accuracy"],
+        "steps_per_epoch": t.steps_per_epoch,
+        "history": t.history,
+        "best_epoch": t.best["epoch"],
+        "best_val_accuracy": t.best["val_accuracy"],
         "checkpoint_dir": checkpoints,
         "world_size": ddp.world,
-        "first_step_losses": run.get("first_losses", []),
+        "first_step_losses": t.run.get("first_losses", []),
     }
-    if not main_process:  # the test set, figures and results.json are process 0's
-        return results
-    if status != "finished" or not history:
-        helpers.save_results(out, results, cfg, device, started)
-        return results
 
-    # The test set is evaluated once, with the checkpoint the validation set chose.
+
+def evaluate_on_test_set(t: Training, cfg, data, device, amp_dtype, checkpoints: Path) -> tuple[dict, dict]:
+    """The test set, evaluated once, with the checkpoint the validation set chose: accuracy, flip TTA, per class,
+    the confusion matrix and the most confident mistakes (and what the figures need to show them)."""
     chosen = load_checkpoint(checkpoints / "best.pt")
     helpers.require(
-        chosen["run_id"] == run_id,
+        chosen["run_id"] == t.run_id,
         f"{checkpoints / 'best.pt'} was replaced by another run while this one ran (give each run its own --out)",
     )
-    model.load_state_dict(chosen["model"])
+    t.model.load_state_dict(chosen["model"])
     test = helpers.evaluate(
-        model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size, cfg.channels_last
-    )
+        t.model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype, cfg.eval_batch_size,
+        cfg.channels_last,
+    )  # fmt: skip
     predictions = test["logits"].argmax(1)
     matrix = confusion_matrix(predictions, data.test_y, data.num_classes)
     per_class = per_class_accuracy(matrix)
-    results.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+    results = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     if cfg.tta:
-        tta_logits = test_time_flip_logits(model, data.test_x, data.test_y, data, device, amp_dtype, cfg)
+        tta_logits = test_time_flip_logits(t.model, data.test_x, data.test_y, data, device, amp_dtype, cfg)
         results["test_accuracy_flip_tta"] = (tta_logits.argmax(1) == data.test_y).float().mean().item()
     results["per_class_accuracy"] = dict(zip(data.classes, per_class))
     results["confusion_matrix"] = matrix
-
-    print()
-    helpers.print_table(
-        [{"class": c, "test accuracy %": 100 * a, "images": int(n)} for c, a, n in zip(data.classes, per_class, matrix.sum(1))],
-        [("class", ""), ("test accuracy %", ".1f"), ("images", "d")],
-        title=f"Per-class test accuracy, best checkpoint (epoch {best['epoch']})",
-    )  # fmt: skip
-    summary = [
-        {"measure": "best validation accuracy %", "value": 100 * best["val_accuracy"]},
-        {"measure": "test accuracy %", "value": 100 * test["accuracy"]},
-    ]
-    if cfg.tta:
-        summary.append({"measure": "test accuracy with flip TTA %", "value": 100 * results["test_accuracy_flip_tta"]})
-    summary.append({"measure": "mean training img/s", "value": float(np.mean([h["images_per_s"] for h in history]))})
-    results["mean_images_per_s"] = summary[-1]["value"]
-    helpers.print_table(summary, [("measure", ""), ("value", ".2f")], title=f"{cfg.model} on {data.name}")
-
-    helpers.use_headless_matplotlib()
-    probabilities = test["logits"].softmax(1)
-    confidence, _ = probabilities.max(1)
+    confidence = test["logits"].softmax(1).max(1).values
     wrong = (predictions != data.test_y).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][: cfg.num_mistakes]
     results["most_confident_mistakes"] = [
@@ -1176,16 +1283,36 @@ def run_pipeline(held: contextlib.ExitStack, **overrides):
          "confidence": float(confidence[i])}
         for i in worst
     ]  # fmt: skip
-    lr_curve = [cfg.lr * shape(t) for t in range(total_steps)]
-    results["figures"] = [
-        plot_curves(history, lr_curve, steps_per_epoch, out / "curves.png"),
+
+    print()
+    helpers.print_table(
+        [{"class": c, "test accuracy %": 100 * a, "images": int(n)} for c, a, n in zip(data.classes, per_class, matrix.sum(1))],
+        [("class", ""), ("test accuracy %", ".1f"), ("images", "d")],
+        title=f"Per-class test accuracy, best checkpoint (epoch {t.best['epoch']})",
+    )  # fmt: skip
+    summary = [
+        {"measure": "best validation accuracy %", "value": 100 * t.best["val_accuracy"]},
+        {"measure": "test accuracy %", "value": 100 * test["accuracy"]},
+    ]
+    if cfg.tta:
+        summary.append({"measure": "test accuracy with flip TTA %", "value": 100 * results["test_accuracy_flip_tta"]})
+    summary.append({"measure": "mean training img/s", "value": float(np.mean([h["images_per_s"] for h in t.history]))})
+    results["mean_images_per_s"] = summary[-1]["value"]
+    helpers.print_table(summary, [("measure", ""), ("value", ".2f")], title=f"{cfg.model} on {data.name}")
+    return results, {"predictions": predictions, "confidence": confidence, "worst": worst}
+
+
+def draw_figures(t: Training, cfg, data, matrix: torch.Tensor, mistakes: dict, out: Path) -> list[Path]:
+    """Training curves with the learning rate, the confusion matrix and the most confident mistakes."""
+    helpers.use_headless_matplotlib()
+    predictions, confidence, worst = mistakes["predictions"], mistakes["confidence"], mistakes["worst"]
+    lr_curve = [cfg.lr * t.shape(step) for step in range(cfg.epochs * t.steps_per_epoch)]
+    return [
+        plot_curves(t.history, lr_curve, t.steps_per_epoch, out / "curves.png"),
         plot_confusion(matrix.cpu(), data.classes, out / "confusion_matrix.png"),
         plot_mistakes(data.test_x[worst], data.test_y[worst], predictions[worst], confidence[worst], data.classes,
                       out / "mistakes.png"),
     ]  # fmt: skip
-    helpers.save_results(out, results, cfg, device, started)
-    print(f"figures, results.json and checkpoints in {out}")
-    return results
 
 
 def command_line(**flags):

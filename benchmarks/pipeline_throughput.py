@@ -1,29 +1,36 @@
-"""Training throughput of lesson 06's pipeline against the common baseline, side by side in one run.
+"""Training throughput of lesson 06's pipeline against the common baseline, one change at a time, side by side.
 
-    python benchmarks/pipeline_throughput.py                       # needs CIFAR-10 in data/
+    python benchmarks/pipeline_throughput.py                         # needs CIFAR-10 in data/
     python benchmarks/pipeline_throughput.py --generated-if-missing  # or a generated set in its file format
+    python benchmarks/pipeline_throughput.py --generated-if-missing --next-factors   # what else pays
 
-baseline  torchvision `CIFAR10` dataset + `DataLoader` with PIL transforms (RandomCrop(32, 4),
-          RandomHorizontalFlip, ToTensor, Normalize), fp32, NCHW (the pipeline of most CIFAR tutorials).
-lesson06  the whole dataset as uint8 on the device, crop/flip in batches there, normalisation on the fly,
-          autocast (bf16 where native), channels-last.
-Same model, batch size, optimiser (SGD, Nesterov, weight decay), loss and number of timed steps. Each
-pipeline runs `--warmup` untimed steps first (oneDNN and cuDNN pick kernels on first use).
+Four pipelines, each adding one change to the row above it (the ablation):
+  baseline            torchvision `CIFAR10` + `DataLoader` with PIL transforms (RandomCrop(32, 4),
+                      RandomHorizontalFlip, ToTensor, Normalize), fp32, NCHW: the pipeline of most CIFAR tutorials
+  + bf16 autocast     the same, with the forward pass under autocast (bf16 where the device has it natively)
+  + channels-last     the same, with model and batches in channels-last (NHWC) memory layout
+  + device-resident   lesson 06: the whole dataset as uint8 on the device, crop/flip in batches there,
+    augmentation      normalisation on the fly (no DataLoader, no PIL, no worker processes)
+Same model, batch size, optimiser (SGD, Nesterov, weight decay), loss and number of timed steps.
 
-Share of peak: achieved FLOP/s = images/s x 3 x 2 x multiply-adds of one forward pass (the backward pass
-costs about twice the forward), divided by the device's peak for the dtype it computes in. The CPU peak is
-an estimate: cores x clock x FLOP per cycle per core, where AMD Zen 4 does 32 fp32 FLOP/cycle (two 256-bit
-FMA pipes; AVX-512 instructions are split in two halves) and 64 bf16 FLOP/cycle (VDPBF16PS does two
-multiply-adds per 32-bit lane), and Intel cores with two 512-bit FMA units do 64 and 128. The clock is the
-one /proc/cpuinfo reports (virtual machines report the nominal clock; turbo would lower the shares).
-Override with --peak-gflops-fp32 / --peak-gflops-bf16.
+Robust timing: every pipeline is built and warmed up once (oneDNN and cuDNN pick kernels on first use); then
+`--rounds` rounds each time `--steps` steps of every pipeline, in alternating order (A B C D, D C B A, ...), so
+that a slow spell of the machine hits all of them. The table gives the median over rounds and the range; the
+speed-up is computed within each round (this round's pipeline over this round's baseline).
+
+Share of peak: achieved FLOP/s = images/s x 3 x 2 x multiply-adds of one forward pass (the backward pass costs
+about twice the forward), divided by the best rate this device's own kernels reach in the dtype the pipeline
+computes in, measured here: the faster of a square GEMM (torch.mm) and a large 3x3 convolution. A nominal
+clock x FLOP-per-cycle figure is not used: CPUs boost above their nominal clock and it overstated nothing less
+than 100% of peak. Override with --peak-gflops-fp32 / --peak-gflops-bf16.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,54 +48,50 @@ import helpers  # noqa: E402
 
 L06 = helpers.load_lesson(6)
 
-GPU_PEAK_TFLOPS = {  # dense tensor-core peak (fp32 non-tensor-core, bf16), from the vendors' data sheets
-    "H100": (67.0, 989.0),  # SXM
-    "H200": (67.0, 989.0),
-    "A100": (19.5, 312.0),
-}
+
+# =====================================================================================================
+# Peak: what this device's best kernels reach
+# =====================================================================================================
+def _rate(run, flop: float, device: torch.device, seconds: float) -> float:
+    """GFLOP/s of `run()`, timed for about `seconds` after two untimed calls."""
+    for _ in range(2):
+        run()
+    helpers.synchronize(device)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run()
+        calls += 1
+        if calls % 4 == 0:
+            helpers.synchronize(device)
+    helpers.synchronize(device)
+    return flop * calls / (time.perf_counter() - started) / 1e9
 
 
-def cpu_peak_gflops(threads: int) -> tuple[float, float, str]:
-    """(fp32, bf16) peak GFLOP/s of `threads` cores, and how it was estimated."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    mhz = next((float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")), 2000.0)
-    amd = "AuthenticAMD" in info
-    avx512 = " avx512f" in info
-    if avx512 and not amd:
-        fp32, bf16, kind = 64, 128, "Intel AVX-512, two FMA units"
-    elif avx512 or " avx2" in info:
-        fp32, bf16, kind = 32, 64, "AMD Zen 4 (AVX-512 on 256-bit pipes)" if avx512 else "AVX2, two FMA units"
-    else:
-        fp32, bf16, kind = 16, 16, "unknown vector unit"
-    if not helpers.cpu_has_native_bf16():
-        bf16 = fp32  # emulated bf16 is no faster than fp32
-    ghz = mhz / 1000
-    how = f"{threads} cores x {ghz:.2f} GHz x {fp32} fp32 / {bf16} bf16 FLOP per cycle ({kind})"
-    return threads * ghz * fp32, threads * ghz * bf16, how
+@torch.no_grad()
+def measured_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> tuple[float, str]:
+    """Best GFLOP/s of a square GEMM and of a large 3x3 convolution in `dtype`, and which one won."""
+    big = device.type == "cuda"
+    n = 8192 if big else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    gemm = _rate(lambda: a @ b, 2 * n**3, device, seconds)
+    batch, channels, size = (256, 512, 16) if big else (64, 256, 16)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype, memory_format=torch.channels_last)
+    convolution = _rate(lambda: conv(x), 2 * batch * channels * channels * 9 * size * size, device, seconds)
+    if gemm >= convolution:
+        return gemm, f"GEMM {n}x{n} (conv 3x3: {convolution:.0f})"
+    return convolution, f"conv 3x3, {channels} channels (GEMM {n}x{n}: {gemm:.0f})"
 
 
-def device_peak_gflops(device: torch.device, threads: int, args) -> tuple[float | None, float | None, str]:
-    if device.type == "cpu":
-        fp32, bf16, how = cpu_peak_gflops(threads)
-    elif device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), (None, None))
-        fp32, bf16 = (None if p is None else 1000 * p for p in peak)
-        how = f"{name}: data-sheet dense peak" if peak[0] else f"{name}: peak unknown (pass --peak-gflops-*)"
-    else:
-        fp32 = bf16 = None
-        how = "peak unknown (pass --peak-gflops-*)"
-    fp32 = args.peak_gflops_fp32 or fp32
-    bf16 = args.peak_gflops_bf16 or bf16
-    return fp32, bf16, how
-
-
+# =====================================================================================================
+# The pipelines
+# =====================================================================================================
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(L06.parameter_groups(model, 5e-4), lr=0.01, momentum=0.9, nesterov=True)
 
 
-def time_baseline(model_name, data_dir, batch_size, steps, warmup, workers, device) -> float:
-    """Images per second of the torchvision Dataset + DataLoader + PIL pipeline, fp32, NCHW."""
+def dataloader(data_dir: Path, batch_size: int, workers: int, device: torch.device):
+    """torchvision's CIFAR10 dataset through a DataLoader with PIL transforms: the baseline's input pipeline."""
     import torchvision
     import torchvision.transforms as T
 
@@ -99,58 +102,163 @@ def time_baseline(model_name, data_dir, batch_size, steps, warmup, workers, devi
         T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     ])  # fmt: skip
     dataset = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=False, transform=transform)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = L06.model_registry()[model_name](10).to(device).train()
-    optimizer, criterion = make_optimizer(model), nn.CrossEntropyLoss(label_smoothing=0.1)
-    batches = iter(loader)
-    for step in range(warmup + steps):
-        if step == warmup:
-            helpers.synchronize(device)
-            started = time.perf_counter()
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    helpers.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
 
 
-def time_lesson06(model_name, data, batch_size, steps, warmup, device, amp_dtype) -> float:
-    """Images per second of lesson 06's pipeline: uint8 data on the device, batched augmentation, autocast,
-    channels-last."""
-    torch.manual_seed(0)
-    model = L06.model_registry()[model_name](10).to(device).train().to(memory_format=torch.channels_last)
-    optimizer, criterion = make_optimizer(model), nn.CrossEntropyLoss(label_smoothing=0.1)
-    generator = torch.Generator().manual_seed(0)
-    batches = helpers.endless_batches(len(data.train_x), batch_size, generator)
-    for step in range(warmup + steps):
-        if step == warmup:
-            helpers.synchronize(device)
-            started = time.perf_counter()
-        index = next(batches).to(device)
-        images = L06.augment(data.train_x[index], 0, generator)
-        with helpers.autocast(device, amp_dtype):
-            logits = model(L06.to_model_input(images, data, channels_last=True))
-        loss = criterion(logits.float(), data.train_y[index])
-        optimizer.zero_grad(set_to_none=True)
+def loader_batches(loader, device: torch.device):
+    """(images, labels) from `loader` forever, moved to `device`."""
+    while True:
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def device_resident_batches(data: helpers.ImageData, batch_size: int, seed: int):
+    """(uint8 images cropped and flipped on the device, labels) forever: lesson 06's input pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+    for index in helpers.endless_batches(len(data.train_x), batch_size, generator):
+        index = index.to(data.train_x.device)
+        yield L06.augment(data.train_x[index], 0, generator), data.train_y[index]
+
+
+@dataclasses.dataclass
+class Setting:
+    """One pipeline: where batches come from, the autocast dtype (None: fp32) and the memory layout."""
+
+    label: str
+    resident: bool
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    batch_size: int
+    threads: int = 0  # 0: leave torch's thread count alone
+    compile: bool = False
+
+
+class Pipeline:
+    """A model, its optimiser and its batches, kept alive between timing rounds."""
+
+    def __init__(self, model_name: str, setting: Setting, source: dict, device: torch.device, warmup: int):
+        self.setting, self.device, self.data = setting, device, source.get("data")
+        torch.manual_seed(0)
+        layout = torch.channels_last if setting.channels_last else torch.contiguous_format
+        self.model = L06.model_registry()[model_name](10).to(device, memory_format=layout).train()
+        self.forward = torch.compile(self.model) if setting.compile else self.model
+        self.optimizer = make_optimizer(self.model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.loader = None
+        if setting.resident:
+            self.batches = device_resident_batches(source["data"], setting.batch_size, seed=0)
+        else:
+            self.loader = dataloader(source["data_dir"], setting.batch_size, source["workers"], device)
+        started = time.perf_counter()
+        self.seconds(max(warmup - 1, 0))  # seconds() runs one more untimed step first
+        self.warmup_s = time.perf_counter() - started
+
+    def step(self) -> None:
+        images, labels = next(self.batches)
+        if self.setting.resident:
+            x = L06.to_model_input(images, self.data, self.setting.channels_last)
+        else:
+            x = images.contiguous(memory_format=torch.channels_last) if self.setting.channels_last else images
+        with helpers.autocast(self.device, self.setting.amp_dtype):
+            logits = self.forward(x)
+        loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-    helpers.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
+        self.optimizer.step()
+
+    def seconds(self, steps: int) -> float:
+        """Wall-clock seconds of `steps` training steps, after one untimed step. A DataLoader's worker processes
+        exist only while its pipeline runs (they start before that untimed step), so that no pipeline is timed
+        beside another one's workers."""
+        threads = torch.get_num_threads()
+        if self.setting.threads:
+            torch.set_num_threads(self.setting.threads)
+        if self.loader is not None:
+            self.batches = loader_batches(self.loader, self.device)
+        try:
+            self.step()
+            helpers.synchronize(self.device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+            helpers.synchronize(self.device)
+            return time.perf_counter() - started
+        finally:
+            if self.loader is not None:
+                self.batches.close()  # ends the loader's iterator, and with it its worker processes
+            torch.set_num_threads(threads)
+
+
+def side_by_side(pipelines: list[Pipeline], rounds: int, steps: int) -> list[list[float]]:
+    """images/s of each pipeline in each round; the order alternates between rounds (A B C, C B A, ...)."""
+    rates = [[0.0] * rounds for _ in pipelines]
+    for round_number in range(rounds):
+        order = range(len(pipelines)) if round_number % 2 == 0 else reversed(range(len(pipelines)))
+        for i in order:
+            rates[i][round_number] = steps * pipelines[i].setting.batch_size / pipelines[i].seconds(steps)
+    return rates
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def ablation_settings(batch_size: int, amp_dtype: torch.dtype | None) -> list[Setting]:
+    amp_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32: no native bf16"}[amp_dtype]
+    return [
+        Setting("baseline (DataLoader + PIL, fp32, NCHW)", False, None, False, batch_size),
+        Setting(f"+ autocast ({amp_name})", False, amp_dtype, False, batch_size),
+        Setting("+ channels-last", False, amp_dtype, True, batch_size),
+        Setting("+ device-resident augmentation = lesson06", True, amp_dtype, True, batch_size),
+    ]
+
+
+def next_factor_settings(lesson06: Setting) -> list[Setting]:
+    """Changes tried on top of lesson 06's pipeline, each timed against it side by side."""
+    variants = [
+        dataclasses.replace(lesson06, label=f"batch {2 * lesson06.batch_size}", batch_size=2 * lesson06.batch_size),
+        dataclasses.replace(lesson06, label=f"batch {lesson06.batch_size // 2}", batch_size=lesson06.batch_size // 2),
+        dataclasses.replace(lesson06, label="torch.compile", compile=True),
+    ]
+    if torch.get_num_threads() > 1:
+        variants.append(dataclasses.replace(lesson06, label="1 thread instead of all", threads=1))
+    return variants
+
+
+def time_evaluation(model_name: str, data: helpers.ImageData, device, amp_dtype, batch_size: int, rounds: int):
+    """Evaluation images/s of a trained-mode-free model under no_grad vs inference_mode, side by side."""
+    torch.manual_seed(0)
+    model = L06.model_registry()[model_name](10).to(device, memory_format=torch.channels_last).eval()
+    images = data.train_x[: 4 * batch_size]
+
+    def run(context) -> float:
+        helpers.synchronize(device)
+        started = time.perf_counter()
+        with context():
+            for start in range(0, len(images), batch_size):
+                with helpers.autocast(device, amp_dtype):
+                    model(L06.to_model_input(images[start : start + batch_size], data, channels_last=True))
+        helpers.synchronize(device)
+        return len(images) / (time.perf_counter() - started)
+
+    run(torch.no_grad)
+    rates = {"no_grad": [], "inference_mode": []}
+    for _ in range(rounds):
+        rates["no_grad"].append(run(torch.no_grad))
+        rates["inference_mode"].append(run(torch.inference_mode))
+    return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--models", nargs="+", default=["resnet20", "cifar_resnet18"], help="CIFAR models to time")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step, both pipelines")
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per pipeline and model")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step, every pipeline")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per pipeline in each round")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds, alternating the pipelines' order")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each pipeline before the rounds")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the baseline")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument(
@@ -160,8 +268,12 @@ def main() -> None:
         "--generated-if-missing", action="store_true",
         help="when CIFAR-10 is not in --data-dir, time on a generated image set written in CIFAR-10's file format",
     )  # fmt: skip
-    parser.add_argument("--peak-gflops-fp32", type=float, default=None, help="override the estimated fp32 peak")
-    parser.add_argument("--peak-gflops-bf16", type=float, default=None, help="override the estimated bf16 peak")
+    parser.add_argument(
+        "--next-factors", action="store_true",
+        help="also time batch size, threads, torch.compile and inference-mode evaluation against lesson06",
+    )  # fmt: skip
+    parser.add_argument("--peak-gflops-fp32", type=float, default=None, help="use this fp32 peak, not a measured one")
+    parser.add_argument("--peak-gflops-bf16", type=float, default=None, help="use this bf16 peak, not a measured one")
     args = parser.parse_args()
     generated = []  # folders of generated data, removed however the run ends
     try:
@@ -177,9 +289,10 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(args, generated: list) -> None:
+def check_arguments(args) -> None:
     helpers.require(
-        args.batch_size > 0 and args.steps > 0 and args.warmup >= 0, "--batch-size and --steps must be positive"
+        args.batch_size > 1 and args.steps > 0 and args.rounds > 0 and args.warmup >= 0,
+        "--batch-size must be 2 or more, --steps and --rounds positive, --warmup 0 or more",
     )
     helpers.require(args.workers >= 0, f"--workers must be 0 or more DataLoader processes, not {args.workers}")
     for flag, value in (("--peak-gflops-fp32", args.peak_gflops_fp32), ("--peak-gflops-bf16", args.peak_gflops_bf16)):
@@ -187,60 +300,121 @@ def run(args, generated: list) -> None:
             helpers.require_positive(flag, value)
     unknown = [m for m in args.models if m not in L06.model_registry()]
     helpers.require(not unknown, f"unknown model(s) {', '.join(unknown)} (use: {', '.join(L06.model_registry())})")
+
+
+def cifar_folder(args, generated: list) -> tuple[Path, str]:
+    """The folder holding cifar-10-batches-py/, and a sentence saying whether it is the real CIFAR-10."""
+    data_dir = Path(args.data_dir)
+    if (data_dir / "cifar-10-batches-py" / "data_batch_1").exists():
+        return data_dir, "CIFAR-10"
+    helpers.require(
+        args.generated_if_missing,
+        f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py (copy it there, or pass --generated-if-missing)",
+    )
+    data_dir = Path(tempfile.mkdtemp(prefix="cifar10-format-"))
+    generated.append(data_dir)  # 47 MB: removed at the end
+    cifar_format.trust_files(cifar_format.write_cifar10_format(data_dir, 10000, 1000))
+    return (
+        data_dir,
+        f"GENERATED images in CIFAR-10's file format ({data_dir}, removed at the end; real CIFAR-10 not found)",
+    )
+
+
+def run(args, generated: list) -> None:
+    check_arguments(args)
     device = helpers.pick_device(args.device)
     amp_dtype = helpers.autocast_dtype(device)
-    data_dir, source = Path(args.data_dir), "CIFAR-10"
-    if not (data_dir / "cifar-10-batches-py" / "data_batch_1").exists():
-        helpers.require(
-            args.generated_if_missing,
-            f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py (copy it there, or pass --generated-if-missing)",
-        )
-        data_dir = Path(tempfile.mkdtemp(prefix="cifar10-format-"))
-        generated.append(data_dir)  # 47 MB: removed at the end
-        cifar_format.trust_files(cifar_format.write_cifar10_format(data_dir, 10000, 1000))
-        source = f"GENERATED images in CIFAR-10's file format ({data_dir}, removed at the end; real CIFAR-10 not found)"
+    data_dir, source_text = cifar_folder(args, generated)
     data = helpers.load_dataset("cifar10", data_dir, val_size=1, download=False).to(device)
-    threads = torch.get_num_threads()
-    peak_fp32, peak_bf16, how = device_peak_gflops(device, threads, args)
-    peak_amp = peak_bf16 if amp_dtype is not None else peak_fp32
-    print(f"data: {source}")
-    print(f"device: {helpers.device_name(device)}; lesson06 autocast: {amp_dtype or 'off (fp32)'}")
-    print(f"peak estimate: {how} = {peak_fp32 or float('nan'):.0f} fp32 / {peak_bf16 or float('nan'):.0f} bf16 GFLOP/s")
+    source = {"data": data, "data_dir": data_dir, "workers": args.workers}
+    peaks = {
+        torch.float32: (args.peak_gflops_fp32, "given") if args.peak_gflops_fp32 else measured_peak(device, torch.float32),
+        amp_dtype: (args.peak_gflops_bf16, "given") if args.peak_gflops_bf16 else measured_peak(device, amp_dtype),
+    } if amp_dtype is not None else {
+        torch.float32: (args.peak_gflops_fp32, "given") if args.peak_gflops_fp32 else measured_peak(device, torch.float32),
+    }  # fmt: skip
+    print(f"data: {source_text}")
+    print(f"device: {helpers.device_name(device)}; autocast dtype: {amp_dtype}")
+    for dtype, (peak, how) in peaks.items():
+        print(f"peak {str(dtype).removeprefix('torch.')}: {peak:.0f} GFLOP/s ({how})")
     print(
-        f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, baseline with {args.workers} workers"
+        f"batch {args.batch_size}; {args.warmup} warm-up steps, then {args.rounds} rounds of {args.steps} timed steps"
+        f" per pipeline; DataLoader with {args.workers} workers"
     )
-    print("machine load matters: other processes on the same cores lower both columns, not necessarily equally\n")
+    print("timing needs a quiet machine: other processes on the same cores slow the pipelines unequally\n")
 
-    rows = []
+    settings = ablation_settings(args.batch_size, amp_dtype)
+    ratios = {}
     for name in args.models:
-        macs = helpers.count_multiply_adds(L06.model_registry()[name](10), (1, 3, 32, 32))
-        flop_per_image = 3 * 2 * macs  # forward + backward (about twice the forward)
-        base = time_baseline(name, data_dir, args.batch_size, args.steps, args.warmup, args.workers, device)
-        ours = time_lesson06(name, data, args.batch_size, args.steps, args.warmup, device, amp_dtype)
-        for pipeline, rate, peak in (("baseline fp32 NCHW", base, peak_fp32), ("lesson06", ours, peak_amp)):
-            achieved = rate * flop_per_image / 1e9
+        flop_per_image = 3 * 2 * helpers.count_multiply_adds(L06.model_registry()[name](10), (1, 3, 32, 32))
+        pipelines = [Pipeline(name, setting, source, device, args.warmup) for setting in settings]
+        rates = side_by_side(pipelines, args.rounds, args.steps)
+        rows = []
+        for setting, rate in zip(settings, rates):
+            speed_ups = [ours / base for ours, base in zip(rate, rates[0])]
+            peak = peaks[setting.amp_dtype or torch.float32][0]
+            median, low, high = summary(rate)
             rows.append({
-                "model": name, "pipeline": pipeline, "img/s": rate, "GFLOP/s": achieved,
-                "% of peak": None if not peak else 100 * achieved / peak,
-                "speed-up": rate / base,
+                "pipeline": setting.label, "img/s": median, "range": f"{low:.0f}-{high:.0f}",
+                "% of peak": 100 * median * flop_per_image / 1e9 / peak,
+                "speed-up": statistics.median(speed_ups), "speed-up range": f"{min(speed_ups):.2f}-{max(speed_ups):.2f}",
             })  # fmt: skip
+        ratios[name] = rows[-1]
+        helpers.print_table(
+            rows,
+            [
+                ("pipeline", ""),
+                ("img/s", ".1f"),
+                ("range", ""),
+                ("% of peak", ".0f"),
+                ("speed-up", ".2f"),
+                ("speed-up range", ""),
+            ],  # fmt: skip
+            title=f"{name}: training images/s, median of {args.rounds} rounds (speed-up over the baseline)",
+        )
         if device.type == "cuda":
-            print(f"{name}: one epoch of 50,000 images at lesson06 speed takes {50000 / ours:.2f} s")
+            print(f"{name}: one epoch of 50,000 images at lesson06 speed takes {50000 / rows[-1]['img/s']:.2f} s")
+        del pipelines
+        if args.next_factors:
+            next_factors(name, settings[-1], source, device, args)
+        print()
+    for name, row in ratios.items():
+        print(f"{name}: lesson06 / baseline = {row['speed-up']:.2f}x (range over rounds {row['speed-up range']})")
+
+
+def next_factors(name: str, lesson06: Setting, source: dict, device, args) -> None:
+    """Each change on top of lesson 06's pipeline, timed side by side with it."""
+    rows = []
+    for variant in next_factor_settings(lesson06):
+        try:
+            pair = [
+                Pipeline(name, lesson06, source, device, args.warmup),
+                Pipeline(name, variant, source, device, args.warmup),
+            ]
+        except Exception as error:  # noqa: BLE001 - e.g. torch.compile without a working C++ compiler
+            rows.append(
+                {"change": variant.label, "ratio": float("nan"), "range": "", "note": helpers.error_summary(error)}
+            )
+            continue
+        rates = side_by_side(pair, args.rounds, args.steps)
+        gains = [b / a for a, b in zip(*rates)]
+        note = f"first steps took {pair[1].warmup_s:.0f} s (compiling)" if variant.compile else ""
+        rows.append({
+            "change": variant.label, "ratio": statistics.median(gains),
+            "range": f"{min(gains):.2f}-{max(gains):.2f}", "note": note,
+        })  # fmt: skip
+    evaluation = time_evaluation(name, source["data"], device, lesson06.amp_dtype, lesson06.batch_size, args.rounds)
+    gains = [b / a for a, b in zip(evaluation["no_grad"], evaluation["inference_mode"])]
+    rows.append({
+        "change": "evaluation: inference_mode instead of no_grad", "ratio": statistics.median(gains),
+        "range": f"{min(gains):.2f}-{max(gains):.2f}",
+        "note": f"{statistics.median(evaluation['no_grad']):.0f} img/s under no_grad",
+    })  # fmt: skip
     helpers.print_table(
         rows,
-        [
-            ("model", ""),
-            ("pipeline", ""),
-            ("img/s", ".1f"),
-            ("GFLOP/s", ".1f"),
-            ("% of peak", ".1f"),
-            ("speed-up", ".2f"),
-        ],
-        title="Training throughput (% of peak: of the dtype each pipeline computes in)",
+        [("change", ""), ("ratio", ".2f"), ("range", ""), ("note", "")],
+        title=f"{name}: next factors (images/s with the change / without it, median of {args.rounds} rounds)",
     )
-    for name in args.models:
-        ratio = next(r["speed-up"] for r in rows if r["model"] == name and r["pipeline"] == "lesson06")
-        print(f"{name}: lesson06 / baseline = {ratio:.2f}x" + ("" if math.isfinite(ratio) else " (?)"))
 
 
 if __name__ == "__main__":

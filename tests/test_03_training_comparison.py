@@ -14,6 +14,7 @@ import torchvision
 from conftest import run_script
 
 import helpers
+import image_data  # noqa: E402
 
 TINY = {
     "dataset": "synthetic",
@@ -204,7 +205,7 @@ def test_resnet56_gradients_stay_within_a_small_factor(gradients_at_init):
 # Missing data: loud fallback in the quick run, clear error otherwise
 # --------------------------------------------------------------------------------------------------
 def no_debian_fashion_mnist(monkeypatch, tmp_path):
-    monkeypatch.setattr(helpers._torchvision_fashion_mnist, "__defaults__", (tmp_path / "no-debian",))
+    monkeypatch.setattr(image_data._torchvision_fashion_mnist, "__defaults__", (tmp_path / "no-debian",))
 
 
 def test_default_quick_run_falls_back_loudly_to_synthetic(lesson03, tmp_path, monkeypatch, capsys):
@@ -368,8 +369,8 @@ def write_fashion_mnist(folder, train_count: int, test_count: int, gz: bool = Fa
 def test_fashion_mnist_loader_reads_idx_files_from_the_debian_package(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     written = write_fashion_mnist(debian, 120, 30, gz=True)
-    monkeypatch.setattr(helpers, "FASHION_MNIST_RAW_MD5", written["md5"])
-    monkeypatch.setattr(helpers._torchvision_fashion_mnist, "__defaults__", (debian,))
+    monkeypatch.setattr(image_data, "FASHION_MNIST_RAW_MD5", written["md5"])
+    monkeypatch.setattr(image_data._torchvision_fashion_mnist, "__defaults__", (debian,))
     data = helpers.load_dataset("fashion-mnist", tmp_path / "data", val_size=20, seed=0, download=False)
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()  # unpacked once
     assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (30, 3, 32, 32)
@@ -383,8 +384,8 @@ def test_fashion_mnist_loader_reads_idx_files_from_the_debian_package(tmp_path, 
 def test_fashion_mnist_debian_file_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     debian = tmp_path / "debian"
     written = write_fashion_mnist(debian, 20, 10, gz=True)
-    monkeypatch.setattr(helpers, "FASHION_MNIST_RAW_MD5", {**written["md5"], "t10k-labels-idx1-ubyte": "0" * 32})
-    monkeypatch.setattr(helpers._torchvision_fashion_mnist, "__defaults__", (debian,))
+    monkeypatch.setattr(image_data, "FASHION_MNIST_RAW_MD5", {**written["md5"], "t10k-labels-idx1-ubyte": "0" * 32})
+    monkeypatch.setattr(image_data._torchvision_fashion_mnist, "__defaults__", (debian,))
     with pytest.raises(helpers.UserError, match="MD5"):
         helpers.load_dataset("fashion-mnist", tmp_path / "data", val_size=5, download=False)
 

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 import helpers
+import lesson_config  # noqa: E402
 
 LESSON_TEXT = """
 \"\"\"A tiny lesson used by the tests: 100% made up.\"\"\"
@@ -65,11 +66,11 @@ def run(path, *args, env=None):
 
 def test_constants_become_flags_and_config(tiny_lesson):
     _, module_globals = tiny_lesson
-    constants = {c.name: c for c in helpers.read_constants(module_globals)}
+    constants = {c.name: c for c in lesson_config.read_constants(module_globals)}
     assert list(constants)[:4] == ["BATCH_SIZE", "LEARNING_RATE", "AUGMENT", "DEPTHS"]
     assert constants["BATCH_SIZE"].flag == "--batch-size" and constants["BATCH_SIZE"].help == "images per batch"
     assert constants["BATCH_SIZE"].check == "> 0" and constants["DEPTHS"].type == "tuple[int, ...]"
-    parser = helpers.build_parser(module_globals)
+    parser = lesson_config.build_parser(module_globals)
     args = vars(parser.parse_args(["--batch-size", "8", "--no-augment", "--depths", "32", "44", "110"]))
     assert args == {"batch_size": 8, "augment": False, "depths": [32, 44, 110]}  # only what was typed
     cfg = helpers.config(module_globals, args)
@@ -212,7 +213,7 @@ def test_a_declaration_wrapped_by_the_formatter_keeps_its_help_and_check():
     )
     namespace = {"_ih": ["", cell]}
     exec(cell, namespace)
-    sizes, name = helpers.read_constants(namespace)
+    sizes, name = lesson_config.read_constants(namespace)
     assert (sizes.help, sizes.check, sizes.type) == ("layer widths", "> 0", "tuple[int, ...]")
     assert (name.help, name.check) == ("which one", "a | b")
     with pytest.raises(helpers.UserError, match="--sizes must be > 0"):

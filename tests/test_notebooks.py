@@ -90,5 +90,4 @@ def test_lessons_03_to_06_run_as_notebooks(script, tmp_path):
     out = tmp_path / script[:-3]
     notebook = run_notebook(script, f"OUT = {str(out)!r}\n{edits}")
     figures = figures if figures is not None else len(list(out.glob("*.png")))
-    # 06 does not yet end every cell in something visible; its figures and results are checked
-    check_notebook(notebook, out, script[:-3], figures, every_cell_shows=script[:2] != "06")
+    check_notebook(notebook, out, script[:-3], figures)
