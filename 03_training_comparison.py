@@ -232,6 +232,16 @@ family_table(DEPTHS)
 # Section 4.2 of the paper: SGD with momentum 0.9 and weight decay 1e-4, mini-batches of 128, the learning
 # rate divided by 10 at fixed iterations, and for the 110-layer net a small constant rate until training
 # error falls below 80%. Lessons 04 and 05 train with the same function (they import it from here).
+def learning_rate(
+    step: int, lr: float, milestones: Iterable[int], warmup_steps: int = 0, warmup_lr: float | None = None
+) -> float:
+    """The learning rate of iteration `step` (0-based): `lr` divided by 10 at each milestone passed; during the
+    warm-up, either the constant `warmup_lr` (the paper's 0.01 for 110 layers) or a linear ramp up to `lr`."""
+    if step < warmup_steps:
+        return warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
+    return lr * 0.1 ** sum(step >= m for m in milestones)
+
+
 def sgd_train(
     model: nn.Module,
     data: helpers.ImageData,
@@ -272,9 +282,7 @@ def sgd_train(
     history, started = [], time.perf_counter()
     progress = helpers.Progress(range(steps), desc, unit="img", scale=batch_size)
     for step in progress:
-        rate = lr * 0.1 ** sum(step >= m for m in milestones)
-        if step < warmup_steps:
-            rate = warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
+        rate = learning_rate(step, lr, milestones, warmup_steps, warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = rate
         index = next(batches).to(data.train_x.device)
@@ -307,6 +315,16 @@ def sgd_train(
         progress.set_postfix(f"loss {loss.item():.3f} err {error:.1%}")
     helpers.synchronize(device)
     return history
+
+
+helpers.format_table(
+    [
+        {"iteration": step, "lr": learning_rate(step, LR, LR_MILESTONES, WARMUP_ITERATIONS, WARMUP_LR or None)}
+        for step in sorted({0, WARMUP_ITERATIONS // 2, WARMUP_ITERATIONS, ITERATIONS - 1, *LR_MILESTONES})
+    ],
+    [("iteration", "d"), ("lr", ".5f")],
+    title="This run's learning rate at a few iterations (milestones past ITERATIONS never arrive)",
+)
 
 
 # %% Gradient norms of every weighted layer

@@ -4,6 +4,7 @@ import dataclasses
 import sys
 
 import hostile_runner
+import pytest
 import torch
 from conftest import REPO
 
@@ -52,6 +53,7 @@ def test_measured_peak_is_the_faster_of_a_gemm_and_a_convolution():
     assert peak > 0 and ("GEMM" in how and "conv 3x3" in how)
 
 
+@pytest.mark.slow  # about 30 s: it writes a generated CIFAR-10 and builds four pipelines
 def test_a_tiny_run_prints_the_ablation_and_the_ratio(tmp_path):
     args = ["--generated-if-missing", "--data-dir", str(tmp_path / "none"), "--models", "resnet8", "--steps", "1"]
     args += ["--rounds", "2", "--warmup", "0", "--batch-size", "8", "--workers", "0", "--device", "cpu"]

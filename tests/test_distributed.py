@@ -17,7 +17,7 @@ import helpers
 
 WORLD = 2
 # 256 images in batches of 32: 8 steps per epoch, each process training on 16 images per step.
-FLAGS = {"dataset": "synthetic", "model": "resnet20", "train_size": 256, "val_size": 32, "test_size": 32,
+FLAGS = {"dataset": "synthetic", "model": "resnet8", "train_size": 256, "val_size": 32, "test_size": 32,
          "epochs": 3, "batch_size": 32, "eval_batch_size": 64, "num_mistakes": 2, "check_every": 2,
          "device": "cpu", "precision": "fp32", "lr": 0.02}  # fmt: skip
 
@@ -68,8 +68,7 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
     assert (
         stdout.count("interrupted in epoch") + stdout.count("interrupted after epoch") == 1
     )  # printed by process 0 alone
-    if "interrupted in epoch" in stdout:  # the mid-epoch stop prints how to continue
-        assert "continue with: torchrun --standalone --nproc_per_node=2" in stdout
+    assert "continue with: torchrun --standalone --nproc_per_node=2" in stdout  # either stop says how to continue
     stopped = json.loads((out / "results.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["world_size"] == WORLD
     last = out / "checkpoints" / "last.pt"
@@ -97,14 +96,14 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
     # Measured here: step 1 equal, steps 2-4 within 3e-5 relative; the error then grows (4e-4 at step 5) as
     # small differences in the weights are amplified, so steps 1-4 are compared. One process with epochs 1
     # has the same learning rates as epochs 3 during those steps (the 4 warm-up steps).
-    def resnet20_with_rank_slice_norms(num_classes):
-        model = lesson06.L02.CIFAR_MODELS["resnet20"](num_classes)
+    def resnet8_with_rank_slice_norms(num_classes):
+        model = lesson06.L02.CIFAR_MODELS["resnet8"](num_classes)
         for module in model.modules():
             if type(module) is nn.BatchNorm2d:
                 module.__class__ = RankSliceBatchNorm
         return model
 
-    monkeypatch.setattr(lesson06, "model_registry", lambda: {"resnet20": resnet20_with_rank_slice_norms})
+    monkeypatch.setattr(lesson06, "model_registry", lambda: {"resnet8": resnet8_with_rank_slice_norms})
     one = lesson06.main(**{**FLAGS, "epochs": 1, "out": str(tmp_path / "one"), "tta": False})
     assert one["world_size"] == 1
     two_losses = finished["first_step_losses"]
