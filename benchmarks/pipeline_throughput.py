@@ -202,8 +202,9 @@ def side_by_side(pipelines: list[Pipeline], rounds: int, steps: int) -> list[lis
     return rates
 
 
-def summary(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
+def median_and_range(values: list[float], digits: int) -> tuple[float, str]:
+    """The median, and the range over rounds as text ("0.95-1.25")."""
+    return statistics.median(values), f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
 def ablation_settings(batch_size: int, amp_dtype: torch.dtype | None) -> list[Setting]:
@@ -229,7 +230,7 @@ def next_factor_settings(lesson06: Setting) -> list[Setting]:
 
 
 def time_evaluation(model_name: str, data: helpers.ImageData, device, amp_dtype, batch_size: int, rounds: int):
-    """Evaluation images/s of a trained-mode-free model under no_grad vs inference_mode, side by side."""
+    """Evaluation images/s of an eval-mode model under no_grad and under inference_mode, side by side."""
     torch.manual_seed(0)
     model = L06.model_registry()[model_name](10).to(device, memory_format=torch.channels_last).eval()
     images = data.train_x[: 4 * batch_size]
@@ -327,12 +328,12 @@ def run(args, generated: list) -> None:
     data_dir, source_text = cifar_folder(args, generated)
     data = helpers.load_dataset("cifar10", data_dir, val_size=1, download=False).to(device)
     source = {"data": data, "data_dir": data_dir, "workers": args.workers}
-    peaks = {
-        torch.float32: (args.peak_gflops_fp32, "given") if args.peak_gflops_fp32 else measured_peak(device, torch.float32),
-        amp_dtype: (args.peak_gflops_bf16, "given") if args.peak_gflops_bf16 else measured_peak(device, amp_dtype),
-    } if amp_dtype is not None else {
-        torch.float32: (args.peak_gflops_fp32, "given") if args.peak_gflops_fp32 else measured_peak(device, torch.float32),
-    }  # fmt: skip
+    given = {torch.float32: args.peak_gflops_fp32, amp_dtype: args.peak_gflops_bf16}
+    peaks = {  # GFLOP/s and how it was obtained, for fp32 and the autocast dtype
+        dtype: (given[dtype], "given") if given[dtype] else measured_peak(device, dtype)
+        for dtype in (torch.float32, amp_dtype)
+        if dtype is not None
+    }
     print(f"data: {source_text}")
     print(f"device: {helpers.device_name(device)}; autocast dtype: {amp_dtype}")
     for dtype, (peak, how) in peaks.items():
@@ -351,13 +352,13 @@ def run(args, generated: list) -> None:
         rates = side_by_side(pipelines, args.rounds, args.steps)
         rows = []
         for setting, rate in zip(settings, rates):
-            speed_ups = [ours / base for ours, base in zip(rate, rates[0])]
+            images_per_s, spread = median_and_range(rate, 0)
+            speed_up, speed_up_spread = median_and_range([ours / base for ours, base in zip(rate, rates[0])], 2)
             peak = peaks[setting.amp_dtype or torch.float32][0]
-            median, low, high = summary(rate)
             rows.append({
-                "pipeline": setting.label, "img/s": median, "range": f"{low:.0f}-{high:.0f}",
-                "% of peak": 100 * median * flop_per_image / 1e9 / peak,
-                "speed-up": statistics.median(speed_ups), "speed-up range": f"{min(speed_ups):.2f}-{max(speed_ups):.2f}",
+                "pipeline": setting.label, "img/s": images_per_s, "range": spread,
+                "% of peak": 100 * images_per_s * flop_per_image / 1e9 / peak,
+                "speed-up": speed_up, "speed-up range": speed_up_spread,
             })  # fmt: skip
         ratios[name] = rows[-1]
         helpers.print_table(
@@ -384,30 +385,24 @@ def run(args, generated: list) -> None:
 
 def next_factors(name: str, lesson06: Setting, source: dict, device, args) -> None:
     """Each change on top of lesson 06's pipeline, timed side by side with it."""
+    control = Pipeline(name, lesson06, source, device, args.warmup)  # lesson 06's pipeline, timed beside each change
     rows = []
     for variant in next_factor_settings(lesson06):
         try:
-            pair = [
-                Pipeline(name, lesson06, source, device, args.warmup),
-                Pipeline(name, variant, source, device, args.warmup),
-            ]
+            changed = Pipeline(name, variant, source, device, args.warmup)
         except Exception as error:  # noqa: BLE001 - e.g. torch.compile without a working C++ compiler
             rows.append(
                 {"change": variant.label, "ratio": float("nan"), "range": "", "note": helpers.error_summary(error)}
             )
             continue
-        rates = side_by_side(pair, args.rounds, args.steps)
-        gains = [b / a for a, b in zip(*rates)]
-        note = f"first steps took {pair[1].warmup_s:.0f} s (compiling)" if variant.compile else ""
-        rows.append({
-            "change": variant.label, "ratio": statistics.median(gains),
-            "range": f"{min(gains):.2f}-{max(gains):.2f}", "note": note,
-        })  # fmt: skip
+        rates = side_by_side([control, changed], args.rounds, args.steps)
+        ratio, spread = median_and_range([b / a for a, b in zip(*rates)], 2)
+        note = f"first steps took {changed.warmup_s:.0f} s (compiling)" if variant.compile else ""
+        rows.append({"change": variant.label, "ratio": ratio, "range": spread, "note": note})
     evaluation = time_evaluation(name, source["data"], device, lesson06.amp_dtype, lesson06.batch_size, args.rounds)
-    gains = [b / a for a, b in zip(evaluation["no_grad"], evaluation["inference_mode"])]
+    ratio, spread = median_and_range([b / a for a, b in zip(evaluation["no_grad"], evaluation["inference_mode"])], 2)
     rows.append({
-        "change": "evaluation: inference_mode instead of no_grad", "ratio": statistics.median(gains),
-        "range": f"{min(gains):.2f}-{max(gains):.2f}",
+        "change": "evaluation: inference_mode instead of no_grad", "ratio": ratio, "range": spread,
         "note": f"{statistics.median(evaluation['no_grad']):.0f} img/s under no_grad",
     })  # fmt: skip
     helpers.print_table(
