@@ -20,11 +20,13 @@ ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet built from lesson 0
 change each (the Bottleneck's `groups` and `base_width`, `SEBottleneck`); the tests load torchvision's weights into them.
 
 Run
-    python 04_residual_variants.py            # sized for under a minute on a quiet 2-core laptop CPU
+    python 04_residual_variants.py            # about 1 to 1.5 minutes on a 2-core laptop CPU
     python 04_residual_variants.py --full     # longer comparison training; meant for a GPU
 
 The default run took 55 s on 2 quiet cores of the development machine (x86-64, AVX512-BF16), the
-1001-layer check included. Timings below are from that run: one warm-up and one timed pass per model at
+1001-layer check included; later reruns took 85-86 s (this code and the code before lesson 03 took over
+`sgd_train` alike), when the machine also ran fp32 ResNet-20 training steps about 1.4x slower than before
+(275 against 378 img/s). Timings below are from the 55 s run: one warm-up and one timed pass per model at
 batch 1, so read them as rough (a few ms of noise); parameter counts, multiply-adds, memory and the
 gradient numbers do not depend on the machine.
 

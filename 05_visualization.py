@@ -15,12 +15,13 @@ What you will learn
     * what a trained residual network computes: feature maps after the stem and each stage.
 
 Run
-    python 05_visualization.py            # under 3 minutes on a 2-core CPU (121 s measured, see below)
+    python 05_visualization.py            # 2 to 3.5 minutes on a 2-core CPU (121 s and 199 s measured, see below)
     python 05_visualization.py --full     # ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
 
 Runtime. The default run trains two 20-layer networks for 100 steps of 32 images and evaluates 2 x 3
 direction pairs x 81 grid points on 256 images in fp32: 121 s end to end on 2 quiet cores of the
-development machine.
+development machine. A later rerun on the same machine took 199 s, at a time when it also ran fp32 training
+steps of ResNet-20 about 1.4x slower than earlier that day (275 against 378 img/s): expect 2 to 3.5 minutes.
 
 What you should see (seed 0; CIFAR-10 is not on this machine, so the default run fell back to
 Fashion-MNIST; one batch of 32 training images)
