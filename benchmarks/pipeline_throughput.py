@@ -28,6 +28,7 @@ than 100% of peak. Override with --peak-gflops-fp32 / --peak-gflops-bf16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shutil
 import statistics
@@ -230,26 +231,25 @@ def next_factor_settings(lesson06: Setting) -> list[Setting]:
 
 
 def time_evaluation(model_name: str, data: helpers.ImageData, device, amp_dtype, batch_size: int, rounds: int):
-    """Evaluation images/s of an eval-mode model under no_grad and under inference_mode, side by side."""
+    """Evaluation images/s of helpers.evaluate (lesson 06's validation and test pass, which runs under no_grad),
+    as it is and wrapped in inference_mode, side by side."""
     torch.manual_seed(0)
-    model = L06.model_registry()[model_name](10).to(device, memory_format=torch.channels_last).eval()
-    images = data.train_x[: 4 * batch_size]
+    model = L06.model_registry()[model_name](10).to(device, memory_format=torch.channels_last)
+    images, labels = data.train_x[: 4 * batch_size], data.train_y[: 4 * batch_size]
 
-    def run(context) -> float:
+    def images_per_s(context) -> float:
         helpers.synchronize(device)
         started = time.perf_counter()
         with context():
-            for start in range(0, len(images), batch_size):
-                with helpers.autocast(device, amp_dtype):
-                    model(L06.to_model_input(images[start : start + batch_size], data, channels_last=True))
-        helpers.synchronize(device)
-        return len(images) / (time.perf_counter() - started)
+            helpers.evaluate(model, images, labels, data.mean, data.std, device, amp_dtype, batch_size, True)
+        return len(images) / (time.perf_counter() - started)  # evaluate() reads its results: no sync needed
 
-    run(torch.no_grad)
+    images_per_s(contextlib.nullcontext)  # oneDNN picks its inference kernels here
     rates = {"no_grad": [], "inference_mode": []}
-    for _ in range(rounds):
-        rates["no_grad"].append(run(torch.no_grad))
-        rates["inference_mode"].append(run(torch.inference_mode))
+    for round_number in range(rounds):
+        order = ("no_grad", "inference_mode") if round_number % 2 == 0 else ("inference_mode", "no_grad")
+        for name in order:
+            rates[name].append(images_per_s(contextlib.nullcontext if name == "no_grad" else torch.inference_mode))
     return rates
 
 

@@ -64,3 +64,19 @@ def test_a_tiny_run_prints_the_ablation_and_the_ratio(tmp_path):
         assert label in stdout
     assert "peak float32: 100 GFLOP/s (given)" in stdout
     assert "resnet8: lesson06 / baseline = " in stdout and "median of 2 rounds" in stdout
+
+
+def test_evaluation_is_timed_through_lesson_06s_own_evaluate(monkeypatch, tmp_path):
+    calls = []
+    real_evaluate = pipeline_throughput.helpers.evaluate
+
+    def recording_evaluate(*args, **kwargs):
+        calls.append(torch.is_inference_mode_enabled())
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_throughput.helpers, "evaluate", recording_evaluate)
+    data = pipeline_throughput.helpers.load_dataset("synthetic", tmp_path, val_size=4, train_size=16, test_size=4)
+    rates = pipeline_throughput.time_evaluation("resnet8", data, torch.device("cpu"), None, batch_size=4, rounds=3)
+    assert calls == [False, False, True, True, False, False, True]  # a warm-up, then rounds in alternating order
+    assert [len(rates["no_grad"]), len(rates["inference_mode"])] == [3, 3]
+    assert all(rate > 0 for rate in rates["no_grad"] + rates["inference_mode"])
