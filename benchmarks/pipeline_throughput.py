@@ -193,13 +193,17 @@ class Pipeline:
             torch.set_num_threads(threads)
 
 
+def alternating(items: list, round_number: int) -> list:
+    """`items` in even rounds, reversed in odd ones (A B C, C B A, ...), so that a slow spell hits every item."""
+    return items if round_number % 2 == 0 else items[::-1]
+
+
 def side_by_side(pipelines: list[Pipeline], rounds: int, steps: int) -> list[list[float]]:
     """images/s of each pipeline in each round; the order alternates between rounds (A B C, C B A, ...)."""
     rates = [[0.0] * rounds for _ in pipelines]
     for round_number in range(rounds):
-        order = range(len(pipelines)) if round_number % 2 == 0 else reversed(range(len(pipelines)))
-        for i in order:
-            rates[i][round_number] = steps * pipelines[i].setting.batch_size / pipelines[i].seconds(steps)
+        for i, pipeline in alternating(list(enumerate(pipelines)), round_number):
+            rates[i][round_number] = steps * pipeline.setting.batch_size / pipeline.seconds(steps)
     return rates
 
 
@@ -244,12 +248,12 @@ def time_evaluation(model_name: str, data: helpers.ImageData, device, amp_dtype,
             helpers.evaluate(model, images, labels, data.mean, data.std, device, amp_dtype, batch_size, True)
         return len(images) / (time.perf_counter() - started)  # evaluate() reads its results: no sync needed
 
+    contexts = {"no_grad": contextlib.nullcontext, "inference_mode": torch.inference_mode}  # evaluate: no_grad
     images_per_s(contextlib.nullcontext)  # oneDNN picks its inference kernels here
-    rates = {"no_grad": [], "inference_mode": []}
+    rates = {name: [] for name in contexts}
     for round_number in range(rounds):
-        order = ("no_grad", "inference_mode") if round_number % 2 == 0 else ("inference_mode", "no_grad")
-        for name in order:
-            rates[name].append(images_per_s(contextlib.nullcontext if name == "no_grad" else torch.inference_mode))
+        for name, context in alternating(list(contexts.items()), round_number):
+            rates[name].append(images_per_s(context))
     return rates
 
 
