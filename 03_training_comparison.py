@@ -55,7 +55,8 @@ The one departure from section 4.2, and why (measured here)
     an earlier version): with that warm-up it ends at 21.1% (mean loss 2.3 over its first 20 iterations);
     at the same peak without the warm-up at 24.3% (mean loss 5.0 over the first 20, peaking at 8.3), 4.9
     points behind ResNet-20's 19.4%; at 0.1 without warm-up at 39.6% (the earlier version above). Over
-    64k iterations a 30-iteration warm-up and the peak rate change nothing the paper measures; over 100 they decide whether the residual half shows.
+    64k iterations a 30-iteration warm-up and the peak rate change nothing the paper measures; over 100
+    they decide whether the residual half shows.
 
 What you should see (default constants, 2 quiet CPU cores; no CIFAR-10 on the machine, so the loud
 fallback to Fashion-MNIST, 10,000 training and 1,000 held-out images; the slow test in
@@ -80,10 +81,10 @@ gradient facts)
       noise band the run estimates from its own curves: the standard error of each end error (the spread
       of the 20 mini-batch errors in the final window, over sqrt(20)), combined over the four models, times
       NOISE_Z = 2. Seed 0: plain gap +33.0 points, residual gap +1.4, difference +31.5, noise band +-4.3:
-      "degradation reproduced"; seed 1: +26.6, +0.4, +26.2, +-4.9: reproduced. "Degradation reproduced" needs the plain gap above its own
-      band and above the residual gap by more than the band; the reverse prints "contradicted", anything
-      in between "this run cannot tell". The band covers mini-batch noise only; the seed table above
-      shows the seed-to-seed spread.
+      "degradation reproduced"; seed 1: +26.6, +0.4, +26.2, +-4.9: reproduced. "Degradation reproduced"
+      needs the plain gap above its own band and above the residual gap by more than the band; the reverse
+      prints "contradicted", anything in between "this run cannot tell". The band covers mini-batch noise
+      only; the seed table above shows the seed-to-seed spread.
     * Gradients do not vanish in the plain net, they explode towards the input, at initialisation. The
       first convolution of plain-56 gets a gradient 1,330 times that of its last convolution (ResNet-56:
       7.0). Batch norm keeps every layer's signal alive, as the paper says, but does not make the plain

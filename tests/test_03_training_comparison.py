@@ -14,7 +14,7 @@ import torchvision
 from conftest import run_script
 
 import helpers
-import image_data  # noqa: E402
+import image_data
 
 TINY = {
     "dataset": "synthetic",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import helpers
-import image_data  # noqa: E402
+import image_data
 
 
 def mirror_parameters(params: dict) -> dict:
