@@ -40,10 +40,11 @@ Run
     python benchmarks/pipeline_throughput.py       # this pipeline against a DataLoader + PIL baseline
     python benchmarks/pipeline_throughput.py --generated-if-missing   # without CIFAR-10 on disk
     Runtime of the quick demo: ResNet-8, 3 epochs of all 55,000 training images that are not held out
-    (Fashion-MNIST; 45,000 on CIFAR-10), batch 64, peak lr 0.1, bf16 autocast where the CPU has it: 155 s
-    end to end on 2 quiet cores of the development machine (AVX512-BF16), about 1,250 training img/s. Why
-    ResNet-8: per 32x32 image it costs 0.012 G multiply-adds, 3.3x less than ResNet-20 (0.041 G) and 45x
-    less than cifar_resnet18 (0.56 G). Measured on this machine, ResNet-20 trains at about 610 img/s, and
+    (Fashion-MNIST; 45,000 on CIFAR-10), batch 64, peak lr 0.1, bf16 autocast where the CPU has it:
+    112-155 s end to end on 2 quiet cores of the development machine (AVX512-BF16) in several runs, at
+    1,250-1,500 training img/s (the machine's own speed drifts that much). Why ResNet-8: per 32x32 image
+    it costs 0.012 G multiply-adds, 3.3x less than ResNet-20 (0.041 G) and 45x less than cifar_resnet18
+    (0.56 G). Measured on this machine, ResNet-20 trains at about 610 img/s, and
     in the same budget saw 2 epochs of 38,000 images and reached 90.1% (2 epochs of all 55,000: 91.2%, but
     in 205-223 s); ResNet-8 sees every image three times and ends higher. --full: 200 epochs of 45,000
     images of cifar_resnet18; not measured (no GPU was available while writing this lesson).
