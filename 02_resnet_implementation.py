@@ -89,11 +89,6 @@ import torch.nn.functional as F
 
 import helpers
 
-lesson01 = helpers.load_lesson(1)
-conv3x3 = lesson01.conv3x3
-projection_shortcut = lesson01.projection_shortcut
-PlainBlock = lesson01.PlainBlock
-
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights and inputs
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
@@ -111,6 +106,52 @@ IMAGE: Path = ""  # image file for --pretrained (empty: matplotlib's sample phot
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
+# %% Lesson 01's blocks, repeated here so that this lesson stands alone (tests/test_standalone.py proves them equal)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """W_s x of Eq. 2: a strided 1x1 convolution and batch norm (the paper's option B)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+
+
+class PlainBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and ReLU, no shortcut: y = relu(F(x))."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
+        return self.bn2(self.conv2(out))  # F(x) = BN(W2 * relu(BN(W1 * x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x))
+
+
+class ResidualBlock(PlainBlock):
+    """y = relu(F(x) + shortcut(x)): the identity where shapes match (Eq. 1), `make_shortcut` where not (Eq. 2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, make_shortcut=projection_shortcut):
+        super().__init__(in_channels, out_channels, stride)
+        shape_changes = stride != 1 or in_channels != out_channels
+        self.downsample = make_shortcut(in_channels, out_channels, stride) if shape_changes else None
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
 # %% Blocks
 def on_meta(build, *args, **kwargs) -> nn.Module:
     """Build a model on PyTorch's "meta" device: shapes without storage. Counting parameters and
@@ -124,7 +165,7 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(lesson01.ResidualBlock):
+class BasicBlock(ResidualBlock):
     """Lesson 01's residual block, unchanged in what it computes: two 3x3 convolutions, y = relu(F(x) + x).
 
     What a whole network needs on top: `expansion` (output channels per unit of width, so stages can be

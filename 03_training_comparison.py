@@ -135,6 +135,7 @@ Try this
 # %%
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -145,8 +146,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import helpers
-
-L02 = helpers.load_lesson(2)  # cifar_resnet(depth, num_classes, shortcut, plain): the paper's CIFAR nets
 
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for every model's weights and for the (shared) data order
@@ -199,6 +198,132 @@ FULL_OVERRIDES = {
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
+# %% Lesson 02's CIFAR ResNet, repeated here so that this lesson stands alone (tests/test_standalone.py proves the copy
+# equal to lesson 02's: strict state_dict loads both ways, equal outputs).
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """W_s x of Eq. 2: a strided 1x1 convolution and batch norm (option B)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+
+
+class ShortcutA(nn.Module):
+    """Option A: subsample and zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+
+
+class PlainBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm, no shortcut: y = relu(F(x))."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x) = BN(W2 * relu(BN(W1 * x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x))
+
+
+class BasicBlock(PlainBlock):
+    """y = relu(F(x) + shortcut(x)): the identity where shapes match (Eq. 1), `make_shortcut` where not (Eq. 2)."""
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
+        super().__init__(in_channels, width, stride)
+        shape_changes = stride != 1 or in_channels != width
+        self.downsample = make_shortcut(in_channels, width, stride) if shape_changes else None
+
+    last_bn = property(lambda self: self.bn2)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
+def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
+    blocks = []
+    for index in range(num_blocks):
+        blocks.append(make_block(in_channels, width, stride if index == 0 else 1))
+        in_channels = width * getattr(blocks[-1], "expansion", 1)
+    return nn.Sequential(*blocks)
+
+
+def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules() if zero_init_residual else ():
+        if hasattr(module, "last_bn"):
+            nn.init.zeros_(module.last_bn.weight)
+    return model
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
+    global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        shortcut: str = "A",
+        plain: bool = False,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
+        self.depth, self.shortcut_option, self.plain = depth, shortcut, plain
+        n = (depth - 2) // 6
+        make_block = (
+            PlainBlock
+            if plain
+            else functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
+        )
+        self.conv1 = conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
+        self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
+        self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        init_like_torchvision(self, zero_init_residual)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
+        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 16, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
+
+
+def cifar_resnet(
+    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
+) -> CifarResNet:
+    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
+
+
 # %% The models: one family, with and without shortcuts
 # He et al. 2015 (section 4.2) compare nets that differ only in the shortcuts: the same 6n+2 weighted
 # layers, the same widths (16, 32, 64), option-A shortcuts that add no parameters, batch norm after every
@@ -208,7 +333,7 @@ helpers.config(globals(), {})  # the values main() starts from (a notebook shows
 def build_model(depth: int, plain: bool, num_classes: int, seed: int) -> nn.Module:
     """Plain or residual CIFAR net, its weights drawn from the same seed as every other model's."""
     torch.manual_seed(seed)
-    return L02.cifar_resnet(depth, num_classes=num_classes, plain=plain)
+    return cifar_resnet(depth, num_classes=num_classes, plain=plain)
 
 
 def model_name(depth: int, plain: bool) -> str:
@@ -313,7 +438,7 @@ def sgd_train(
         history.append(
             {"step": step + 1, "loss": loss.item(), "error": error, "lr": rate, "time_s": time.perf_counter() - started}
         )
-        progress.set_postfix(f"loss {loss.item():.3f} err {error:.1%}")
+        progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
     helpers.synchronize(device)
     return history
 

@@ -128,9 +128,6 @@ import torch.nn.functional as F
 
 import helpers
 
-L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, ResNet, resnet50, cifar_resnet, CIFAR_MODELS
-L03 = helpers.load_lesson(3)  # sgd_train: He et al.'s CIFAR training recipe
-
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, inputs and data order
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
@@ -163,9 +160,289 @@ FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
+# %% Lesson 02's ResNets, repeated here so that this lesson stands alone (tests/test_standalone.py proves the copy
+# equal to lesson 02's: strict state_dict loads both ways, equal outputs).
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """W_s x of Eq. 2: a strided 1x1 convolution and batch norm (option B)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+
+
+class ShortcutA(nn.Module):
+    """Option A: subsample and zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+
+
+class PlainBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm, no shortcut: y = relu(F(x))."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x) = BN(W2 * relu(BN(W1 * x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x))
+
+
+class BasicBlock(PlainBlock):
+    """y = relu(F(x) + shortcut(x)): the identity where shapes match (Eq. 1), `make_shortcut` where not (Eq. 2)."""
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
+        super().__init__(in_channels, width, stride)
+        shape_changes = stride != 1 or in_channels != width
+        self.downsample = make_shortcut(in_channels, width, stride) if shape_changes else None
+
+    last_bn = property(lambda self: self.bn2)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce to `width`, 3x3 (stride here: "v1.5"; on the 1x1 with stride_on="1x1": "v1"), 1x1 expand to
+    4 * width; `groups` and `base_width` as torchvision's (ResNeXt, Wide ResNet)."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_channels, width, stride=1, make_shortcut=projection_shortcut, stride_on="3x3", groups=1, base_width=64
+    ):
+        super().__init__()
+        out_channels, inner = width * self.expansion, int(width * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(in_channels, inner, 1, stride=stride if stride_on == "1x1" else 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        conv2_stride = stride if stride_on == "3x3" else 1
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=conv2_stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        shape_changes = stride != 1 or in_channels != out_channels
+        self.downsample = make_shortcut(in_channels, out_channels, stride) if shape_changes else None
+
+    last_bn = property(lambda self: self.bn3)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, w, H, W)
+        out = F.relu(self.bn2(self.conv2(out)))  # -> (B, w, H/s, W/s)
+        return self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
+def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
+    blocks = []
+    for index in range(num_blocks):
+        blocks.append(make_block(in_channels, width, stride if index == 0 else 1))
+        in_channels = width * getattr(blocks[-1], "expansion", 1)
+    return nn.Sequential(*blocks)
+
+
+def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules() if zero_init_residual else ():
+        if hasattr(module, "last_bn"):
+            nn.init.zeros_(module.last_bn.weight)
+    return model
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
+    global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        shortcut: str = "A",
+        plain: bool = False,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
+        self.depth, self.shortcut_option, self.plain = depth, shortcut, plain
+        n = (depth - 2) // 6
+        make_block = (
+            PlainBlock
+            if plain
+            else functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
+        )
+        self.conv1 = conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
+        self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
+        self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        init_like_torchvision(self, zero_init_residual)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
+        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 16, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
+
+
+def cifar_resnet(
+    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
+) -> CifarResNet:
+    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
+
+
+class ResNet(nn.Module):
+    """He et al.'s ImageNet ResNets (Table 1) with torchvision's names; `small_input_stem` swaps the 7x7/2 conv
+    and max-pool for one 3x3 stride-1 conv, for 32x32 images (cifar_resnet18 ...)."""
+
+    def __init__(self, block, blocks_per_stage, num_classes=1000, zero_init_residual=False, bottleneck_stride="3x3",
+                 small_input_stem=False, groups=1, width_per_group=64):  # fmt: skip
+        super().__init__()
+        if small_input_stem:
+            self.conv1 = conv3x3(3, 64)  # (B, 3, 32, 32) -> (B, 64, 32, 32)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)  # 224 -> 112
+            self.bn1 = nn.BatchNorm2d(64)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # 112 -> 56
+        make_block = block
+        if block is Bottleneck:
+            make_block = functools.partial(
+                Bottleneck, stride_on=bottleneck_stride, groups=groups, base_width=width_per_group
+            )
+        channels = 64
+        for index, (width, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage), start=1):
+            self.add_module(
+                f"layer{index}", make_stage(make_block, channels, width, num_blocks, 1 if index == 1 else 2)
+            )
+            channels = width * block.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        init_like_torchvision(self, zero_init_residual)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 3, 224, 224) -> (B, 64, 56, 56)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # -> (B, 512e, 7, 7), e = block expansion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 512e, 7, 7) -> (B, 512e) -> (B, K)
+
+
+IMAGENET_BLOCKS = {  # He et al. 2015, Table 1
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+
+
+def cifar_stem_resnet(name: str, num_classes: int = 10, zero_init_residual: bool = False) -> ResNet:
+    block, blocks_per_stage = IMAGENET_BLOCKS[name]
+    return ResNet(block, blocks_per_stage, num_classes, zero_init_residual, small_input_stem=True)
+
+
+CIFAR_MODELS = {  # name -> builder(num_classes), as in lesson 02
+    **{f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (8, 20, 32, 44, 56, 110)},
+    **{f"cifar_{name}": functools.partial(cifar_stem_resnet, name) for name in IMAGENET_BLOCKS},
+}
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+def resnet50(num_classes: int = 1000) -> ResNet:
+    return ResNet(Bottleneck, IMAGENET_BLOCKS["resnet50"][1], num_classes)
+
+
+def on_meta(build, *args, **kwargs) -> nn.Module:
+    """Build a model on the "meta" device: shapes without storage, enough to count parameters."""
+    with torch.device("meta"):
+        return build(*args, **kwargs)
+
+
+# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here so that this lesson stands alone.
+def sgd_train(model, data, *, steps, batch_size, lr, device, generator, momentum=0.9, weight_decay=1e-4,
+              lr_milestones=(), warmup_steps=0, warmup_lr=None, amp_dtype=None, augment=False, channels_last=False,
+              on_backward=None, desc="train") -> list[dict]:  # fmt: skip
+    """SGD with momentum and weight decay for `steps` mini-batches, the learning rate divided by 10 at each milestone
+    (a constant `warmup_lr` or a linear ramp for the first `warmup_steps`). One record per step: loss, error, lr."""
+    helpers.require(steps > 0, "the number of training steps must be positive (raise --iterations or --epochs)")
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    batches = helpers.endless_batches(len(data.train_x), batch_size, generator)
+    history, started = [], time.perf_counter()
+    progress = helpers.Progress(range(steps), desc, unit="img", scale=batch_size)
+    for step in progress:
+        if step < warmup_steps:
+            rate = warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
+        else:
+            rate = lr * 0.1 ** sum(step >= m for m in lr_milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        index = next(batches).to(data.train_x.device)
+        images, labels = data.train_x[index].to(device), data.train_y[index].to(device)
+        if augment:
+            images = helpers.random_crop_flip(images, generator=generator)
+        x = helpers.normalize(images, data.mean, data.std)
+        with helpers.autocast(device, amp_dtype):
+            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            loss = F.cross_entropy(logits.float(), labels)
+        helpers.require(
+            torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
+        )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if on_backward is not None:
+            scaler.unscale_(optimizer)
+            on_backward(step, model)
+        scaler.step(optimizer)
+        scaler.update()
+        error = (logits.argmax(1) != labels).float().mean().item()
+        history.append(
+            {"step": step + 1, "loss": loss.item(), "error": error, "lr": rate, "time_s": time.perf_counter() - started}
+        )
+        progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
+    helpers.synchronize(device)
+    return history
+
+
 # %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")
-conv1x1 = L02.conv1x1  # 1x1, no bias: lesson 02's (one definition for all lessons)
-conv3x3 = L02.conv3x3  # 3x3, padding 1, no bias (a norm layer's shift makes a bias redundant): lesson 01's
 
 
 class PreActBlock(nn.Module):
@@ -300,11 +577,11 @@ def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: f
 def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
     """ImageNet WRN-50-2-bottleneck: lesson 02's ResNet-50 with the bottleneck's inner width doubled
     (the 1x1 reduction and the 3x3 convolution); the blocks' output widths stay those of ResNet-50."""
-    return L02.ResNet(L02.Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
 
 
 # Parameters of two wide CIFAR networks (Zagoruyko and Komodakis 2016, Table 1: 11.0M and 36.5M).
-{f"WRN-{d}-{k}": f"{helpers.count_parameters(L02.on_meta(wide_resnet, d, k)):,}" for d, k in ((16, 8), (28, 10))}
+{f"WRN-{d}-{k}": f"{helpers.count_parameters(on_meta(wide_resnet, d, k)):,}" for d, k in ((16, 8), (28, 10))}
 
 
 # %% ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution is split into C groups
@@ -318,10 +595,10 @@ def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
 def resnext50_32x4d(num_classes: int = 1000) -> nn.Module:
     """ResNeXt-50 (32x4d): lesson 02's ResNet-50 built from bottlenecks with 32 groups of 4 channels per 64
     of width (128 channels inside the first stage's blocks, twice ResNet-50's 64, at about the same cost)."""
-    return L02.ResNet(L02.Bottleneck, [3, 4, 6, 3], num_classes=num_classes, groups=32, width_per_group=4)
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, groups=32, width_per_group=4)
 
 
-def aggregated_paths(block: L02.Bottleneck, x: torch.Tensor) -> torch.Tensor:
+def aggregated_paths(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
     """The block's branch computed as C separate narrow paths T_i and summed (Fig. 3a, Eq. 2), with the
     grouped block's own weights: path i owns channels [i d, (i+1) d) of conv1, bn1, conv2 and bn2, and
     the matching input channels of conv3. Call with the block in eval mode (BN as a fixed affine map)."""
@@ -355,14 +632,14 @@ class CifarResNeXt(nn.Module):
         super().__init__()
         helpers.require((depth - 2) % 9 == 0 and depth > 2, f"a CIFAR ResNeXt has depth 9n+2, e.g. 29 (got {depth})")
         blocks_per_stage = (depth - 2) // 9
-        make_block = functools.partial(L02.Bottleneck, groups=cardinality, base_width=base_width)
+        make_block = functools.partial(Bottleneck, groups=cardinality, base_width=base_width)
         self.conv1 = conv3x3(3, 64)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = L02.make_stage(make_block, 64, 64, blocks_per_stage, stride=1)
-        self.layer2 = L02.make_stage(make_block, 256, 128, blocks_per_stage, stride=2)
-        self.layer3 = L02.make_stage(make_block, 512, 256, blocks_per_stage, stride=2)
+        self.layer1 = make_stage(make_block, 64, 64, blocks_per_stage, stride=1)
+        self.layer2 = make_stage(make_block, 256, 128, blocks_per_stage, stride=2)
+        self.layer3 = make_stage(make_block, 512, 256, blocks_per_stage, stride=2)
         self.fc = nn.Linear(1024, num_classes)
-        L02.init_like_torchvision(self)
+        init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 64, 32, 32)
@@ -373,7 +650,7 @@ class CifarResNeXt(nn.Module):
 
 
 # ResNeXt-50's block: the 3x3 convolution has groups=32, 32 paths of width 4.
-L02.Bottleneck(256, 64, groups=32, base_width=4)
+Bottleneck(256, 64, groups=32, base_width=4)
 
 
 # %% DenseNet (Huang et al. 2017): concatenate instead of add
@@ -503,13 +780,13 @@ class SqueezeExcitation(nn.Module):
         return u * self.scales(u)[:, :, None, None]  # x~_c = s_c u_c  (Eq. 4): (B, C, H, W)
 
 
-class SEBottleneck(L02.Bottleneck):
+class SEBottleneck(Bottleneck):
     """Lesson 02's bottleneck with an SE module at the end of the residual branch, before the addition
     (Hu et al. 2018, Fig. 3): y = relu(x + SE(F(x))). The identity path is left alone."""
 
     reduction = 16  # r: the excitation MLP's hidden layer has C / r units
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=L02.projection_shortcut):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
         super().__init__(in_channels, width, stride, make_shortcut)
         self.se = SqueezeExcitation(width * self.expansion, self.reduction)
 
@@ -517,12 +794,12 @@ class SEBottleneck(L02.Bottleneck):
         return self.se(super().branch(x))  # F(x) -> s * F(x): (B, 4 width, H/s, W/s), same shape
 
 
-class SEBasicBlock(L02.BasicBlock):
+class SEBasicBlock(BasicBlock):
     """Lesson 02's basic block with the SE module on its branch, for the CIFAR SE-ResNets."""
 
     reduction = 16
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=L02.ShortcutA):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=ShortcutA):
         super().__init__(in_channels, width, stride, make_shortcut)
         self.se = SqueezeExcitation(width, self.reduction)
 
@@ -530,21 +807,21 @@ class SEBasicBlock(L02.BasicBlock):
         return self.se(super().branch(x))  # (B, width, H/s, W/s), channels rescaled
 
 
-class SECifarResNet(L02.CifarResNet):
+class SECifarResNet(CifarResNet):
     """Lesson 02's CIFAR ResNet (option A shortcuts) with SE basic blocks in its three stages."""
 
     def __init__(self, depth: int, num_classes: int = 10):
         super().__init__(depth, num_classes, shortcut="A")
         n = (depth - 2) // 6
-        self.layer1 = L02.make_stage(SEBasicBlock, 16, 16, n, stride=1)
-        self.layer2 = L02.make_stage(SEBasicBlock, 16, 32, n, stride=2)
-        self.layer3 = L02.make_stage(SEBasicBlock, 32, 64, n, stride=2)
-        L02.init_like_torchvision(self)
+        self.layer1 = make_stage(SEBasicBlock, 16, 16, n, stride=1)
+        self.layer2 = make_stage(SEBasicBlock, 16, 32, n, stride=2)
+        self.layer3 = make_stage(SEBasicBlock, 32, 64, n, stride=2)
+        init_like_torchvision(self)
 
 
 def se_resnet50(num_classes: int = 1000) -> nn.Module:
     """SE-ResNet-50 with reduction 16: lesson 02's ResNet-50 built from SEBottleneck."""
-    return L02.ResNet(SEBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    return ResNet(SEBottleneck, [3, 4, 6, 3], num_classes=num_classes)
 
 
 # The gate of a 256-channel block: squeeze to 256/16 = 16 units, excite back to 256 gates.
@@ -557,8 +834,8 @@ def _cifar(builder: Callable[..., nn.Module], *args) -> Callable[[int], nn.Modul
 
 
 CIFAR_VARIANTS = {  # name -> builder(num_classes): the CIFAR networks of the papers, 32x32 inputs
-    "resnet20": L02.CIFAR_MODELS["resnet20"],
-    "resnet110": L02.CIFAR_MODELS["resnet110"],
+    "resnet20": CIFAR_MODELS["resnet20"],
+    "resnet110": CIFAR_MODELS["resnet110"],
     "preact_resnet164": _cifar(preact_resnet, 164),
     "wrn_16_8": _cifar(wide_resnet, 16, 8),
     "wrn_40_4": _cifar(wide_resnet, 40, 4),
@@ -567,14 +844,14 @@ CIFAR_VARIANTS = {  # name -> builder(num_classes): the CIFAR networks of the pa
     "densenet_bc_100_12": _cifar(densenet_bc, 100, 12),
 }
 IMAGENET_VARIANTS = {  # name -> builder(num_classes): 224x224 inputs
-    "resnet50": L02.resnet50,
+    "resnet50": resnet50,
     "wide_resnet50_2": wide_resnet50_2,
     "resnext50_32x4d": resnext50_32x4d,
     "densenet121": densenet121,
     "se_resnet50": se_resnet50,
 }
 SMALL_CIFAR_VARIANTS = {  # the equal-budget comparison: small members of each family
-    "resnet20": L02.CIFAR_MODELS["resnet20"],
+    "resnet20": CIFAR_MODELS["resnet20"],
     "preact_resnet20": _cifar(preact_resnet, 20),
     "se_resnet20": _cifar(SECifarResNet, 20),
     "wrn_16_2": _cifar(wide_resnet, 16, 2),
@@ -713,8 +990,8 @@ def variant_table(cfg, device: torch.device) -> list[dict]:
     return rows
 
 
-# One measurement: the smallest CIFAR ResNet (8 layers), batch 2, on the CPU.
-measure(L02.cifar_resnet(8), (2, 3, 32, 32), torch.device("cpu"), repeats=1)
+# What the run times for every variant (main runs it; importing the lesson times nothing).
+measure.__doc__
 
 
 # %% A 1001-layer pre-activation ResNet at initialisation
@@ -776,8 +1053,8 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
     }
 
 
-# The same check on a 20-layer network (the run does 1001): RMS of x_l and of dE/dx_l at each stage end.
-helpers.format_table(deep_gradient_check(20, 2, 0, torch.device("cpu"))["stage_ends"])
+# The network the run checks at initialisation, built on the meta device (shapes only): its parameter count.
+f"preact_resnet({DEEP_DEPTH}): {helpers.count_parameters(on_meta(preact_resnet, DEEP_DEPTH)):,} parameters"
 
 
 # %% The equal-budget training comparison
@@ -792,7 +1069,7 @@ def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
         generator = helpers.seed_everything(cfg.seed)  # same data order for every model
         model = build(num_classes=data.num_classes)
         start = time.perf_counter()
-        history = L03.sgd_train(
+        history = sgd_train(
             model,
             data,
             steps=cfg.train_steps,
@@ -842,7 +1119,7 @@ list(SMALL_CIFAR_VARIANTS)
 def grouped_equals_paths(seed: int) -> dict:
     """A ResNeXt-29 8x64d stage-2 block (8 paths of width 128) computed both ways on the same weights."""
     torch.manual_seed(seed)
-    block = L02.Bottleneck(256, 128, stride=2, groups=8, base_width=64)
+    block = Bottleneck(256, 128, stride=2, groups=8, base_width=64)
     for norm in (block.bn1, block.bn2, block.bn3):  # non-trivial BN statistics and affine parameters
         norm.running_mean.normal_(0, 0.5)
         norm.running_var.uniform_(0.5, 2.0)
@@ -867,7 +1144,7 @@ def se_effect(seed: int) -> dict:
     block = SEBottleneck(1024, 256).eval()
     x = torch.randn(2, 1024, 14, 14)
     with torch.no_grad():
-        branch = L02.Bottleneck.branch(block, x)  # F(x) without the SE module
+        branch = Bottleneck.branch(block, x)  # F(x) without the SE module
         gates = block.se.scales(branch)  # (B, C)
         with_se, without_se = block(x), F.relu(branch + block.shortcut(x))
     return {

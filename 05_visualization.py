@@ -86,9 +86,6 @@ import torch.nn.functional as F
 
 import helpers
 
-L02 = helpers.load_lesson(2)  # BasicBlock, Bottleneck, cifar_resnet(depth, plain=...)
-L03 = helpers.load_lesson(3)  # sgd_train: He et al.'s CIFAR training recipe
-
 # --- constants ---------------------------------------------------------------------------------------
 SEED: int = 0  # random seed for weights, directions and data order
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
@@ -134,6 +131,216 @@ LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
+# %% Lesson 02's blocks and CIFAR ResNet, repeated here so that this lesson stands alone (tests/test_standalone.py proves the copy
+# equal to lesson 02's: strict state_dict loads both ways, equal outputs).
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """W_s x of Eq. 2: a strided 1x1 convolution and batch norm (option B)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+
+
+class ShortcutA(nn.Module):
+    """Option A: subsample and zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+
+
+class PlainBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm, no shortcut: y = relu(F(x))."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x) = BN(W2 * relu(BN(W1 * x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x))
+
+
+class BasicBlock(PlainBlock):
+    """y = relu(F(x) + shortcut(x)): the identity where shapes match (Eq. 1), `make_shortcut` where not (Eq. 2)."""
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
+        super().__init__(in_channels, width, stride)
+        shape_changes = stride != 1 or in_channels != width
+        self.downsample = make_shortcut(in_channels, width, stride) if shape_changes else None
+
+    last_bn = property(lambda self: self.bn2)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce to `width`, 3x3 (stride here: "v1.5"; on the 1x1 with stride_on="1x1": "v1"), 1x1 expand to
+    4 * width; `groups` and `base_width` as torchvision's (ResNeXt, Wide ResNet)."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_channels, width, stride=1, make_shortcut=projection_shortcut, stride_on="3x3", groups=1, base_width=64
+    ):
+        super().__init__()
+        out_channels, inner = width * self.expansion, int(width * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(in_channels, inner, 1, stride=stride if stride_on == "1x1" else 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        conv2_stride = stride if stride_on == "3x3" else 1
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=conv2_stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        shape_changes = stride != 1 or in_channels != out_channels
+        self.downsample = make_shortcut(in_channels, out_channels, stride) if shape_changes else None
+
+    last_bn = property(lambda self: self.bn3)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, w, H, W)
+        out = F.relu(self.bn2(self.conv2(out)))  # -> (B, w, H/s, W/s)
+        return self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
+def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
+    blocks = []
+    for index in range(num_blocks):
+        blocks.append(make_block(in_channels, width, stride if index == 0 else 1))
+        in_channels = width * getattr(blocks[-1], "expansion", 1)
+    return nn.Sequential(*blocks)
+
+
+def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules() if zero_init_residual else ():
+        if hasattr(module, "last_bn"):
+            nn.init.zeros_(module.last_bn.weight)
+    return model
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
+    global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        shortcut: str = "A",
+        plain: bool = False,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
+        self.depth, self.shortcut_option, self.plain = depth, shortcut, plain
+        n = (depth - 2) // 6
+        make_block = (
+            PlainBlock
+            if plain
+            else functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
+        )
+        self.conv1 = conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
+        self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
+        self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        init_like_torchvision(self, zero_init_residual)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
+        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 16, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
+
+
+def cifar_resnet(
+    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
+) -> CifarResNet:
+    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
+
+
+# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here so that this lesson stands alone.
+def sgd_train(model, data, *, steps, batch_size, lr, device, generator, momentum=0.9, weight_decay=1e-4,
+              lr_milestones=(), warmup_steps=0, warmup_lr=None, amp_dtype=None, augment=False, channels_last=False,
+              on_backward=None, desc="train") -> list[dict]:  # fmt: skip
+    """SGD with momentum and weight decay for `steps` mini-batches, the learning rate divided by 10 at each milestone
+    (a constant `warmup_lr` or a linear ramp for the first `warmup_steps`). One record per step: loss, error, lr."""
+    helpers.require(steps > 0, "the number of training steps must be positive (raise --iterations or --epochs)")
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    batches = helpers.endless_batches(len(data.train_x), batch_size, generator)
+    history, started = [], time.perf_counter()
+    progress = helpers.Progress(range(steps), desc, unit="img", scale=batch_size)
+    for step in progress:
+        if step < warmup_steps:
+            rate = warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
+        else:
+            rate = lr * 0.1 ** sum(step >= m for m in lr_milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        index = next(batches).to(data.train_x.device)
+        images, labels = data.train_x[index].to(device), data.train_y[index].to(device)
+        if augment:
+            images = helpers.random_crop_flip(images, generator=generator)
+        x = helpers.normalize(images, data.mean, data.std)
+        with helpers.autocast(device, amp_dtype):
+            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            loss = F.cross_entropy(logits.float(), labels)
+        helpers.require(
+            torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
+        )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if on_backward is not None:
+            scaler.unscale_(optimizer)
+            on_backward(step, model)
+        scaler.step(optimizer)
+        scaler.update()
+        error = (logits.argmax(1) != labels).float().mean().item()
+        history.append(
+            {"step": step + 1, "loss": loss.item(), "error": error, "lr": rate, "time_s": time.perf_counter() - started}
+        )
+        progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
+    helpers.synchronize(device)
+    return history
+
+
 # %% Gradient flow at initialisation
 def without_batch_norm(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d by an identity, keeping everything else (weights, initialisation)."""
@@ -168,7 +375,7 @@ def gradient_flow(depths, images: torch.Tensor, labels: torch.Tensor, seed: int)
         for batch_norm in (True, False):
             for plain in (True, False):
                 torch.manual_seed(seed)  # the same initial weights for plain and residual
-                model = L02.cifar_resnet(depth, plain=plain)
+                model = cifar_resnet(depth, plain=plain)
                 if not batch_norm:
                     without_batch_norm(model)
                 layers = layer_gradients(model, images, labels)
@@ -198,7 +405,7 @@ def gradient_table(runs: list[dict]) -> list[dict]:
 
 # Gradient RMS of each layer of an 8-layer residual net at initialisation, on 4 random images.
 torch.manual_seed(0)
-helpers.format_table(layer_gradients(L02.cifar_resnet(8), torch.randn(4, 3, 32, 32), torch.arange(4)))
+helpers.format_table(layer_gradients(cifar_resnet(8), torch.randn(4, 3, 32, 32), torch.arange(4)))
 
 
 # %% Filter-normalised directions and the loss surface (Li et al. 2018)
@@ -361,7 +568,7 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dtype) -> tuple[nn.Module, dict]:
     torch.manual_seed(cfg.seed)
-    model = L02.cifar_resnet(cfg.landscape_depth, num_classes=data.num_classes, plain=plain).to(device)
+    model = cifar_resnet(cfg.landscape_depth, num_classes=data.num_classes, plain=plain).to(device)
     checkpoint = cfg.plain_checkpoint if plain else cfg.residual_checkpoint
     if checkpoint:
         load_weights(model, checkpoint)
@@ -371,7 +578,7 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
             "final_train_error": float("nan"),
         }
     generator = torch.Generator().manual_seed(cfg.seed)
-    history = L03.sgd_train(
+    history = sgd_train(
         model,
         data,
         steps=cfg.train_steps,
@@ -395,7 +602,7 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
 
 # The two landscape networks have the same layers and parameters; only the shortcuts differ.
 {
-    kind: f"{helpers.count_parameters(L02.cifar_resnet(LANDSCAPE_DEPTH, plain=kind == 'plain')):,} parameters"
+    kind: f"{helpers.count_parameters(cifar_resnet(LANDSCAPE_DEPTH, plain=kind == 'plain')):,} parameters"
     for kind in ("plain", "residual")
 }
 
@@ -432,7 +639,7 @@ def feature_table(features: list[tuple[str, torch.Tensor]]) -> list[dict]:
 
 
 # The feature maps of an untrained 8-layer net on one random image, stage by stage.
-helpers.format_table(feature_table(stage_features(L02.cifar_resnet(8).eval(), torch.randn(1, 3, 32, 32))))
+helpers.format_table(feature_table(stage_features(cifar_resnet(8).eval(), torch.randn(1, 3, 32, 32))))
 
 
 # %% Block diagrams, with shapes measured on the real blocks
@@ -460,8 +667,8 @@ def architecture_specs() -> list[dict]:
     def fmt(shape) -> str:
         return "x".join(str(s) for s in shape)
 
-    basic = block_shapes(L02.BasicBlock(64, 64), torch.zeros(1, 64, 56, 56))
-    bottleneck = block_shapes(L02.Bottleneck(256, 64), torch.zeros(1, 256, 56, 56))
+    basic = block_shapes(BasicBlock(64, 64), torch.zeros(1, 64, 56, 56))
+    bottleneck = block_shapes(Bottleneck(256, 64), torch.zeros(1, 256, 56, 56))
     return [
         {
             "title": "basic block\n(He et al. 2015, Fig. 2)",
@@ -508,7 +715,7 @@ def architecture_specs() -> list[dict]:
 
 
 # The shapes a bottleneck's branch goes through on an 8x8 map with 256 channels.
-block_shapes(L02.Bottleneck(256, 64).eval(), torch.randn(1, 256, 8, 8))
+block_shapes(Bottleneck(256, 64).eval(), torch.randn(1, 256, 8, 8))
 
 
 # %% Figures

@@ -843,7 +843,7 @@ def train_one_epoch(
                     f"(lower --lr, or use --precision fp32)"
                 )
             run["loss_sum"], run["correct"] = total_loss, total_correct
-            progress.set_postfix(f"loss {mean_loss:.3f} lr {scheduler.get_last_lr()[0]:.4f}")
+            progress.set_postfix_str(f"loss {mean_loss:.3f} lr {scheduler.get_last_lr()[0]:.4f}")
             if stop:
                 stop_flag["stop"] = True  # a Ctrl-C that reached another process stops this one too
                 break

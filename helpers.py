@@ -1,25 +1,41 @@
-"""Plumbing shared by the lessons: device, seeding, tables, progress, saving files, the training loop.
+"""Plumbing shared by the six lessons, and nothing else: the ideas live in the numbered lessons.
 
-Nothing here teaches residual networks; the ideas live in the numbered lessons. Two concerns have their own
-module, and this one re-exports what the lessons call from them:
-  lesson_config.py  the constants block -> configuration, command-line flags, notebook runs, one-line errors
-  image_data.py     the datasets as uint8 tensors: download, checks, the synthetic set, the fallback rule
+    constants block -> config, flags, notebook runs, one-line errors   (config, run_cli, require)
+    device, precision, seeding                                          (pick_device, autocast_dtype, seed_everything)
+    tables, progress, results.json, figures, the output folder          (print_table, Progress, output_dir, save_results)
+    datasets as uint8 tensors: CIFAR, Fashion-MNIST, a synthetic set    (load_data, make_synthetic)
+    batches, augmentation, evaluation                                   (random_crop_flip, evaluate, recalibrate_batch_norm)
+
+A lesson declares its constants between two marker lines, one per line, and calls `run_cli`:
+
+    # --- constants ---------------------------------------------------------------
+    DEPTH: int = 56  # layers in the network (6n+2) [>= 8]
+    DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
+    # --- end constants -----------------------------------------------------------
+
+Each constant becomes a flag (`DEPTH` -> `--depth`) and a keyword of `main(**overrides)`, with the comment as
+help text, the annotation as type and the bracketed check (`[> 0]`, `[>= 0, < 1]`, `[a | b]`, `[in NAMES]`)
+applied to an edited constant, a keyword and a flag alike.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import importlib.util
+import gzip
+import hashlib
 import json
 import math
 import os
 import platform
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +44,51 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from image_data import DATASETS, ImageData, check_data_dir, load_data, load_dataset, make_synthetic  # noqa: F401
-from lesson_config import (  # noqa: F401
-    Config,
-    UserError,
-    config,
-    constants_as_keywords,
-    error_summary,
-    expand_path,
-    in_notebook,
-    require,
-    require_number,
-    require_positive,
-    require_seed,
-    run_cli,
-)
 
-REPO_DIR = Path(__file__).resolve().parent
+# --- Errors a user can fix -------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem the user can fix; `run_cli` prints it as one `error: ...` line and exits with status 1."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `UserError(message)` unless `condition` holds. Message style: `<what> (<how to fix>)`."""
+    if not condition:
+        raise UserError(message)
+
+
+def require_number(flag: str, value: Any, low=None, high=None, *, low_open=False, high_open=False) -> None:
+    """`value` is a finite number in [low, high] (None: unbounded; `*_open` excludes the end). NaN is named as
+    such: every comparison with NaN is false, so `value >= 0` would otherwise call it negative."""
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{flag} must be a number, not {value!r}")
+    require(not math.isnan(value), f"{flag} is nan, not a number (pass a finite value)")
+    require(math.isfinite(value), f"{flag} must be finite, not {value}")
+    if low is not None:
+        require(
+            value > low if low_open else value >= low,
+            f"{flag} must be {'>' if low_open else '>='} {low:g}, not {value:g}",
+        )
+    if high is not None:
+        require(
+            value < high if high_open else value <= high,
+            f"{flag} must be {'<' if high_open else '<='} {high:g}, not {value:g}",
+        )
+
+
+def require_positive(flag: str, value: Any) -> None:
+    require_number(flag, value, 0, low_open=True)
+
+
+SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit unsigned integers
+
+
+def require_seed(seed: Any) -> None:
+    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT
+    require(ok, f"--seed must be an integer from 0 to {SEED_LIMIT - 1}, not {seed}")
 
 
 def require_memory(num_bytes: float, what: str) -> None:
-    """Refuse, before trying, a tensor that cannot fit in this machine's memory (an allocation that size
-    either fails with a long allocator message or, with overcommit, gets the process killed later)."""
+    """Refuse, before trying, a tensor larger than half this machine's memory (the allocator would fail with a long
+    message, or with overcommit the process would be killed later)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not POSIX: let the allocator decide
@@ -60,52 +99,237 @@ def require_memory(num_bytes: float, what: str) -> None:
     )
 
 
-# =====================================================================================================
-# Loading a numbered lesson as a module
-# =====================================================================================================
-def load_lesson(number: str | int):
-    """Import a lesson file by its number: `load_lesson(2)` returns `02_resnet_implementation.py` as a
-    module. File names start with digits, which `import` cannot spell. The module is registered as
-    `lesson02` so that pickling and `torch.save` can find its classes again."""
-    prefix = f"{int(str(number)[:2]):02d}_"
-    matches = sorted(REPO_DIR.glob(prefix + "*.py"))
-    if len(matches) != 1:
-        raise FileNotFoundError(f"expected one lesson file named {prefix}*.py in {REPO_DIR}")
-    name = "lesson" + prefix[:2]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, matches[0])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+def error_summary(error: BaseException) -> str:
+    """An exception's message on one line, without torch's C++ frames."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+# --- The constants block -> config, flags, notebook runs -------------------------------------------------------------
+MARKERS = ("# --- constants", "# --- end constants")
+DECLARATION = re.compile(r"^(?P<name>[A-Z][A-Z0-9_]*): (?P<type>[\w\[\], .]+?) = [^#]*(?:#\s*(?P<comment>.*))?$")
+TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": bool, "Path": str}
+CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+
+
+@dataclass(frozen=True)
+class Constant:
+    name: str  # UPPER_CASE in the lesson; `key` is the keyword of main, `flag` the command-line flag
+    type: str  # "int", "float", "str", "bool", "Path" or "tuple[int, ...]" etc.
+    default: Any
+    help: str = ""
+    check: str = ""
+
+    key = property(lambda self: self.name.lower())
+    flag = property(lambda self: "--" + self.name.lower().replace("_", "-"))
+    is_tuple = property(lambda self: self.type.startswith("tuple["))
+    item_type = property(lambda self: self.type[6:-6] if self.is_tuple else self.type)
+
+
+def read_constants(module_globals: dict) -> list[Constant]:
+    """The declarations between the marker lines of the lesson file (in a notebook: of the last cell run that has
+    them), with their current values from `module_globals`, so that an edited value counts."""
+    if module_globals.get("__file__"):
+        text = Path(module_globals["__file__"]).read_text(encoding="utf-8")
+    else:
+        text = next((cell for cell in reversed(module_globals.get("_ih") or []) if MARKERS[0] in cell), "")
+    block = text.split(MARKERS[0], 1)[-1].split(MARKERS[1], 1)[0] if MARKERS[1] in text else ""
+    constants = []
+    for line in block.splitlines():
+        match = DECLARATION.match(line)
+        if match and line.count("(") != line.count(")"):
+            raise RuntimeError(f"{match['name']}: keep each constant's declaration on one line")
+        if match and match["name"] in module_globals:
+            comment = match["comment"] or ""
+            check = re.search(r"\s*\[([^\[\]]*)\]\s*$", comment)
+            helptext = (comment[: check.start()] if check else comment).strip()
+            constant = Constant(
+                match["name"], match["type"], module_globals[match["name"]], helptext, check[1] if check else ""
+            )
+            if constant.item_type not in TYPES:
+                raise RuntimeError(f"{constant.name}: unsupported type {constant.type!r}")
+            constants.append(constant)
+    return constants
+
+
+def choices_of(constant: Constant, module_globals: dict) -> tuple[str, ...] | None:
+    if "|" in constant.check:
+        return tuple(word.strip() for word in constant.check.split("|"))
+    if constant.check.startswith("in "):  # a tuple the module defines (unchecked until it is defined)
+        names = module_globals.get(constant.check[3:].strip())
+        return None if names is None else tuple(names)
+    return None
+
+
+def convert(constant: Constant, value: Any, module_globals: dict) -> Any:
+    """`value` as the constant's declared type, checked against its declaration, else a UserError naming the flag."""
+    flag, kind = constant.flag, constant.item_type
+    if constant.is_tuple:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        require(len(values) > 0, f"{flag} needs at least one value")
+        item = Constant(constant.name, kind, None, check=constant.check)
+        return tuple(convert(item, v, module_globals) for v in values)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(kind, isinstance(value, (str, Path)))
+    require(ok, f"{flag} takes {'a path' if kind == 'Path' else kind + ' values'}, not {value!r}")
+    value = TYPES[kind](value)
+    if kind == "float":
+        require_number(flag, value)
+    if kind == "Path":
+        value = expand_path(value)
+    choices = choices_of(constant, module_globals)
+    if choices is not None:
+        require(value in choices, f"{flag} must be one of {', '.join(map(str, choices))} (got {value!r})")
+    elif constant.check and kind in ("int", "float"):
+        for condition in constant.check.split(","):
+            op, _, bound = condition.strip().partition(" ")
+            require(CHECKS[op](float(value), float(bound)), f"{flag} must be {op} {bound} (got {value})")
+    return value
+
+
+def expand_path(text: str) -> str:
+    """`~` and $VARIABLES expanded, as a shell would ("" stays "": not set)."""
+    return os.path.expanduser(os.path.expandvars(text)) if text else text
+
+
+class Config(dict):
+    """The constants in lower case, overrides applied: `cfg.depth` or `cfg["depth"]`. `cfg.explicit` holds the keys
+    the caller set (a flag or a keyword), which lesson 06 needs to tell a flag that contradicts a checkpoint."""
+
+    lesson: str = ""
+    explicit: frozenset = frozenset()
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def config(module_globals: dict, overrides: dict, full_overrides: dict | None = None) -> Config:
+    """Constants as defaults, then `full_overrides` when `full` is on, then the caller's overrides, each converted
+    and checked. An unknown keyword is a TypeError, as for any Python function."""
+    constants = {c.key: c for c in read_constants(module_globals)}
+    unknown = sorted(set(overrides) - set(constants))
+    if unknown:
+        raise TypeError(f"main() got unexpected keyword arguments: {', '.join(unknown)}")
+    values = {key: c.default for key, c in constants.items()}
+    if overrides.get("full", values.get("full", False)) and full_overrides:
+        values.update(full_overrides)
+    values.update(overrides)
+    cfg = Config({key: convert(constants[key], value, module_globals) for key, value in values.items()})
+    names = [module_globals.get(k) for k in ("__file__", "__vsc_ipynb_file__", "__session__")]
+    cfg.lesson = Path(next((n for n in names if n), str(module_globals.get("OUT", "notebook")))).stem
+    cfg.explicit = frozenset(overrides)
+    if "seed" in cfg:
+        require_seed(cfg.seed)
+    return cfg
+
+
+def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: list every keyword `main` accepts in its docstring, so that `help(main)` and `main?` show them."""
+    lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
+    main.__doc__ = (
+        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
+    )
+    return main
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors (an unknown flag, "abc" for an int) as one line
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(module_globals: dict, full_overrides: dict | None = None) -> argparse.ArgumentParser:
+    """One flag per constant. Defaults are SUPPRESSed: the namespace holds only what the user typed."""
+    doc = (module_globals.get("__doc__") or "").strip().splitlines()
+    full_overrides = full_overrides or {}
+    epilog = "--full changes: " + ", ".join(f"{k}={v!r}" for k, v in full_overrides.items()) if full_overrides else None
+    parser = _OneLineErrors(
+        prog=f"python {Path(module_globals['__file__']).name}",
+        description=doc[0] if doc else None,
+        epilog=epilog,
+        allow_abbrev=False,
+    )
+    for c in read_constants(module_globals):
+        choices = choices_of(c, module_globals)
+        if c.type == "bool":
+            kwargs = {"action": argparse.BooleanOptionalAction}
+        else:
+            metavar = "{" + ",".join(choices) + "}" if choices else c.item_type.upper()
+            kwargs = {"type": TYPES[c.item_type], "metavar": metavar, "nargs": "+" if c.is_tuple else None}
+        text = f"{c.help} (default: {c.default!r}" + (
+            f"; --full: {full_overrides[c.key]!r})" if c.key in full_overrides else ")"
+        )
+        text += f" [{c.check}]" if c.check and not choices else ""
+        parser.add_argument(c.flag, dest=c.key, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs)
+    return parser
+
+
+def in_notebook() -> bool:
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
+    """From the command line: parse the flags, call `main(**flags)`. In a notebook: call `main()` with the constants
+    as they are now and return its results. A fault the user can fix (a UserError, a file-system error, memory)
+    becomes one `error: ...` line and exit status 1; Ctrl-C exits with 130, SIGTERM with 143."""
+    script = module_globals.get("__file__")
+    command_line = bool(script) and bool(sys.argv) and Path(sys.argv[0]).resolve() == Path(script).resolve()
+    with contextlib.suppress(ValueError):  # SIGTERM (what schedulers send before a kill) ends a run like Ctrl-C
+        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt(signum)))
     try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+        if not command_line:
+            return main()
+        main(**vars(build_parser(module_globals, module_globals.get("FULL_OVERRIDES")).parse_args()))
+        return None
+    except UserError as error:
+        message = str(error)
+    except OSError as error:  # a full disk, a name too long, a folder where a file should be, a read-only place
+        where = f": {error.filename}" if error.filename else ""
+        message = f"{error.strerror or error_summary(error)}{where} (free space or pass other paths)"
+    except (MemoryError, RuntimeError) as error:  # the CPU allocator and torch.save report failures as RuntimeError
+        text = str(error)
+        if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "allocate" in text:
+            message = f"out of memory: {error_summary(error)} (use smaller sizes)"
+        elif "enforce fail" in text or "write" in text.lower():
+            message = f"cannot write a file: {error_summary(error)} (free space or pass another --out)"
+        else:
+            raise
+    except KeyboardInterrupt as error:
+        signum = error.args[0] if error.args else 2
+        print("interrupted", file=sys.stderr)
+        if command_line:
+            sys.exit(128 + signum)
+        return None
+    print(f"error: {message}", file=sys.stderr)
+    if command_line:
+        sys.exit(1)
+    return None
 
 
-# =====================================================================================================
-# Device, precision, seeding
-# =====================================================================================================
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what autocast_dtype accepts
+# --- Device, precision, seeding --------------------------------------------------------------------------------------
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU. Asking for one that is absent is a UserError."""
-    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     require(name in ("cpu", "cuda", "mps"), f"unknown device {name!r} (use auto, cpu, cuda or mps)")
     require(name != "cuda" or torch.cuda.is_available(), "CUDA is not available here (use --device cpu or auto)")
-    require(name != "mps" or mps_available, "MPS is not available here (use --device cpu or auto)")
+    require(name != "mps" or mps, "MPS is not available here (use --device cpu or auto)")
     return torch.device(name)
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX on x86, BF16 on Arm).
-
-    Without them, bf16 autocast on the CPU is emulated and slower than fp32, so it must be detected."""
+    """True when this CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX on x86, BF16 on Arm). Without them
+    bf16 autocast is emulated and slower than fp32, so it must be detected, never assumed."""
     try:
         capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2", "DEFAULT"
     except AttributeError:
@@ -119,17 +343,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The dtype to autocast to, or None for plain fp32.
-
-    `auto`: bf16 where the hardware does it natively (CUDA compute capability >= 8.0, CPUs with
-    AVX512-BF16/AMX), fp16 on older CUDA GPUs (then a GradScaler is needed), fp32 elsewhere (MPS included)."""
+    """The dtype to autocast to, or None for fp32. `auto`: bf16 where the hardware has it (CUDA compute capability
+    >= 8.0, CPUs with AVX512-BF16/AMX), fp16 on older CUDA GPUs (with a GradScaler), fp32 elsewhere (MPS too)."""
     require(precision in PRECISIONS, f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
+    if precision != "auto":
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
@@ -139,14 +357,12 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Mixed-precision context for the forward pass; a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator for data order, so that the data order does
-    not depend on how many random numbers the model's initialisation drew."""
+    """Seed Python, NumPy and torch; return a CPU generator for the data order, so that the order does not depend
+    on how many random numbers the model's initialisation drew."""
     require_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -155,16 +371,14 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that wall-clock timings measure the work and not its launch."""
+    """Wait for queued GPU work, so that a wall-clock timing measures the work and not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
 
 
-# =====================================================================================================
-# Output: tables, progress, results.json, figures, atomic writes
-# =====================================================================================================
+# --- Output: tables, progress, the output folder, results.json, figures ----------------------------------------------
 class Table(str):
     """A formatted table: it prints as itself, and a notebook cell that ends in one shows it as text."""
 
@@ -173,8 +387,7 @@ class Table(str):
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> Table:
-    """A fixed-width text table. `columns` is a list of (key, format), e.g. [("depth", "d"), ("ratio", ".2e")];
-    headers are the keys. Numbers are right-aligned, text left-aligned."""
+    """A fixed-width text table; `columns` is a list of (key, format), e.g. [("depth", "d"), ("ratio", ".2e")]."""
     if not rows:
         return Table(title or "")
     columns = columns or [(key, "") for key in rows[0]]
@@ -185,96 +398,147 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None,
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
 
-    out = [title] if title else []
-    out += [line([key for key, _ in columns]), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in cells]
-    return Table("\n".join(out))
+    out = ([title] if title else []) + [line([key for key, _ in columns]), "  ".join("-" * w for w in widths)]
+    return Table("\n".join(out + [line(r) for r in cells]))
 
 
 def print_table(rows, columns=None, title=None) -> None:
     print(format_table(rows, columns, title), end="\n\n", flush=True)
 
 
-class Progress:
-    """A progress bar (tqdm) with throughput on a terminal, plain periodic lines when output is a file or a
-    pipe, so that logs stay readable. Use as `for step in Progress(range(n), "train", unit="img", scale=B)`.
-    `scale` converts one step into units (e.g. images per batch) for the throughput figure."""
+def Progress(iterable, desc: str, total=None, unit: str = "it", scale: int = 1):  # noqa: N802 - used like a class
+    """A tqdm bar on a terminal, silent in a log file or a pipe (and with NO_PROGRESS_BAR=1). `scale` turns one step
+    into units (images per batch) for the throughput figure; `.set_postfix_str(text)` adds the loss."""
+    from tqdm import tqdm
 
-    def __init__(
-        self, iterable, desc: str, total: int | None = None, unit: str = "it", scale: int = 1, every_s: float = 10.0
-    ):
-        self.iterable, self.desc, self.unit, self.scale, self.every_s = iterable, desc, unit, scale, every_s
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.postfix = ""
-
-    def set_postfix(self, text: str) -> None:
-        self.postfix = text
-        if getattr(self, "_bar", None) is not None:
-            self._bar.set_postfix_str(text, refresh=False)
-
-    def __iter__(self):
-        if sys.stdout.isatty() and not os.environ.get("NO_PROGRESS_BAR"):
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=None if self.total is None else self.total * self.scale,
-                desc=self.desc,
-                unit=self.unit,
-                unit_scale=True,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            with self._bar:
-                for item in self.iterable:
-                    yield item
-                    self._bar.update(self.scale)
-            self._bar = None
-            return
-        start = last = time.perf_counter()
-        for done, item in enumerate(self.iterable, start=1):
-            yield item
-            now = time.perf_counter()
-            if now - last >= self.every_s:
-                last = now
-                of = f"/{self.total}" if self.total else ""
-                rate = done * self.scale / (now - start)
-                print(f"  {self.desc}: {done}{of} ({rate:,.0f} {self.unit}/s) {self.postfix}".rstrip(), flush=True)
+    quiet = not sys.stdout.isatty() or bool(os.environ.get("NO_PROGRESS_BAR"))
+    return tqdm(iterable, desc, total, leave=False, unit=unit, unit_scale=scale, dynamic_ncols=True, disable=quiet)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
+# The output folder. A run never deletes a file, and it replaces only files that a lesson run wrote there and that
+# nobody changed since: each folder a lesson writes into keeps a list of them (MANIFEST, name -> SHA-256 of the
+# bytes written). A file of the user's with the same name, or a folder, a FIFO or a link in its place, stops the run
+# before any work with one line. `.lock` makes one run per folder, whichever lesson: the operating system drops
+# the lock when the process ends, however it ends.
+MANIFEST, LOCK = ".lesson-files.json", ".lock"
+_held_locks: dict[Path, Any] = {}  # folder -> open lock file, held until the process ends
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a file so that a crash never leaves it half-written: `write(tmp)` fills a temporary file in
-    the same folder, which then replaces `path` in one `os.replace` (atomic on POSIX and Windows)."""
+def output_dir(cfg: Config, *names: str, flag: str = "--out") -> Path:
+    """Claim `cfg.out` for this run: create it, lock it, and check that every file in `names` (relative paths) is
+    absent or ours to replace. Returns the folder."""
+    require(str(cfg.out).strip() != "", f"{flag} is empty (pass a folder, e.g. {flag} outputs/run1)")
+    out = writable_dir(cfg.out, flag)
+    lock_folder(out)
+    for name in names:
+        may_replace(out / name)
+    return out
+
+
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create `path` if needed and prove it writable, so a blocked path fails now, not after an hour of training."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or type(error).__name__
+        raise UserError(
+            f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
+        ) from None
+    return path
+
+
+def lock_folder(out: Path) -> None:
+    if out.resolve() in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one run per folder is then up to the user
+        return
+    path = out / LOCK
+    require(not path.exists() or path.is_file(), f"{path} is not a file (move it away, or pass another --out)")
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(
+            f"output folder {out} is in use by another run (process {owner}); wait for it to end, or pass another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held_locks[out.resolve()] = handle
+
+
+def _manifest(folder: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / MANIFEST).read_text())
+    return {}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def may_replace(path: Path) -> None:
+    """Refuse to replace `path` unless it is absent, or a plain file a lesson wrote there and nobody changed since."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    hint = "(move it away, or pass another --out)"
+    require(path.is_file() and not path.is_symlink(), f"{path} is in the way: it is not a plain file {hint}")
+    require(
+        _manifest(path.parent).get(path.name) == _sha256(path),
+        f"{path} was not written by a lesson run, or was changed since {hint}",
+    )
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool = True) -> Path:
+    """Write a file so that no crash or kill leaves it half-written: `write(tmp)` fills a temporary file beside it,
+    which then replaces `path` in one `os.replace`. With `checked`, `path` must be ours to replace (`may_replace`),
+    and the folder's manifest records what was written. A failed write removes its temporary file and raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if checked:
+        may_replace(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file 0600; give it what the user's umask allows
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file 0600; give it what the user's umask allows
+        if checked:  # record before the rename: a kill in between leaves a listed name, never an unlisted file of ours
+            manifest = _manifest(path.parent) | {path.name: _sha256(Path(tmp))}
+            text = json.dumps(manifest, indent=1)
+            atomic_write(path.parent / MANIFEST, lambda m: m.write_text(text), checked=False)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
 
 
 def snake_case(key: str) -> str:
-    """results.json's key style: `max |F(x)|` -> `max_f_x`, `N=8` -> `n_8`, `ms@32` -> `ms_at_32`. Hyphens
-    stay: they belong to names used as keys (`resnet-20`, `fashion-mnist`, `when-shapes-match`)."""
+    """results.json's key style: `max |F(x)|` -> `max_f_x`, `ms@32` -> `ms_at_32`; hyphens stay (`resnet-20`)."""
     key = key.replace("@", " at ").replace("/", " over ").replace(" - ", " minus ")
     return re.sub(r"[^0-9a-z-]+", "_", key.lower()).strip("_")
 
 
 def _jsonable(value: Any) -> Any:
-    """JSON-ready copy of `value`. Keys become snake_case, and a rate is always a fraction: a table column
-    in percent (`test_err_%`: 8.75) is saved as `test_err`: 0.0875."""
+    """A JSON-ready copy: snake_case keys, a column in percent (`test_err_%`: 8.75) saved as a fraction (0.0875)."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
@@ -285,17 +549,21 @@ def _jsonable(value: Any) -> Any:
         return out
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return _jsonable(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN or infinity
-    if isinstance(value, (Path, torch.device, torch.dtype)):
-        return str(value)
-    return value
+    return str(value) if isinstance(value, (Path, torch.device, torch.dtype)) else value
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return device.type
 
 
 def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
@@ -311,96 +579,43 @@ def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.
         "config": dict(cfg),
         **results,
     }
-    text = json.dumps(_jsonable(record), indent=2)
-    return atomic_write(Path(out_dir) / "results.json", lambda tmp: tmp.write_text(text + "\n"))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    return device.type
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG atomically, show it when running in a notebook, and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
-    if in_notebook():
-        from IPython.display import display
-
-        display(fig)
-    plt.close(fig)
-    return path
+    text = json.dumps(_jsonable(record), indent=2) + "\n"
+    return atomic_write(Path(out_dir) / "results.json", lambda tmp: tmp.write_text(text))
 
 
 def use_headless_matplotlib() -> None:
-    """Select the file-only backend for command-line runs; a notebook keeps its inline backend."""
+    """The file-only backend for command-line runs; a notebook keeps its inline backend."""
     import matplotlib
 
     if not in_notebook() and "inline" not in matplotlib.get_backend().lower():
         matplotlib.use("Agg")
 
 
-def output_dir(cfg: Config) -> Path:
-    """Create `cfg.out` and check that files can be written in it, before any long work; remove the temporary
-    files of saves that a killed run left there."""
-    out = writable_dir(cfg.out)
-    remove_orphan_temporaries(out)
-    return out
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically, show it in a notebook, and close it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    if in_notebook():
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+    return Path(path)
 
 
-def remove_orphan_temporaries(folder: Path, min_age_s: float = 600) -> list[Path]:
-    """Delete `atomic_write`'s temporary files (`.NAME.XXXXXXXX.tmp`) untouched for `min_age_s` seconds: a save
-    rewrites its file continuously until it is renamed, so an old one belongs to a process that was killed
-    mid-save (the age keeps a concurrent run's save in progress safe)."""
-    removed = []
-    now = time.time()
-    for path in Path(folder).glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            if path.is_file() and now - path.stat().st_mtime >= min_age_s:
-                path.unlink()
-                removed.append(path)
-    return removed
-
-
-def writable_dir(path: str | Path, flag: str = "--out") -> Path:
-    """Create the folder `path` if needed and prove it writable by creating and removing a file in it, so that
-    a read-only or blocked path (a file where the folder should be) fails now, not after an hour of training."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            reason = f"{blocker} is a file, not a folder"
-        raise UserError(
-            f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
-        ) from None
-    return path
-
-
-# =====================================================================================================
-# Model inspection
-# =====================================================================================================
+# --- Model inspection ------------------------------------------------------------------------------------------------
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Convolutions and linear layers, in registration order: the layers a ResNet's name counts."""
+    """Convolutions and linear layers in registration order: the layers a ResNet's name counts."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
-    """Multiply-adds of one forward pass, from torch's own FLOP counter (which counts 2 FLOPs per MAC)."""
+    """Multiply-adds of one forward pass, from torch's FLOP counter (which counts 2 FLOPs per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
@@ -411,9 +626,259 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: 
     return counter.get_total_flops() // 2
 
 
-# =====================================================================================================
-# Training plumbing: batches on the device, augmentation in batches, an SGD loop, evaluation
-# =====================================================================================================
+# --- Datasets as uint8 tensors (N, 3, 32, 32) ------------------------------------------------------------------------
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's package dataset-fashion-mnist
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+FASHION_MNIST_RAW_MD5 = {  # the uncompressed files (Debian recompresses the .gz, so their MD5s differ)
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+
+class DataUnavailableError(UserError):
+    """The dataset is neither on disk nor downloadable."""
+
+
+@dataclass
+class ImageData:
+    """uint8 images (N, 3, 32, 32) and int64 labels. `val` is held out of the training set and chooses things;
+    `test` is only reported. Fashion-MNIST's 28x28 grey images are padded to 32x32 and repeated over 3 channels."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, float, float]  # per-channel mean of the training images, in [0, 1]
+    std: tuple[float, float, float]
+
+    num_classes = property(lambda self: len(self.classes))
+
+    def to(self, device: torch.device) -> ImageData:
+        return ImageData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+
+
+def _unavailable(name: str, data_dir: Path, error: BaseException) -> DataUnavailableError:
+    if name == "fashion-mnist":
+        how = "or on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
+    else:
+        archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+        how = f"or copy {archive} from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, or use --dataset fashion-mnist or synthetic"
+    return DataUnavailableError(
+        f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)} (connect to the internet once, {how})"
+    )
+
+
+def _check_idx(path: Path, dims: int, num_classes: int) -> None:
+    """An IDX file's magic number, declared size and (for labels) range, which torchvision does not check."""
+    data = path.read_bytes()
+    hint = f"(delete {path.parent} to unpack or download the files again)"
+    require(len(data) >= 4 + 4 * dims, f"{path} is corrupt: it is only {len(data)} bytes long {hint}")
+    magic, expected = int.from_bytes(data[:4], "big"), {1: 2049, 3: 2051}[dims]
+    require(magic == expected, f"{path} is corrupt: wrong magic number {magic} (expected {expected}) {hint}")
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    body = len(data) - 4 - 4 * dims
+    require(
+        body == math.prod(shape), f"{path} is corrupt: it declares {tuple(shape)} bytes of data but holds {body} {hint}"
+    )
+    if dims == 1 and body:
+        top = max(data[8:])
+        require(top < num_classes, f"{path} is corrupt: label {top} is outside 0..{num_classes - 1} {hint}")
+
+
+def check_data_dir(data_dir: str | Path) -> None:
+    """Cheap checks to run before long work: `--data-dir` is a folder (or absent); Fashion-MNIST's files are intact."""
+    data_dir = Path(data_dir)
+    require(
+        not data_dir.exists() or data_dir.is_dir(),
+        f"--data-dir {data_dir} is a file, not a folder (pass the folder that holds or will hold the datasets)",
+    )
+    raw = data_dir / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in FASHION_MNIST_RAW_MD5):
+        for name in FASHION_MNIST_RAW_MD5:
+            _check_idx(raw / name, 3 if "images" in name else 1, len(FASHION_CLASSES))
+
+
+def _torchvision_dataset(name: str, data_dir: Path, download: bool):
+    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every file's MD5."""
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(
+        name, torchvision.datasets.FashionMNIST
+    )
+    if name == "fashion-mnist":  # Debian's copy, checked against the originals' MD5s, saves a download
+        raw = data_dir / "FashionMNIST" / "raw"
+        if not all((raw / n).exists() for n in FASHION_MNIST_RAW_MD5) and all(
+            (DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in FASHION_MNIST_RAW_MD5
+        ):
+            for n, md5 in FASHION_MNIST_RAW_MD5.items():
+                data = gzip.decompress((DEBIAN_FASHION_MNIST / f"{n}.gz").read_bytes())
+                require(
+                    hashlib.md5(data).hexdigest() == md5,
+                    f"{DEBIAN_FASHION_MNIST / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)",
+                )
+                atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
+        check_data_dir(data_dir)
+    sets = []
+    for train in (True, False):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
+                ds = cls(root=str(data_dir), train=train, download=download)
+        except PermissionError as error:
+            raise UserError(
+                f"cannot write the {name} files into --data-dir {data_dir}: {error.strerror} (pass a writable --data-dir)"
+            ) from None
+        except (RuntimeError, OSError, ValueError) as error:  # not found, corrupt, or no network
+            folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
+            require(
+                name == "fashion-mnist" or not folder.exists(),
+                f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} (delete {folder} and its archive to unpack or download them again)",
+            )
+            raise _unavailable(name, data_dir, error) from None
+        if name == "fashion-mnist":
+            x = (
+                F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+            )  # (N, 28, 28) -> (N, 3, 32, 32)
+            y = ds.targets.to(torch.int64)
+        else:
+            x = (
+                torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+            )  # (N, H, W, C) -> (N, C, H, W)
+            y = torch.as_tensor(ds.targets, dtype=torch.int64)
+        ok = (
+            x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and int(y.min()) >= 0 and int(y.max()) < len(ds.classes)
+        )
+        require(
+            ok,
+            f"{name} files in {data_dir} are corrupt: {tuple(x.shape)} images, {len(y)} labels (delete them to download them again)",
+        )
+        sets += [x, y]
+    return (*sets, FASHION_CLASSES if name == "fashion-mnist" else tuple(ds.classes))
+
+
+# The synthetic set: sinusoidal gratings whose class is their tilt from the vertical (5 steps of 22.5 degrees) and
+# stripe frequency (coarse or fine). Phase, colour, contrast, an occluding disc and pixel noise vary freely. A class
+# holds a tilt and its mirror image, so crops, cutout and horizontal flips all keep the label's meaning.
+SYNTHETIC_TILTS = 5
+SYNTHETIC_BANDS = ((0.25, 0.40), (0.55, 0.80))  # spatial frequency in radians per pixel: coarse, fine
+SYNTHETIC_CLASSES = tuple(
+    f"{band}-{t * 90 / (SYNTHETIC_TILTS - 1):g}deg" for band in ("coarse", "fine") for t in range(SYNTHETIC_TILTS)
+)
+
+
+def synthetic_label(theta: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """Class of a grating with normal angle `theta` and frequency `freq`: the tilt min(theta, pi - theta) after
+    folding into [0, pi), the same for an image and its mirror, and the frequency band."""
+    folded = torch.remainder(theta, math.pi)
+    tilt = torch.minimum(folded, math.pi - folded)  # in [0, pi/2]
+    tilt_class = torch.round(tilt / (math.pi / 2) * (SYNTHETIC_TILTS - 1)).long()
+    band = (freq > (SYNTHETIC_BANDS[0][1] + SYNTHETIC_BANDS[1][0]) / 2).long()
+    return band * SYNTHETIC_TILTS + tilt_class
+
+
+def synthetic_parameters(n: int, g: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:
+    """Random grating parameters: a tilt class and frequency band (the label), jittered; the tilt's sign at random,
+    so that both an orientation and its mirror image occur in every class; phase, contrast, colour, a blob."""
+    gap = (math.pi / 2) / (SYNTHETIC_TILTS - 1)
+    tilt_class = torch.randint(0, SYNTHETIC_TILTS, (n,), generator=g)
+    band = torch.randint(0, len(SYNTHETIC_BANDS), (n,), generator=g)
+    tilt = (tilt_class.float() * gap + (torch.rand(n, generator=g) - 0.5) * (2 / 3) * gap).abs()  # jitter < gap / 3
+    tilt = torch.minimum(tilt, math.pi - tilt)
+    theta = torch.where(torch.rand(n, generator=g) < 0.5, math.pi - tilt, tilt)  # a tilt or its mirror image
+    low, high = (torch.tensor([b[i] for b in SYNTHETIC_BANDS])[band] for i in (0, 1))
+    return {
+        "theta": theta,
+        "freq": low + (high - low) * torch.rand(n, generator=g),
+        "phase": 2 * math.pi * torch.rand(n, generator=g),
+        "contrast": 0.3 + 0.7 * torch.rand(n, generator=g),
+        "colour": 0.3 + 0.7 * torch.rand(n, 3, generator=g),
+        "blob_centre": (torch.rand(n, 2, generator=g) - 0.5) * size,
+        "blob_radius": 3 + 6 * torch.rand(n, generator=g),
+    }
+
+
+def render_gratings(p: dict[str, torch.Tensor], size: int = 32) -> torch.Tensor:
+    """Float images (N, 3, H, W) in [0, 1] from grating parameters, before pixel noise."""
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2  # symmetric: x -> -x is a mirror
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W) each
+    theta = p["theta"][:, None, None]
+    along = xx * torch.cos(theta) + yy * torch.sin(theta)  # (N, H, W): position along the normal
+    grating = torch.sin(along * p["freq"][:, None, None] + p["phase"][:, None, None])  # (N, H, W) in [-1, 1]
+    image = 0.5 + 0.5 * (p["contrast"][:, None] * p["colour"])[:, :, None, None] * grating[:, None]  # (N, 3, H, W)
+    centre = p["blob_centre"]
+    dist = (xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2
+    return image * (dist >= p["blob_radius"][:, None, None] ** 2)[:, None]
+
+
+def make_synthetic(num_images: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num_images` uint8 grating images (N, 3, size, size) and their labels; no download needed."""
+    g = torch.Generator().manual_seed(seed)
+    params = synthetic_parameters(num_images, g, size)
+    image = render_gratings(params, size) + 0.15 * torch.randn(num_images, 3, size, size, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), synthetic_label(params["theta"], params["freq"])
+
+
+def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_size=None, seed=0, download=True,
+                 fallback=False, synthetic_size=12000) -> ImageData:  # fmt: skip
+    """`name` as ImageData with `val_size` training images held out; `train_size`/`test_size` keep a seeded subset.
+    With `fallback`, a dataset that cannot be had is replaced by Fashion-MNIST (when on disk) or the synthetic set,
+    with a loud notice. Lessons call `load_data`, which applies the one fallback rule."""
+    require(name in DATASETS, f"unknown dataset {name!r} (use one of: {', '.join(DATASETS)})")
+    data_dir = Path(data_dir)
+    try:
+        if name == "synthetic":
+            x, y = make_synthetic(synthetic_size + max(synthetic_size // 6, 1000), seed=12345)
+            train_x, train_y, test_x, test_y = (
+                x[:synthetic_size],
+                y[:synthetic_size],
+                x[synthetic_size:],
+                y[synthetic_size:],
+            )
+            classes = SYNTHETIC_CLASSES
+        else:
+            check_data_dir(data_dir)
+            train_x, train_y, test_x, test_y, classes = _torchvision_dataset(name, data_dir, download)
+    except DataUnavailableError as error:
+        if not fallback:
+            raise
+        substitute = "synthetic"  # real data beats generated data: Fashion-MNIST when it is on this machine
+        if name != "fashion-mnist":
+            with contextlib.suppress(UserError):
+                _torchvision_dataset("fashion-mnist", data_dir, download=False)
+                substitute = "fashion-mnist"
+        bar = "!" * 100
+        print(f"\n{bar}\nNOTICE: {error}\nFalling back to the {substitute.upper()} dataset so that this quick run still works: its numbers are\n"
+              f"not {name} numbers. A --full run never falls back: it stops with the error above.\n{bar}\n", file=sys.stderr, flush=True)  # fmt: skip
+        return load_dataset(substitute, data_dir, val_size, train_size, test_size, seed, download=False)
+    require(0 < val_size < len(train_x), f"--val-size must be between 1 and {len(train_x) - 1} for {name}")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    if train_size is not None:
+        require(train_size > 0, "--train-size must be positive")
+        train_idx = train_idx[:train_size]
+    if test_size is not None:
+        test_idx = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed + 1))[:test_size]
+        test_x, test_y = test_x[test_idx], test_y[test_idx]
+    val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[train_idx], train_y[train_idx]
+    scaled = train_x.float().div_(255)
+    mean, std = tuple(scaled.mean(dim=(0, 2, 3)).tolist()), tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return ImageData(name, classes, train_x, train_y, val_x, val_y, test_x, test_y, mean, std)
+
+
+def load_data(cfg: Config, test_size: int | None = None, fallback: bool = True) -> ImageData:
+    """The one way a lesson gets its data, and the one fallback rule: a quick run substitutes another dataset (with
+    a loud notice) when the one asked for cannot be had; a `--full` run, or `fallback=False`, stops with an error."""
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.get("train_size") or None, test_size, cfg.seed,
+                        cfg.download, fallback and not cfg.get("full", False))  # fmt: skip
+
+
+# --- Batches, augmentation, evaluation -------------------------------------------------------------------------------
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, C, H, W) in [0, 255] -> float (B, C, H, W) with zero mean and unit variance per channel."""
     mean = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1)
@@ -422,10 +887,8 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-image random crop after zero padding by `pad` pixels, and a horizontal flip with probability 1/2,
-    done for the whole batch at once on the batch's own device. (B, C, H, W) -> (B, C, H, W), dtype kept.
-    (An idea of lesson 06, kept here because lesson 03's `sgd_train(augment=True)`, which lesson 04 uses too,
-    needs it, and lesson 03 cannot import a later lesson.)"""
+    """A random crop after zero padding by `pad` pixels, and a horizontal flip with probability 1/2, per image, for
+    the whole batch at once on its own device. (B, C, H, W) -> (B, C, H, W), dtype kept."""
     batch, channels, height, width = images.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)  # (2, B)
     flips = (torch.rand(batch, generator=generator) < 0.5).to(images.device)  # (B,)
@@ -433,15 +896,15 @@ def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Genera
     rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
     cols = torch.where(flips[:, None], cols.flip(1), cols)  # reading columns backwards flips the image
-    batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=images.device)[None, :, None, None]
-    return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+    b = torch.arange(batch, device=images.device)[:, None, None, None]
+    c = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def epoch_batches(
     num_items: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
 ) -> Iterator[torch.Tensor]:
-    """Shuffled index batches for one pass over the data (CPU indices; index device tensors with `.to`)."""
+    """Shuffled index batches for one pass over the data (CPU indices)."""
     order = torch.randperm(num_items, generator=generator)
     stop = num_items - num_items % batch_size if drop_last else num_items
     for start in range(0, stop, batch_size):
@@ -449,7 +912,7 @@ def epoch_batches(
 
 
 def endless_batches(num_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches forever, reshuffling after every epoch (used by iteration-based schedules)."""
+    """Index batches forever, reshuffled every epoch (for iteration-based schedules)."""
     require(
         batch_size <= num_items,
         f"batch size {batch_size} is larger than the {num_items} training images (lower --batch-size)",
@@ -461,36 +924,32 @@ def endless_batches(num_items: int, batch_size: int, generator: torch.Generator)
 def training_batches(
     data: ImageData, count: int, batch_size: int, device: torch.device, generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """`count` shuffled batches of normalised training images on `device`, without augmentation."""
+    """`count` shuffled batches of normalised training images on `device`, not augmented."""
     batches = endless_batches(len(data.train_x), batch_size, generator)
     return [
-        normalize(data.train_x[index.to(data.train_x.device)].to(device), data.mean, data.std)
-        for _, index in zip(range(count), batches)
+        normalize(data.train_x[i.to(data.train_x.device)].to(device), data.mean, data.std)
+        for _, i in zip(range(count), batches)
     ]
 
 
 @torch.no_grad()
 def recalibrate_batch_norm(
-    model: nn.Module, batches: list[torch.Tensor], amp_dtype: torch.dtype | None = None, channels_last: bool = False
+    model: nn.Module, batches: list[torch.Tensor], amp_dtype=None, channels_last=False
 ) -> nn.Module:
-    """Replace every batch-norm layer's running mean and variance by their plain average over `batches`
-    (train-mode forward passes with the final weights; no gradient, no weight change). No batches: no change.
-
-    It is here, not in a lesson, because lessons 03, 04 and 05 all evaluate networks after a few hundred
-    steps at a high learning rate, when the running averages still describe much earlier weights; lesson 03
-    explains the pitfall and measures it."""
+    """Replace every batch-norm layer's running mean and variance by their plain average over `batches` (train-mode
+    forward passes, no weight change). Lesson 03 shows why: after a few hundred steps at a high learning rate the
+    running averages still describe much earlier weights."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not batches or not norms:
         return model
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # None: cumulative average, i.e. the plain mean over the batches seen
+        m.momentum = None  # None: a cumulative average, the plain mean over the batches seen
     was_training = model.training
     model.train()
-    device = batches[0].device
     for x in batches:
-        with autocast(device, amp_dtype):
+        with autocast(x.device, amp_dtype):
             model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -498,27 +957,15 @@ def recalibrate_batch_norm(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean,
-    std,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    batch_size: int = 500,
-    channels_last: bool = False,
-) -> dict:
+def evaluate(model, images, labels, mean, std, device, amp_dtype=None, batch_size=500, channels_last=False) -> dict:
     """Loss, accuracy and logits of `model` in eval mode on a uint8 image tensor (kept on any device)."""
     was_training = model.training
     model.eval()
     logits = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            logits.append(model(x).float())
+            logits.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float())
     model.train(was_training)
     logits = torch.cat(logits) if logits else torch.zeros(0, 1, device=device)
     labels = labels.to(logits.device)
@@ -531,8 +978,6 @@ def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over `window` points (mini-batch curves are noisy)."""
     out, total = [], 0.0
     for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
+        total += v - (values[i - window] if i >= window else 0)
         out.append(total / min(i + 1, window))
     return out

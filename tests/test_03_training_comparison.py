@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import run_script
+from conftest import load_lesson, run_script
 
 import helpers
-import image_data
 
 TINY = {
     "dataset": "synthetic",
@@ -83,7 +82,7 @@ def test_identical_conditions_same_init_and_same_batches(lesson03):
 
 
 def test_checkpoint_steps():
-    lesson03 = helpers.load_lesson(3)
+    lesson03 = load_lesson(3)
     assert lesson03.checkpoint_steps(200, 4) == [0, 49, 99, 149, 199]
     assert lesson03.checkpoint_steps(3, 8) == [0, 1, 2]
 
@@ -205,7 +204,7 @@ def test_resnet56_gradients_stay_within_a_small_factor(gradients_at_init):
 # Missing data: loud fallback in the quick run, clear error otherwise
 # --------------------------------------------------------------------------------------------------
 def no_debian_fashion_mnist(monkeypatch, tmp_path):
-    monkeypatch.setattr(image_data._torchvision_fashion_mnist, "__defaults__", (tmp_path / "no-debian",))
+    monkeypatch.setattr(helpers, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
 
 
 def test_default_quick_run_falls_back_loudly_to_synthetic(lesson03, tmp_path, monkeypatch, capsys):
@@ -369,8 +368,8 @@ def write_fashion_mnist(folder, train_count: int, test_count: int, gz: bool = Fa
 def test_fashion_mnist_loader_reads_idx_files_from_the_debian_package(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     written = write_fashion_mnist(debian, 120, 30, gz=True)
-    monkeypatch.setattr(image_data, "FASHION_MNIST_RAW_MD5", written["md5"])
-    monkeypatch.setattr(image_data._torchvision_fashion_mnist, "__defaults__", (debian,))
+    monkeypatch.setattr(helpers, "FASHION_MNIST_RAW_MD5", written["md5"])
+    monkeypatch.setattr(helpers, "DEBIAN_FASHION_MNIST", debian)
     data = helpers.load_dataset("fashion-mnist", tmp_path / "data", val_size=20, seed=0, download=False)
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()  # unpacked once
     assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (30, 3, 32, 32)
@@ -384,8 +383,8 @@ def test_fashion_mnist_loader_reads_idx_files_from_the_debian_package(tmp_path, 
 def test_fashion_mnist_debian_file_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     debian = tmp_path / "debian"
     written = write_fashion_mnist(debian, 20, 10, gz=True)
-    monkeypatch.setattr(image_data, "FASHION_MNIST_RAW_MD5", {**written["md5"], "t10k-labels-idx1-ubyte": "0" * 32})
-    monkeypatch.setattr(image_data._torchvision_fashion_mnist, "__defaults__", (debian,))
+    monkeypatch.setattr(helpers, "FASHION_MNIST_RAW_MD5", {**written["md5"], "t10k-labels-idx1-ubyte": "0" * 32})
+    monkeypatch.setattr(helpers, "DEBIAN_FASHION_MNIST", debian)
     with pytest.raises(helpers.UserError, match="MD5"):
         helpers.load_dataset("fashion-mnist", tmp_path / "data", val_size=5, download=False)
 

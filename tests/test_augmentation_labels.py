@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from conftest import load_lesson
 
 import helpers
-import image_data
 
 
 def mirror_parameters(params: dict) -> dict:
@@ -24,23 +24,23 @@ def mirror_parameters(params: dict) -> dict:
 
 
 def test_synthetic_mirror_image_is_a_grating_of_the_same_class():
-    params = image_data.synthetic_parameters(2000, torch.Generator().manual_seed(0))
-    images = image_data.render_gratings(params)
+    params = helpers.synthetic_parameters(2000, torch.Generator().manual_seed(0))
+    images = helpers.render_gratings(params)
     mirrored = mirror_parameters(params)
-    assert torch.allclose(images.flip(3), image_data.render_gratings(mirrored), atol=1e-5)
-    labels = image_data.synthetic_label(params["theta"], params["freq"])
-    assert torch.equal(labels, image_data.synthetic_label(mirrored["theta"], mirrored["freq"]))
-    assert sorted(labels.unique().tolist()) == list(range(len(image_data.SYNTHETIC_CLASSES)))
+    assert torch.allclose(images.flip(3), helpers.render_gratings(mirrored), atol=1e-5)
+    labels = helpers.synthetic_label(params["theta"], params["freq"])
+    assert torch.equal(labels, helpers.synthetic_label(mirrored["theta"], mirrored["freq"]))
+    assert sorted(labels.unique().tolist()) == list(range(len(helpers.SYNTHETIC_CLASSES)))
 
 
 def test_synthetic_labels_are_the_drawn_classes():
     """Jitter never pushes a grating into a neighbouring class, for either sign of the tilt."""
     generator = torch.Generator().manual_seed(1)
-    params = image_data.synthetic_parameters(5000, generator)
-    labels = image_data.synthetic_label(params["theta"], params["freq"])
+    params = helpers.synthetic_parameters(5000, generator)
+    labels = helpers.synthetic_label(params["theta"], params["freq"])
     tilt = torch.minimum(params["theta"], math.pi - params["theta"])
-    gap = (math.pi / 2) / (image_data.SYNTHETIC_TILTS - 1)
-    assert ((tilt / gap - (labels % image_data.SYNTHETIC_TILTS)).abs() <= 1 / 3 + 1e-6).all()
+    gap = (math.pi / 2) / (helpers.SYNTHETIC_TILTS - 1)
+    assert ((tilt / gap - (labels % helpers.SYNTHETIC_TILTS)).abs() <= 1 / 3 + 1e-6).all()
     assert (params["theta"] > math.pi / 2).float().mean() == pytest.approx(0.5, abs=0.05)  # both mirror images
 
 
@@ -66,7 +66,7 @@ def oracle_accuracy(train_x, train_y, test_x, test_y, num_classes: int) -> float
 
 @functools.cache
 def lesson_augmentations():
-    lesson06 = helpers.load_lesson(6)
+    lesson06 = load_lesson(6)
     return {
         "crop and flip (lessons 03-06)": lambda x, g: helpers.random_crop_flip(x, generator=g),
         "crop, flip and cutout 8 (lesson 06)": lambda x, g: lesson06.augment(x, 8, g),
@@ -80,7 +80,7 @@ def labelled_sets():
     try:
         data = helpers.load_dataset("fashion-mnist", "data", val_size=100, train_size=4000, download=False)
         sets["fashion-mnist"] = (data.train_x, data.train_y)
-    except image_data.DataUnavailableError:
+    except helpers.DataUnavailableError:
         pass  # not on this machine: the synthetic set is still checked
     return sets  # CIFAR-10/100's classes (animals, vehicles) are mirror-symmetric by meaning; no files here
 

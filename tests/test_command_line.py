@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, load_lesson
 
 SCRIPTS = sorted(p.name for p in REPO.glob("0[1-6]_*.py")) + ["benchmarks/pipeline_throughput.py"]
 
@@ -40,19 +40,17 @@ def test_help_of_every_lesson_and_the_benchmark():
 
 def test_every_main_lists_its_keywords():
     import helpers
-    import lesson_config
 
     for number in range(1, 7):
-        lesson = helpers.load_lesson(number)
+        lesson = load_lesson(number)
         doc = lesson.main.__doc__
-        for constant in lesson_config.read_constants(vars(lesson)):
+        for constant in helpers.read_constants(vars(lesson)):
             assert f"    {constant.key}: {constant.type} = " in doc, (number, constant.key)
 
 
 def test_editing_lesson03s_lr_to_an_int_keeps_a_float_flag(tmp_path):
     """The issue's example: `LR = 0.1` edited to `LR = 1` once turned --lr into an int flag."""
     import helpers
-    import lesson_config
 
     source = (REPO / "03_training_comparison.py").read_text()
     assert "\nLR: float = 0.05  #" in source
@@ -60,7 +58,7 @@ def test_editing_lesson03s_lr_to_an_int_keeps_a_float_flag(tmp_path):
     edited.write_text(source.replace("\nLR: float = 0.05  #", "\nLR: float = 1  #"))
     namespace = {"__file__": str(edited), "__name__": "edited03"}
     exec(compile(edited.read_text(), str(edited), "exec"), namespace)
-    args = vars(lesson_config.build_parser(namespace).parse_args(["--lr", "0.05", "--data-dir", "~/datasets"]))
+    args = vars(helpers.build_parser(namespace).parse_args(["--lr", "0.05", "--data-dir", "~/datasets"]))
     cfg = helpers.config(namespace, args)
     assert cfg.lr == 0.05 and helpers.config(namespace, {}).lr == 1.0
     assert cfg.data_dir == str(Path("~/datasets").expanduser())  # never a folder named "~"

@@ -8,9 +8,9 @@ import sys
 import textwrap
 
 import pytest
+from conftest import REPO, load_lesson
 
 import helpers
-import lesson_config  # noqa: E402
 
 LESSON_TEXT = """
 \"\"\"A tiny lesson used by the tests: 100% made up.\"\"\"
@@ -49,7 +49,7 @@ if __name__ == "__main__":
 
 def write_lesson(tmp_path, lr="0.1", data_dir="data"):
     path = tmp_path / "07_tiny.py"
-    path.write_text(textwrap.dedent(LESSON_TEXT.format(repo=str(helpers.REPO_DIR), lr=lr, data_dir=data_dir)))
+    path.write_text(textwrap.dedent(LESSON_TEXT.format(repo=str(REPO), lr=lr, data_dir=data_dir)))
     module_globals = {"__file__": str(path), "__name__": "tiny"}
     exec(compile(path.read_text(), str(path), "exec"), module_globals)
     return path, module_globals
@@ -66,11 +66,11 @@ def run(path, *args, env=None):
 
 def test_constants_become_flags_and_config(tiny_lesson):
     _, module_globals = tiny_lesson
-    constants = {c.name: c for c in lesson_config.read_constants(module_globals)}
+    constants = {c.name: c for c in helpers.read_constants(module_globals)}
     assert list(constants)[:4] == ["BATCH_SIZE", "LEARNING_RATE", "AUGMENT", "DEPTHS"]
     assert constants["BATCH_SIZE"].flag == "--batch-size" and constants["BATCH_SIZE"].help == "images per batch"
     assert constants["BATCH_SIZE"].check == "> 0" and constants["DEPTHS"].type == "tuple[int, ...]"
-    parser = lesson_config.build_parser(module_globals)
+    parser = helpers.build_parser(module_globals)
     args = vars(parser.parse_args(["--batch-size", "8", "--no-augment", "--depths", "32", "44", "110"]))
     assert args == {"batch_size": 8, "augment": False, "depths": [32, 44, 110]}  # only what was typed
     cfg = helpers.config(module_globals, args)
@@ -151,7 +151,7 @@ def test_main_docstring_lists_its_keywords(tiny_lesson):
 def test_notebook_namespace_needs_no_file_and_ignores_argv(tmp_path, monkeypatch):
     """In a kernel there is no `__file__`, sys.argv holds the kernel's own arguments, and the constants
     block is found in IPython's cell history `_ih`: types, checks and help still come from it."""
-    source = textwrap.dedent(LESSON_TEXT.format(repo=str(helpers.REPO_DIR), lr="1", data_dir="~/d"))
+    source = textwrap.dedent(LESSON_TEXT.format(repo=str(REPO), lr="1", data_dir="~/d"))
     cells = source.split("# --- constants")
     cells = [cells[0], "# --- constants" + cells[1]]
     namespace = {"__name__": "__main__", "_ih": [""]}
@@ -176,7 +176,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(RuntimeError):
         helpers.atomic_write(target, crash)
     assert target.read_text() == "old"  # the previous version is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # and no temporary file is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [helpers.MANIFEST, "results.json"]  # no temporary file left
     with pytest.raises(RuntimeError):
         helpers.atomic_write(tmp_path / "new.json", crash)
     assert not (tmp_path / "new.json").exists()
@@ -196,24 +196,17 @@ def test_format_table_is_fixed_width():
     assert helpers.format_table([{"a": None}]).splitlines()[-1] == "-"  # a missing value prints as "-"
 
 
-def test_load_lesson_by_number():
-    module = helpers.load_lesson(1)
-    assert module is helpers.load_lesson("01") is sys.modules["lesson01"]
-    assert hasattr(module, "ResidualBlock") and module.__file__.endswith("01_basic_residual_block.py")
-    with pytest.raises(FileNotFoundError):
-        helpers.load_lesson(99)
-
-
-def test_a_declaration_wrapped_by_the_formatter_keeps_its_help_and_check():
-    cell = (
-        "# --- constants\n"
-        "SIZES: tuple[int, ...] = (\n    128,\n    64,\n)  # layer widths [> 0]\n"
-        "NAME: str = (\n    'a'  # which one [a | b]\n)\n"
-        "# --- end constants\n"
-    )
+def test_a_wrapped_declaration_is_refused_not_silently_dropped():
+    """One line per constant: a declaration split over lines would lose its help and check, so it is an error."""
+    cell = "# --- constants\nSIZES: tuple[int, ...] = (\n    128,\n    64,\n)  # layer widths [> 0]\n# --- end constants\n"
     namespace = {"_ih": ["", cell]}
     exec(cell, namespace)
-    sizes, name = lesson_config.read_constants(namespace)
+    with pytest.raises(RuntimeError, match="SIZES: keep each constant's declaration on one line"):
+        helpers.read_constants(namespace)
+    cell = "# --- constants\nSIZES: tuple[int, ...] = (128, 64)  # layer widths [> 0]\nNAME: str = 'a'  # which one [a | b]\n# --- end constants\n"
+    namespace = {"_ih": ["", cell]}
+    exec(cell, namespace)
+    sizes, name = helpers.read_constants(namespace)
     assert (sizes.help, sizes.check, sizes.type) == ("layer widths", "> 0", "tuple[int, ...]")
     assert (name.help, name.check) == ("which one", "a | b")
     with pytest.raises(helpers.UserError, match="--sizes must be > 0"):
