@@ -11,7 +11,6 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_PROGRESS_BAR", "1")
 
 
-
 def load_lesson(number: int):
     """Import a lesson file by its number (`02_...py` cannot be spelled in an import statement). It is registered
     as `lesson02` so that pickling can find its classes. Importing a lesson runs no experiment."""

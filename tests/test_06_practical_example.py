@@ -129,7 +129,7 @@ def test_cutout_zeroes_one_square_at_most(lesson06):
 
 # --- optimiser -----------------------------------------------------------------------------------------
 def test_weight_decay_only_on_conv_and_linear_weights(lesson06):
-    model = lesson06.model_registry()["cifar_resnet18"](10)
+    model = lesson06.CIFAR_MODELS["cifar_resnet18"](10)
     decay, no_decay = lesson06.parameter_groups(model, 5e-4)
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     assert {id(p) for p in decay["params"]} == weights
@@ -169,7 +169,7 @@ def test_checkpoint_write_is_atomic(lesson06, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         lesson06.save_checkpoint(path, {"format": "x", "weights": torch.zeros(3)})
     assert path.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [helpers.MANIFEST, "last.pt"]  # no temporary file left
 
 
 def interrupt_at_call(lesson06, monkeypatch, call_number):
@@ -207,13 +207,13 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(lesson06, finished_run
     final_b = lesson06.load_checkpoint(straight_out / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
-    # Resumed into a new --out, with no settings given: the checkpoint brings them, best.pt comes along.
+    # Resumed into a new --out, with no settings given: the checkpoint brings them, and the best epoch's weights.
     new_out = Path(tiny["out"]).parent / "new out"
     where = {key: tiny[key] for key in ("data_dir", "download", "device")}  # not settings of the run
     again = lesson06.main(resume=str(elsewhere / "last.pt"), out=str(new_out), **where)
     assert again["status"] == "finished" and again["model"] == "resnet20" and again["num_train"] == 96
     assert again["test_accuracy"] == straight["test_accuracy"]
-    assert (new_out / "results.json").exists() and (new_out / "checkpoints" / "best.pt").exists()
+    assert (new_out / "results.json").exists() and (new_out / "checkpoints" / "last.pt").exists()
 
 
 @pytest.mark.slow
@@ -273,7 +273,7 @@ class Exploit:
 
 
 BAD_FLAGS = [
-    ({"model": "resnet7"}, "unknown model"),
+    ({"model": "resnet7"}, "--model must be one of resnet8, resnet20"),
     ({"dataset": "imagenet"}, "--dataset must be one of cifar10"),
     ({"epochs": 0}, "--epochs must be > 0"),
     ({"epochs": -2}, "--epochs must be > 0"),
@@ -402,16 +402,20 @@ def test_confusion_matrix_on_known_predictions(lesson06):
 
 
 # --- hostile runs (issue 12): resume semantics, diverged weights, the output folder ----------------------------
-def test_resume_refuses_a_changed_schedule_and_a_finished_run_says_so(lesson06, finished_run, tiny, capsys):
-    out, _ = finished_run
+def test_resume_refuses_a_changed_schedule_and_a_finished_run_gives_its_results(lesson06, finished_run, tiny, tmp_path):
+    out, straight = finished_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     last = str(out / "checkpoints" / "last.pt")
     for key, value in (("epochs", 3), ("batch_size", 16), ("lr", 0.05), ("schedule", "cosine")):
         with pytest.raises(helpers.UserError, match=rf"was written for {key} .*, this run has {value!r} \(leave"):
             lesson06.main(**{**tiny, "out": str(out), "resume": last, key: value})
-    result = lesson06.main(**{**tiny, "out": str(out), "resume": last})
-    assert result["status"] == "already finished" and "is finished (2 of 2 epochs" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    # A finished run (say one killed during its test evaluation, before results.json): resuming trains nothing
+    # and writes the results the uninterrupted run wrote.
+    result = lesson06.main(**{**tiny, "out": str(tmp_path / "again"), "resume": last})
+    assert result["status"] == "finished" and result["history"] == straight["history"]
+    assert result["test_accuracy"] == straight["test_accuracy"] and (tmp_path / "again" / "results.json").exists()
+    assert not (tmp_path / "again" / "checkpoints" / "last.pt").exists()  # nothing trained, nothing saved
 
 
 def poison_batch_norm_after_epoch(lesson06, monkeypatch, epoch: int):
@@ -455,20 +459,35 @@ def test_a_locked_output_folder_is_refused_before_any_work(lesson06, tiny):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another run holds it
         with pytest.raises(helpers.UserError, match=r"is in use by another run"):
             lesson06.main(**tiny)
-    assert [p.name for p in out.iterdir()] == [".lock", "checkpoints"]
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 
-def test_a_new_run_clears_the_files_of_an_earlier_one(lesson06, finished_run, tiny):
+def test_a_new_run_replaces_only_its_own_files_and_deletes_nothing(lesson06, finished_run, tiny):
     earlier, _ = finished_run
     out = Path(tiny["out"])
     shutil.copytree(earlier, out)
-    (out / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint from a killed save")
-    earlier_id = lesson06.load_checkpoint(out / "checkpoints" / "best.pt")["run_id"]
-    lesson06.main(**{**tiny, "epochs": 1})  # another schedule: a run of its own
-    ids = {lesson06.load_checkpoint(out / "checkpoints" / n)["run_id"] for n in ("best.pt", "last.pt")}
-    assert len(ids) == 1 and earlier_id not in ids
-    assert not list(out.rglob("*.tmp"))
+    draft = out / "checkpoints" / ".last.pt.x1y2.tmp"
+    draft.write_bytes(b"a hidden file of the user's that looks like a killed save")
+    notes = out / "notes.txt"
+    notes.write_text("mine")
+    lesson06.main(**{**tiny, "epochs": 1})  # another schedule: a run of its own, in the earlier run's folder
+    assert draft.read_bytes().startswith(b"a hidden file") and notes.read_text() == "mine"
+    assert lesson06.load_checkpoint(out / "checkpoints" / "last.pt")["run_config"]["epochs"] == 1
     assert len(json.loads((out / "results.json").read_text())["history"]) == 1
+
+
+def test_a_users_file_in_the_way_is_refused_and_kept(lesson06, tiny):
+    out = Path(tiny["out"])
+    out.mkdir()
+    (out / "results.json").write_text('{"mine": true}')
+    with pytest.raises(helpers.UserError, match=r"results.json was not written by a lesson run, or was changed since"):
+        lesson06.main(**tiny)
+    assert (out / "results.json").read_text() == '{"mine": true}'
+    (out / "results.json").unlink()
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").mkdir()  # a folder where a checkpoint should be
+    with pytest.raises(helpers.UserError, match=r"last.pt is in the way: it is not a plain file"):
+        lesson06.main(**tiny)
 
 
 def test_the_resume_hint_survives_a_path_with_spaces(lesson06):
@@ -483,53 +502,33 @@ def test_the_resume_hint_survives_a_path_with_spaces(lesson06):
     ]  # fmt: skip
 
 
-SCHEMA_DAMAGE = {
-    "no model": (lambda s: s.pop("model"), r"it has no 'model' entry"),
-    "optimizer a list": (lambda s: s.update(optimizer=[]), r"'optimizer' is a list, not a dict"),
-    "run_config without lr": (lambda s: s["run_config"].pop("lr"), r"run_config\['lr'\] is missing"),
-    "epochs a string": (
-        lambda s: s["run_config"].update(epochs="2"),
-        r"run_config\['epochs'\] is missing or not a int",
-    ),
-    "epoch a bool": (lambda s: s["run"].update(epoch=True), r"run\['epoch'\] is missing or not a int"),
-    "epoch past the end": (lambda s: s["run"].update(epoch=9), r"epoch 9 is outside 0..2"),
-    "negative step": (lambda s: s["run"].update(step=-1), r"step -1 or counts are negative"),
-    "seen not step x batch": (lambda s: s["run"].update(seen=7), r"7 images seen in 0 steps"),
-    "nan loss sum": (lambda s: s["run"].update(loss_sum=math.nan), r"training loss sum nan"),
-    "short history": (lambda s: s["history"].pop(), r"1 history records for 2 epochs"),
-    "history record incomplete": (lambda s: s["history"][0].pop("val_loss"), r"history record 1 is incomplete"),
-    "best epoch ahead": (lambda s: s["best"].update(epoch=3), r"best epoch 3 is outside 0..2"),
-    "rng not bytes": (lambda s: s["rng"].update(order=torch.zeros(3)), r"rng\['order'\] is not a byte tensor"),
-    "weights not tensors": (lambda s: s["model"].update({"conv1.weight": [1.0]}), r"bad model weights"),
+DAMAGE = {  # a hand-edited or damaged checkpoint: one line, before any training
+    "no model": (lambda s: s.pop("model"), r"is damaged: 'model'"),
+    "optimizer a list": (lambda s: s.update(optimizer=[]), r"is damaged"),
+    "run_config without lr": (lambda s: s["run_config"].pop("lr"), r"is damaged: a saved setting is missing"),
+    "epochs a string": (lambda s: s["run_config"].update(epochs="2"), r"--epochs takes int values, not '2'"),
+    "lr of -1": (lambda s: s["run_config"].update(lr=-1.0), r"--lr must be > 0 \(got -1.0\)"),
+    "momentum of -0.5": (lambda s: s["run_config"].update(momentum=-0.5), r"--momentum must be >= 0"),
+    "label smoothing of 5": (lambda s: s["run_config"].update(label_smoothing=5.0), r"--label-smoothing must be < 1"),
+    "epoch past the end": (lambda s: s["run"].update(epoch=9), r"is damaged: step 0 of epoch 10 does not match"),
+    "negative step": (lambda s: s["run"].update(step=-1), r"is damaged: step -1 of epoch 3 does not match"),
+    "nan loss sum": (lambda s: s["run"].update(loss_sum=math.nan), r"is damaged"),
+    "short history": (lambda s: s["history"].pop(), r"is damaged"),
+    "7-byte generator state": (lambda s: s["rng"].update(order=torch.zeros(7, dtype=torch.uint8)), r"is damaged"),
+    "weights not tensors": (lambda s: s["model"].update({"conv1.weight": [1.0]}), r"is damaged"),
 }
 
 
-@pytest.mark.parametrize("case", list(SCHEMA_DAMAGE))
-def test_checkpoint_schema_is_checked_key_by_key(lesson06, finished_run, tmp_path, case):
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line(lesson06, finished_run, tiny, tmp_path, case):
     import copy
 
     out, _ = finished_run
     state = copy.deepcopy(torch.load(out / "checkpoints" / "last.pt", weights_only=True))
-    damage, message = SCHEMA_DAMAGE[case]
+    damage, message = DAMAGE[case]
     damage(state)
     path = tmp_path / "damaged.pt"
     torch.save(state, path)
-    with pytest.raises(helpers.UserError, match=rf"checkpoint .*damaged.pt is damaged: {message}"):
-        lesson06.load_checkpoint(path)
-
-
-def test_a_broken_lesson04_is_reported_not_hidden(lesson06, monkeypatch, capsys):
-    """Lesson 06 still runs on lesson 02's models when lesson 04 fails to import, and says what broke."""
-
-    def broken(number):
-        raise NameError("name 'PreActBlok' is not defined")
-
-    lesson06.lesson04_variants.cache_clear()
-    monkeypatch.setattr(lesson06.helpers, "load_lesson", broken)
-    try:
-        models = lesson06.model_registry()
-        assert "resnet20" in models and "preact_resnet20" not in models
-        err = capsys.readouterr().err
-        assert "NOTICE: lesson 04 failed to import (NameError: name 'PreActBlok' is not defined" in err
-    finally:
-        lesson06.lesson04_variants.cache_clear()
+    with pytest.raises(helpers.UserError, match=rf"checkpoint .*damaged.pt .*{message}"):
+        lesson06.main(**{**tiny, "resume": str(path)})
+    assert not (Path(tiny["out"]) / "checkpoints" / "last.pt").exists()

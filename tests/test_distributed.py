@@ -84,9 +84,9 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stdout + stderr
     assert stdout.count("resumed from") == 1 and stdout.count("figures, results.json and checkpoints") == 1
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [helpers.MANIFEST,
         ".lock", "checkpoints", "confusion_matrix.png", "curves.png", "mistakes.png", "results.json"]  # fmt: skip
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [helpers.MANIFEST, "best.pt", "last.pt"]
     finished = json.loads((out / "results.json").read_text())
     assert finished["status"] == "finished" and finished["world_size"] == WORLD
     assert [h["epoch"] for h in finished["history"]] == [1, 2, 3]
@@ -97,13 +97,14 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
     # at step 5, 4e-3 at step 8) as small differences in the weights are amplified, so steps 1-4 are compared. One process with epochs 1
     # has the same learning rates as epochs 3 during those steps (the 4 warm-up steps).
     def resnet8_with_rank_slice_norms(num_classes):
-        model = lesson06.L02.CIFAR_MODELS["resnet8"](num_classes)
+        model = resnet8(num_classes)
         for module in model.modules():
             if type(module) is nn.BatchNorm2d:
                 module.__class__ = RankSliceBatchNorm
         return model
 
-    monkeypatch.setattr(lesson06, "model_registry", lambda: {"resnet8": resnet8_with_rank_slice_norms})
+    resnet8 = lesson06.CIFAR_MODELS["resnet8"]
+    monkeypatch.setitem(lesson06.CIFAR_MODELS, "resnet8", resnet8_with_rank_slice_norms)
     one = lesson06.main(**{**FLAGS, "epochs": 1, "out": str(tmp_path / "one"), "tta": False})
     assert one["world_size"] == 1
     two_losses = finished["first_step_losses"]
@@ -123,11 +124,11 @@ def test_rank_slices_partition_the_global_batch(lesson06):
 def test_distributed_context_reads_torchruns_environment(lesson06, monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert lesson06.distributed_context() == lesson06.Distributed(0, 1, 0) and lesson06.is_main_process()
+    assert lesson06.distributed_context() == lesson06.Distributed(0, 1, 0)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert lesson06.distributed_context() == lesson06.Distributed(3, 4, 1) and not lesson06.is_main_process()
+    assert lesson06.distributed_context() == lesson06.Distributed(3, 4, 1)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(helpers.UserError, match="RANK 4 is outside 0..3"):
         lesson06.distributed_context()

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, load_lesson
+from conftest import REPO
 
 import helpers
 
@@ -198,7 +198,9 @@ def test_format_table_is_fixed_width():
 
 def test_a_wrapped_declaration_is_refused_not_silently_dropped():
     """One line per constant: a declaration split over lines would lose its help and check, so it is an error."""
-    cell = "# --- constants\nSIZES: tuple[int, ...] = (\n    128,\n    64,\n)  # layer widths [> 0]\n# --- end constants\n"
+    cell = (
+        "# --- constants\nSIZES: tuple[int, ...] = (\n    128,\n    64,\n)  # layer widths [> 0]\n# --- end constants\n"
+    )
     namespace = {"_ih": ["", cell]}
     exec(cell, namespace)
     with pytest.raises(RuntimeError, match="SIZES: keep each constant's declaration on one line"):
