@@ -181,7 +181,7 @@ class StopTraining(helpers.UserError):
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop, ddp):
-    """Train from `run["step"]` to the end of epoch `run["epoch"]`, or until `stop["stop"]` is set.
+    """Train from `run["step"]` to the end of epoch `run["epoch"]`, or until a stop request reaches every process.
 
     The epoch's order comes from the order generator's state saved at the epoch's start, so a run stopped at step k
     rebuilds the same order and skips k batches. Loss sums stay on the device between read-outs (reading a number
@@ -214,8 +214,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
         run["step"], run["seen"] = step + 1, run["seen"] + cfg.batch_size  # seen: images of all processes
         if run["epoch"] == 0 and len(first_losses) < FIRST_LOSSES and run["step"] == len(first_losses) + 1:
             first_losses.append(all_reduce(ddp, loss.detach().double().reshape(1)).item() / ddp.world)
-        if run["step"] % cfg.check_every == 0 or run["step"] == len(batches) or (stop["stop"] and ddp.world == 1):
-            totals = all_reduce(ddp, torch.cat([sums, sums.new_tensor([float(stop["stop"])])]).double()).tolist()
+        if run["step"] % cfg.check_every == 0 or run["step"] == len(batches) or (stop["requested"] and ddp.world == 1):
+            totals = all_reduce(ddp, torch.cat([sums, sums.new_tensor([float(stop["requested"])])]).double()).tolist()
             sums.zero_()
             run["loss_sum"], run["correct"] = run["loss_sum"] + totals[0], run["correct"] + int(totals[1])
             mean_loss = run["loss_sum"] / run["seen"]  # NaN and infinity are sticky in a sum
@@ -317,7 +317,7 @@ def main(**overrides):
             )
         header = f"{'epoch':>9}  {'lr':>7}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'img/s':>7}  {'time s':>6}"
         print(header + "\n" + "-" * len(header), flush=True)
-        stop = {"stop": False, "signal": signal.SIGINT}
+        stop = {"stop": False, "requested": False, "signal": signal.SIGINT}
         with stop_requests(stop):
             while t["run"]["epoch"] < cfg.epochs and not stop["stop"]:
                 train_and_validate_one_epoch(t, cfg, data, device, amp_dtype, ddp, out, stop)
@@ -405,7 +405,7 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
     t["kept"] = f"{checkpoints / 'last.pt'} (end of epoch {record['epoch']}) is kept"
     print(f"{record['epoch']:>4}/{cfg.epochs:<4}  {record['lr']:7.4f}  {record['train_loss']:10.4f}  {record['train_accuracy']:9.2%}  "
           f"{record['val_loss']:8.4f}  {record['val_accuracy']:7.2%}  {record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if is_best else ''}", flush=True)  # fmt: skip
-    stop["stop"] = all_reduce(ddp, torch.tensor([float(stop["stop"])], device=device)).item() > 0  # all stop, or none
+    stop["stop"] = all_reduce(ddp, torch.tensor([float(stop["requested"])], device=device)).item() > 0  # all, or none
 
 
 def require_finite(t: dict, losses: dict, where: str) -> None:
@@ -571,9 +571,9 @@ def stop_requests(stop: dict):
     and save; a second one interrupts at once. Outside the main thread (no signals there) nothing changes."""
 
     def handler(signum, frame):
-        if stop["stop"]:
+        if stop["requested"]:
             raise KeyboardInterrupt(signum)
-        stop.update(stop=True, signal=signum)
+        stop.update(requested=True, signal=signum)  # the processes then agree on where to stop, and stop together
         print(
             f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: stopping after this step and saving a checkpoint (again to abort)",
             flush=True,
