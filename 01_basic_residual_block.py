@@ -576,7 +576,7 @@ def main(**overrides):
     started = time.perf_counter()
     check_sizes(cfg)
     device = helpers.pick_device(cfg.device)
-    out_dir = helpers.output_dir(cfg)
+    out_dir = helpers.output_dir(cfg, "results.json", "depth_sweep.png")
     helpers.seed_everything(cfg.seed)
     results = {"trace": block_shapes(cfg, device)}  # 1. the block, stage by stage
     with one_cpu_thread():  # everything below works on tiny tensors

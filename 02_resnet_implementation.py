@@ -812,16 +812,20 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
     """Load torchvision's ImageNet weights for `model_name` into the lesson's model (strict) and classify
     one image. Without network access (and no cached file), print one notice and return."""
     import contextlib
+    import hashlib
     import io
+    import re
     import urllib.error
 
     import torchvision
 
     weights = torchvision.models.get_model_weights(model_name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name  # e.g. resnet50-11ad3fa6.pth
+    expected = re.search(r"-([a-f0-9]+)\.", cached.name)[1]  # the start of the file's SHA-256, as torch.hub names it
     try:
-        # torch.hub prints "Downloading: ..." before it fails: keep the failure to one line.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            state = weights.get_state_dict(progress=False)
+        if not cached.exists():  # torch.hub prints "Downloading: ..." before it fails: keep a failure to one line
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=expected, progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         reason = helpers.error_summary(getattr(error, "reason", None) or error)
         print(
@@ -830,8 +834,18 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
             flush=True,
         )
         return {"loaded": False, "weights": f"{model_name}.{weights.name}", "reason": reason}
+    # A cached file is checked like a download (hash), then loaded with weights_only=True: never unpickled freely.
+    digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+    helpers.require(digest.startswith(expected), f"{cached} is not torchvision's {model_name} weights: its SHA-256 starts "
+                    f"{digest[:len(expected)]}, not {expected} (delete it to download it again)")  # fmt: skip
     model = IMAGENET_MODELS[model_name]()
-    model.load_state_dict(state, strict=True)  # every name and shape matches, or this raises
+    try:
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)  # every name and shape matches, or this raises
+    except Exception as error:  # noqa: BLE001 - a damaged file, whatever its damage, is one line
+        raise helpers.UserError(
+            f"cannot load {cached}: {helpers.error_summary(error)} (delete it to download it again)"
+        ) from None
     reference = torchvision.models.get_model(model_name)
     reference.load_state_dict(state)
     image = torchvision.io.read_image(image_path, mode=torchvision.io.ImageReadMode.RGB)  # (3, H, W) uint8
@@ -855,6 +869,18 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
         "top5": rows,
         "max_prob_difference_vs_torchvision": difference,
     }
+
+
+def readable_image(path: str) -> None:
+    """Decode the image now, before the minutes of work: a text or empty file is one error line."""
+    import torchvision
+
+    try:
+        torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise helpers.UserError(
+            f"--image {path} is not an image torchvision can read: {helpers.error_summary(error)} (pass a JPEG or PNG)"
+        ) from None
 
 
 def default_sample_image() -> str | None:
@@ -885,9 +911,10 @@ def main(**overrides):
     if cfg.pretrained:  # check before the minutes of work, not after
         helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")
         helpers.require(Path(image).is_file(), f"--image {image} is not a file (pass the path of a JPEG or PNG)")
+        readable_image(image)
     started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
-    out_dir = helpers.output_dir(cfg)
+    out_dir = helpers.output_dir(cfg, "results.json", "resnet_family.png")
     helpers.seed_everything(cfg.seed)
     results = whole_networks(cfg, device)  # 1. stem, stages, pooling, classifier; 3. against the published counts
     results["block_comparison"] = block_table()  # 2. the two blocks

@@ -891,7 +891,7 @@ def main(**overrides):
     validate(cfg)
     device = helpers.pick_device(cfg.device)
     amp_dtype = helpers.autocast_dtype(device, cfg.precision)
-    out_dir = helpers.output_dir(cfg)
+    out_dir = helpers.output_dir(cfg, "results.json", "training_error.png", "gradient_norms.png")
     helpers.seed_everything(cfg.seed)
     data = load_data(cfg).to(device)
 

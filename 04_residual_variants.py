@@ -149,7 +149,7 @@ BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN sta
 TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
 TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
 CIFAR_TIMING_SIZE: int = 32  # input height and width (pixels) for timing the CIFAR variants [>= 32]
-IMAGENET_TIMING_SIZE: int = 64  # input side (pixels) for timing ImageNet variants (MACs: at 224) [>= 32]
+IMAGENET_TIMING_SIZE: int = 64  # input side (pixels) for timing ImageNet variants (MACs: at 224) [>= 64]
 DEEP_DEPTH: int = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2) [>= 11]
 DEEP_BATCH: int = 2  # images in the very deep network's forward and backward pass [>= 2]
 # --- end constants -----------------------------------------------------------------------------------
@@ -1206,7 +1206,7 @@ def main(**overrides):
         helpers.check_data_dir(cfg.data_dir)  # the data is loaded after a minute of timing: check it now
     started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
-    out_dir = helpers.output_dir(cfg)
+    out_dir = helpers.output_dir(cfg, "results.json", "variants.png")
     print(f"device: {helpers.device_name(device)}\n")
     results = {
         "deep_preact": preactivation_at_depth(cfg, device),  # pre-activation: 1001 layers, gradients intact

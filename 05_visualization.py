@@ -125,6 +125,7 @@ FULL_OVERRIDES = {
     "loss_images": 10000,
     "gradient_batch": 128,
 }
+OUTPUT_FILES = ("results.json", "gradient_flow.png", "loss_landscape.png", "architecture.png", "feature_evolution.png")
 LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 10; higher values are clipped
 
 
@@ -564,6 +565,8 @@ def load_weights(model: nn.Module, path: str) -> None:
             f"{path} does not hold weights of this network: {helpers.error_summary(error)} "
             "(pass weights of the same depth and kind, or leave the flag empty to train)"
         ) from None
+    bad = [name for name, x in model.state_dict().items() if x.is_floating_point() and not torch.isfinite(x).all()]
+    helpers.require(not bad, f"{path} holds NaN or infinity in {len(bad)} tensors, e.g. {bad[0] if bad else ''} (pass weights of a run that did not diverge)")
 
 
 def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dtype) -> tuple[nn.Module, dict]:
@@ -878,7 +881,7 @@ def plot_features(features: list[tuple[str, torch.Tensor]], channels: int, mean,
 
 # In a notebook, the block diagrams (a command-line run draws them in main).
 if helpers.in_notebook():
-    plot_architecture(architecture_specs(), helpers.output_dir(helpers.config(globals(), {})) / "architecture.png")
+    plot_architecture(architecture_specs(), helpers.output_dir(helpers.config(globals(), {}), *OUTPUT_FILES) / "architecture.png")
 
 
 # %% The run
@@ -909,7 +912,7 @@ def main(**overrides):
     started = time.perf_counter()
     generator = helpers.seed_everything(cfg.seed)
     device = helpers.pick_device(cfg.device)
-    out = helpers.output_dir(cfg)
+    out = helpers.output_dir(cfg, *OUTPUT_FILES)
     helpers.use_headless_matplotlib()
     data = helpers.load_data(cfg, test_size=1).to(device)
     print(f"device {device}, dataset {data.name}: {len(data.train_x)} training images")

@@ -712,6 +712,15 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(
         name, torchvision.datasets.FashionMNIST
     )
+    try:
+        return _read_torchvision_dataset(name, cls, data_dir, download)
+    except PermissionError as error:
+        raise UserError(
+            f"cannot write the {name} files into --data-dir {data_dir}: {error.strerror} (pass a writable --data-dir)"
+        ) from None
+
+
+def _read_torchvision_dataset(name: str, cls, data_dir: Path, download: bool):
     if name == "fashion-mnist":  # Debian's copy, checked against the originals' MD5s, saves a download
         raw = data_dir / "FashionMNIST" / "raw"
         if not all((raw / n).exists() for n in FASHION_MNIST_RAW_MD5) and all(
@@ -730,11 +739,9 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
         try:
             with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
                 ds = cls(root=str(data_dir), train=train, download=download)
-        except PermissionError as error:
-            raise UserError(
-                f"cannot write the {name} files into --data-dir {data_dir}: {error.strerror} (pass a writable --data-dir)"
-            ) from None
         except (RuntimeError, OSError, ValueError) as error:  # not found, corrupt, or no network
+            if isinstance(error, PermissionError):
+                raise
             folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
             require(
                 name == "fashion-mnist" or not folder.exists(),
