@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -551,7 +552,9 @@ def load_weights(model: nn.Module, path: str) -> None:
     file = Path(path)
     helpers.require(file.is_file(), f"checkpoint {path} does not exist (check the path, or leave it empty to train)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses: the refusal is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
         raise helpers.UserError(
             f"cannot load {path}: {helpers.error_summary(error)} (pass a state_dict file)"
@@ -566,7 +569,10 @@ def load_weights(model: nn.Module, path: str) -> None:
             "(pass weights of the same depth and kind, or leave the flag empty to train)"
         ) from None
     bad = [name for name, x in model.state_dict().items() if x.is_floating_point() and not torch.isfinite(x).all()]
-    helpers.require(not bad, f"{path} holds NaN or infinity in {len(bad)} tensors, e.g. {bad[0] if bad else ''} (pass weights of a run that did not diverge)")
+    helpers.require(
+        not bad,
+        f"{path} holds NaN or infinity in {len(bad)} tensors, e.g. {bad[0] if bad else ''} (pass weights of a run that did not diverge)",
+    )
 
 
 def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dtype) -> tuple[nn.Module, dict]:
@@ -881,7 +887,9 @@ def plot_features(features: list[tuple[str, torch.Tensor]], channels: int, mean,
 
 # In a notebook, the block diagrams (a command-line run draws them in main).
 if helpers.in_notebook():
-    plot_architecture(architecture_specs(), helpers.output_dir(helpers.config(globals(), {}), *OUTPUT_FILES) / "architecture.png")
+    plot_architecture(
+        architecture_specs(), helpers.output_dir(helpers.config(globals(), {}), *OUTPUT_FILES) / "architecture.png"
+    )
 
 
 # %% The run
@@ -897,14 +905,16 @@ def main(**overrides):
         step <= cfg.summary_radius <= cfg.grid_radius - step,
         f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
     )
-    for flag, path in (
-        ("--residual-checkpoint", cfg.residual_checkpoint),
-        ("--plain-checkpoint", cfg.plain_checkpoint),
+    for flag, path, plain in (
+        ("--residual-checkpoint", cfg.residual_checkpoint, False),
+        ("--plain-checkpoint", cfg.plain_checkpoint, True),
     ):
         helpers.require(
             not path or Path(path).is_file(),
             f"{flag} {path} is not a file (check the path, or leave it empty to train)",
         )
+        if path:  # loaded once now, so that a file that does not fit fails before the minutes of work
+            load_weights(cifar_resnet(cfg.landscape_depth, 100 if cfg.dataset == "cifar100" else 10, plain=plain), path)
     helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations
     depth = max(*cfg.gradient_depths, cfg.landscape_depth)  # a training step keeps ~3 (B, 16, 32, 32) maps per layer
     batch = max(cfg.gradient_batch, cfg.batch_size)

@@ -50,6 +50,7 @@ import os
 import shlex
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -461,10 +462,17 @@ def load_checkpoint(path: str | Path) -> dict:
     what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
     helpers.require(path.is_file(), f"checkpoint {path} {what} (check the --resume path)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses: the refusal is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a forbidden global in the pickle
+        reason = (
+            "a weights-only load refuses what it holds"
+            if "Weights only load failed" in str(error)
+            else helpers.error_summary(error)
+        )
         raise helpers.UserError(
-            f"cannot load checkpoint {path}: {helpers.error_summary(error)} (pass a checkpoint written by this lesson)"
+            f"cannot load checkpoint {path}: {reason} (pass a checkpoint written by this lesson)"
         ) from None
     helpers.require(
         isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT,

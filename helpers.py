@@ -444,12 +444,19 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        blocker = next((p for p in [path, *path.parents] if _is_file_in_the_way(p)), None)
         reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or type(error).__name__
         raise UserError(
             f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
         ) from None
     return path
+
+
+def _is_file_in_the_way(path: Path) -> bool:
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:  # a name too long, say: the error itself says what is wrong
+        return False
 
 
 def lock_folder(out: Path) -> None:

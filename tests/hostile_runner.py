@@ -53,11 +53,11 @@ def _child(script: str, args: list[str], cwd: str, stdout: str, stderr: str, env
     os._exit(code)
 
 
-def run(script: str, args: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `python script args` run in `cwd`."""
-    env = {"NO_PROGRESS_BAR": "1", "PYTHONUNBUFFERED": "1"}
+def run(script: str, args: list[str], cwd: Path, timeout: float = 120, env: dict | None = None) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `python script args` run in `cwd`, with `env` added to the environment."""
+    env = {"NO_PROGRESS_BAR": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if os.environ.get("HOSTILE_SUBPROCESS"):
-        return run_subprocess(script, args, cwd, timeout)
+        return run_subprocess(script, args, cwd, timeout, env)
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
@@ -76,8 +76,8 @@ def run(script: str, args: list[str], cwd: Path, timeout: float = 120) -> tuple[
     return process.exitcode, stdout, stderr
 
 
-def run_subprocess(script: str, args: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str, str]:
-    env = {**os.environ, "NO_PROGRESS_BAR": "1", "PYTHONUNBUFFERED": "1"}
+def run_subprocess(script: str, args: list[str], cwd: Path, timeout: float = 120, env=None) -> tuple[int, str, str]:
+    env = {**os.environ, "NO_PROGRESS_BAR": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(
         [sys.executable, str(REPO / script), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )

@@ -77,7 +77,7 @@ def test_grouped_convolution_equals_sum_of_parallel_paths(lesson04):
 def test_paths_differ_when_the_groups_are_misassigned(lesson04):
     """The equivalence is not automatic: pairing path i's 3x3 weights with another path's channels breaks it."""
     torch.manual_seed(0)
-    block = lesson04.L02.Bottleneck(64, 64, groups=4, base_width=16).eval()
+    block = lesson04.Bottleneck(64, 64, groups=4, base_width=16).eval()
     x = torch.randn(1, 64, 8, 8)
     with torch.no_grad():
         correct = lesson04.aggregated_paths(block, x)
@@ -98,7 +98,7 @@ def test_se_gates_lie_in_zero_one_and_change_the_output(lesson04):
         block.se.fc2.bias.fill_(30.0)  # gates -> sigmoid(large) = 1: the SE module becomes the identity
         block.se.fc2.weight.zero_()
         assert not torch.allclose(with_se, block(x), atol=1e-3)
-        torch.testing.assert_close(block(x), F.relu(lesson04.L02.Bottleneck.branch(block, x) + x))
+        torch.testing.assert_close(block(x), F.relu(lesson04.Bottleneck.branch(block, x) + x))
 
 
 @pytest.mark.parametrize("block_name", ["PreActBlock", "PreActBottleneck"])
@@ -229,7 +229,7 @@ def test_same_seed_same_model_as_torchvision(lesson04, name):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, name)().eval()
     torch.manual_seed(0)
-    ours = (lesson04.L02.resnet50 if name == "resnet50" else getattr(lesson04, name))().eval()
+    ours = (lesson04.resnet50 if name == "resnet50" else getattr(lesson04, name))().eval()
     for (key, expected), (_, actual) in zip(reference.state_dict().items(), ours.state_dict().items(), strict=True):
         assert torch.equal(actual, expected), key
     x = torch.randn(1, 3, 64, 64)

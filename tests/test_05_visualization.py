@@ -41,7 +41,7 @@ def png_size(path):
 
 def test_filter_normalised_direction_has_the_weights_filter_norms(lesson05):
     torch.manual_seed(0)
-    model = lesson05.L02.cifar_resnet(8)
+    model = lesson05.cifar_resnet(8)
     direction = lesson05.filter_normalized_direction(model, torch.Generator().manual_seed(1))
     checked = 0
     for weight, d in zip(model.parameters(), direction):
@@ -56,7 +56,7 @@ def test_filter_normalised_direction_has_the_weights_filter_norms(lesson05):
 
 
 def test_biases_and_batch_norm_parameters_get_zero_direction(lesson05):
-    model = lesson05.L02.cifar_resnet(8)
+    model = lesson05.cifar_resnet(8)
     direction = lesson05.filter_normalized_direction(model, torch.Generator().manual_seed(1))
     ignored = [(n, d) for (n, p), d in zip(model.named_parameters(), direction) if p.dim() <= 1]
     assert any(".bn" in n or n.startswith("bn") for n, _ in ignored) and any(n == "fc.bias" for n, _ in ignored)
@@ -65,7 +65,7 @@ def test_biases_and_batch_norm_parameters_get_zero_direction(lesson05):
 
 def test_grid_centre_is_the_unperturbed_loss_and_weights_are_restored(lesson05):
     torch.manual_seed(0)
-    model = lesson05.L02.cifar_resnet(8).eval()
+    model = lesson05.cifar_resnet(8).eval()
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
     before = [p.detach().clone() for p in model.parameters()]
@@ -100,7 +100,7 @@ def test_summary_of_a_known_bowl_and_saddle(lesson05):
 
 
 def test_without_batch_norm_removes_every_norm(lesson05):
-    model = lesson05.without_batch_norm(lesson05.L02.cifar_resnet(8, plain=True))
+    model = lesson05.without_batch_norm(lesson05.cifar_resnet(8, plain=True))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert len(helpers.weighted_layers(model)) == 8
 
@@ -143,9 +143,9 @@ def test_tiny_run_writes_figures_and_results_in_seconds(lesson05, tmp_path):
 
 def test_checkpoint_is_used_instead_of_training_and_a_wrong_one_is_a_user_error(lesson05, tmp_path):
     torch.manual_seed(3)
-    net = lesson05.L02.cifar_resnet(8)
+    net = lesson05.cifar_resnet(8)
     torch.save({"model": net.state_dict()}, tmp_path / "residual.pt")
-    torch.save(lesson05.L02.cifar_resnet(14).state_dict(), tmp_path / "wrong.pt")
+    torch.save(lesson05.cifar_resnet(14).state_dict(), tmp_path / "wrong.pt")
     config = {**TINY, "gradient_depths": (8,), "out": str(tmp_path / "out")}
     with pytest.raises(helpers.UserError, match="does not hold weights"):
         lesson05.main(**config, plain_checkpoint=str(tmp_path / "wrong.pt"))

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 import re
 from pathlib import Path
 
 import hostile_runner
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_lesson
 
 import helpers
 
@@ -80,7 +81,7 @@ HOSTILE = [
     row(L06, ["--label-smoothing", "1"], 1, r"--label-smoothing must be < 1"),
     row(L06, ["--eval-batch-size", "0"], 1, r"--eval-batch-size must be > 0"),
     row(L06, ["--schedule", "linear"], 1, r"--schedule must be one of onecycle, cosine \(got 'linear'\)"),
-    row(L06, ["--model", "resnet18"], 1, r"unknown model 'resnet18' \(use one of: resnet8, resnet20"),
+    row(L06, ["--model", "resnet18"], 1, r"--model must be one of resnet8, resnet20, .* \(got 'resnet18'\)"),
     # --- shapes: too small for batch norm, too large for memory ------------------------------------------------
     row(L01, ["--sweep-batch-size", "1", "--sweep-side", "1"], 1, r"batch norm in train mode needs more than one"),
     row(L01, ["--trace-input-shape", "100000", "64", "560", "560"], 1, r"--trace-input-shape needs .* GiB"),
@@ -116,19 +117,67 @@ HOSTILE = [
     row(L06, [*TINY06, "--resume", "{tmp}/nope.pt"], 1, r"checkpoint .*nope.pt does not exist"),
     row(L06, [*TINY06, "--resume", "{text_file}"], 1, r"cannot load checkpoint"),
     row(L06, [*TINY06, "--resume", "{crafted}"], 1, r"cannot load checkpoint"),
-    row(L06, ["--resume", "{ckpt:no_run_id}"], 1, r"is damaged: it has no 'run_id' entry"),
-    row(L06, ["--resume", "{ckpt:negative_epoch}"], 1, r"is damaged: epoch -1 is outside 0..1"),
-    row(L06, ["--resume", "{ckpt:step_is_text}"], 1, r"is damaged: run\['step'\] is missing or not a int"),
-    row(L06, ["--resume", "{ckpt:history_not_list}"], 1, r"is damaged: 'history' is a dict, not a list"),
+    row(L06, ["--resume", "{ckpt:negative_epoch}"], 1, r"is damaged: step 0 of epoch 0 does not match"),
+    row(L06, ["--resume", "{ckpt:step_is_text}"], 1, r"is damaged: "),
+    row(L06, ["--resume", "{ckpt:history_not_list}"], 1, r"is damaged: step 0 of epoch 2 does not match"),
     row(L06, ["--resume", "{ckpt:step_out_of_range}"], 1, r"is damaged: step 1000 of epoch 1 does not match"),
-    row(L06, ["--resume", "{ckpt:schedule_edited}"], 1, r"is damaged: its schedule"),
-    row(L06, ["--resume", "{ckpt:v1}"], 1, r"written by an earlier version of this lesson"),
+    row(L06, ["--resume", "{ckpt:schedule_edited}"], 1, r"is damaged: step 2 of epoch 1 does not match"),
+    row(L06, ["--resume", "{ckpt:v1}"], 1, r"is not a checkpoint of this lesson, or is one of an earlier version"),
     row(L06, ["--resume", "{ckpt:finished}", "--epochs", "2"], 1, r"was written for epochs 1, this run has 2 \(leave"),
     row(
         L06, ["--resume", "{ckpt:finished}", "--batch-size", "32"], 1, r"was written for batch_size 64, this run has 32"
     ),
     row(L06, ["--resume", "{ckpt:finished}", "--lr", "0.05"], 1, r"was written for lr 0.1, this run has 0.05"),
-    row(L06, ["--resume", "{ckpt:finished}"], 0, None, "06:resume a finished run: says so, changes nothing"),
+    row(L06, ["--resume", "{ckpt:lr_minus_1}"], 1, r"a saved setting .* fails its check: --lr must be > 0"),
+    row(L06, ["--resume", "{ckpt:momentum_minus}"], 1, r"fails its check: --momentum must be >= 0"),
+    row(L06, ["--resume", "{ckpt:smoothing_5}"], 1, r"fails its check: --label-smoothing must be < 1"),
+    row(L06, ["--resume", "{ckpt:short_generator}"], 1, r"is damaged: "),
+    # --- issue 21: a folder of the user's own files, claimed by no lesson run, is refused and kept byte for byte
+    *[
+        row(lesson, ["--out", "{users_out}"], 1, r"was not written by a lesson run, or was changed since")
+        for lesson in LESSONS
+    ],
+    row(
+        L06,
+        [*TINY06, "--out", "{users_out}", "--lr", "1e30"],
+        1,
+        r"was not written by a lesson run",
+        "06:users_out lr 1e30",
+    ),
+    *[row(lesson, ["--out", ""], 1, r"--out is empty") for lesson in (L01, L03, L06)],
+    row(
+        L03, ["--out", "{locked_out}"], 1, r"is in use by another run \(process \d+\)", "03:folder locked by lesson 06"
+    ),
+    row(L06, [*TINY06, "--out", "{results_dir}"], 1, r"results.json is in the way: it is not a plain file"),
+    row(L01, ["--out", "{fifo_lock}"], 1, r"\.lock is not a file"),
+    row(L01, ["--out", "{tmp}/{long}"], 1, r"cannot write to output folder .*: File name too long"),
+    row(L06, ["--resume", "{tmp}/{long}.pt"], 1, r"File name too long"),
+    row(L03, ["--dataset", "fashion-mnist", "--data-dir", "{tmp}/{long}"], 1, r"File name too long"),
+    row(L05, ["--plain-checkpoint", "{tmp}/{long}.pt"], 1, r"File name too long"),
+    row(L02, ["--pretrained", "--image", "{tmp}/{long}.jpg"], 1, r"File name too long"),
+    row(L06, [*TINY06, "--resume", "{plain_pickle}"], 1, r"cannot load checkpoint"),
+    row(L06, [*TINY06, "--resume", "{tmp}"], 1, r"checkpoint .* is a folder"),
+    row(L06, [*TINY06, "--resume", "/dev/null"], 1, r"checkpoint /dev/null is not a regular file"),
+    row(L06, ["--cutout", "99999999999999999999"], 1, r"--cutout must be <= 32"),
+    row(L04, ["--imagenet-timing-size", "32"], 1, r"--imagenet-timing-size must be >= 64"),
+    row(L02, ["--pretrained", "--image", "{text_file}"], 1, r"is not an image torchvision can read"),
+    row(L05, ["--dataset", "synthetic", "--residual-checkpoint", "{nan_weights}"], 1, r"holds NaN or infinity in"),
+    row(L03, ["--dataset", "fashion-mnist", "--data-dir", "/sys/hostile-data"], 1, r"/sys/hostile-data"),
+    row(
+        L06,
+        [*TINY06, "ENV:WORLD_SIZE=2", "ENV:RANK=0", "ENV:MASTER_ADDR=127.0.0.1", "ENV:MASTER_PORT=29555"],
+        1,
+        r"WORLD_SIZE=2 and RANK=0 are set, but torchrun did not start this process",
+        "06:leftover torchrun variables",
+    ),  # fmt: skip
+    row(
+        L06,
+        [*TINY06, "ENV:WORLD_SIZE=2", "ENV:RANK=0"],
+        1,
+        r"torchrun did not start this process",
+        "06:WORLD_SIZE RANK",
+    ),
+    row(L06, [*TINY06, "ENV:WORLD_SIZE=two"], 1, r"WORLD_SIZE is set, but RANK is missing", "06:WORLD_SIZE=two"),
     # --- the benchmark --------------------------------------------------------------------------------------
     row(BENCH, ["--workers", "-1"], 1, r"--workers must be 0 or more"),
     row(BENCH, ["--peak-gflops-fp32", "nan"], 1, r"--peak-gflops-fp32 is nan, not a number"),
@@ -181,7 +230,7 @@ def forged_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
 
     def unfinish(s, step, epoch=0):  # move the position back into the run, as a mid-epoch save would have it
         s["run"].update(epoch=epoch, step=step, seen=step * s["run_config"]["batch_size"], correct=0)
-        s["history"], s["best"] = [], {"val_accuracy": -1.0, "epoch": 0}
+        s["history"], s["best"], s["best_model"] = [], {"val_accuracy": -1.0, "epoch": 0}, None
 
     def edited_schedule(s):
         unfinish(s, 2)
@@ -193,13 +242,16 @@ def forged_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
 
     forged = {
         "finished": good,
-        "no_run_id": forge("no_run_id", lambda s: s.pop("run_id")),
         "negative_epoch": forge("negative_epoch", lambda s: s["run"].update(epoch=-1)),
         "step_is_text": forge("step_is_text", lambda s: s["run"].update(step="3")),
         "history_not_list": forge("history_not_list", lambda s: s.update(history={})),
         "step_out_of_range": forge("step_out_of_range", lambda s: unfinish(s, 1000)),
         "schedule_edited": forge("schedule_edited", edited_schedule),
         "v1": forge("v1", lambda s: s.update(format="lesson06-checkpoint-v1")),
+        "lr_minus_1": forge("lr_minus_1", lambda s: s["run_config"].update(lr=-1.0)),
+        "momentum_minus": forge("momentum_minus", lambda s: s["run_config"].update(momentum=-0.5)),
+        "smoothing_5": forge("smoothing_5", lambda s: s["run_config"].update(label_smoothing=5.0)),
+        "short_generator": forge("short_generator", lambda s: s["rng"].update(order=torch.zeros(7, dtype=torch.uint8))),
     }
     return forged
 
@@ -220,20 +272,37 @@ def places(tmp_path, request):
     made["text_file"].write_text("not a checkpoint")
     made["crafted"] = tmp_path / "crafted.pt"
     torch.save({"format": Exploit(str(tmp_path / "pwned"))}, made["crafted"])
+    made["plain_pickle"] = tmp_path / "plain.pkl"
+    made["plain_pickle"].write_bytes(pickle.dumps({"format": "lesson06-checkpoint-v3"}))
+    made["long"] = "x" * 300  # a path component longer than the 255 bytes a file name may have
+    made["nan_weights"] = tmp_path / "nan.pt"
+    diverged = {k: v.float().fill_(float("nan")) for k, v in load_lesson(2).cifar_resnet(20).state_dict().items()}
+    torch.save(diverged, made["nan_weights"])
     return made
 
 
 def earlier_run(out: Path) -> dict[Path, bytes]:
-    """Fill `out` with an earlier run's files; return them to compare with afterwards."""
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text('{"earlier": "run"}\n')
-    (out / "curves.png").write_bytes(b"\x89PNG earlier")
-    (out / "checkpoints" / "last.pt").write_bytes(b"an earlier checkpoint")
+    """Fill `out` with an earlier lesson run's files (written as a lesson writes them); return them to compare."""
+    helpers.atomic_write(out / "results.json", lambda tmp: tmp.write_text('{"earlier": "run"}\n'))
+    helpers.atomic_write(out / "curves.png", lambda tmp: tmp.write_bytes(b"\x89PNG earlier"))
+    helpers.atomic_write(out / "checkpoints" / "last.pt", lambda tmp: tmp.write_bytes(b"an earlier checkpoint"))
     return snapshot(out)
 
 
+USER_FILES = ["results.json", "curves.png", "depth_sweep.png", "resnet_family.png", "training_error.png", "variants.png",
+              "gradient_flow.png", "checkpoints/last.pt", "checkpoints/best.pt", ".results.json.a1b2.tmp",
+              "checkpoints/.last.pt.c3d4.tmp"]  # fmt: skip
+
+
+def users_folder(out: Path) -> None:
+    """A folder of the user's own files, with the names lessons write (and hidden drafts like a killed save's)."""
+    for name in USER_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"the user's own {name}")
+
+
 def snapshot(out: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} if out.exists() else {}
 
 
 @pytest.mark.parametrize(("script", "args", "status", "message"), HOSTILE)
@@ -249,6 +318,16 @@ def test_hostile_input(script, args, status, message, places, tmp_path, request)
         out = places["out_with_checkpoints_file"] = tmp_path / "out_cf"
         out.mkdir()
         (out / "checkpoints").write_text("a file where the checkpoints folder should be")
+    if "{users_out}" in args:
+        out = places["users_out"] = tmp_path / "users"
+        users_folder(out)
+    if "{results_dir}" in args:
+        out = places["results_dir"] = tmp_path / "results_dir"
+        (out / "results.json").mkdir(parents=True)
+    if "{fifo_lock}" in args:
+        out = places["fifo_lock"] = tmp_path / "fifo_lock"
+        out.mkdir()
+        os.mkfifo(out / ".lock")
     if "{locked_out}" in args:
         out = places["locked_out"] = tmp_path / "locked"
         out.mkdir()
@@ -257,22 +336,25 @@ def test_hostile_input(script, args, status, message, places, tmp_path, request)
         holder.write("424242")
         holder.flush()
     before = earlier_run(out) if out.name in ("out", "locked") else snapshot(out)
-    args = [a.format(**{k.replace(":", "_"): v for k, v in places.items()}) for a in _colon_safe(args)]
+    env = dict(a[4:].split("=", 1) for a in args if a.startswith("ENV:"))
+    args = [
+        a.format(**{k.replace(":", "_"): v for k, v in places.items()})
+        for a in _colon_safe(args)
+        if not a.startswith("ENV:")
+    ]
     if script != BENCH and "--out" not in args:
         args += ["--out", str(out)]
     work = tmp_path / "work"  # the working folder: a relative `data` or `outputs` lands here, not in the repo
     work.mkdir()
     try:
-        code, stdout, stderr = hostile_runner.run(script, args, work)
+        code, stdout, stderr = hostile_runner.run(script, args, work, env=env)
     finally:
         if holder is not None:
             holder.close()
     assert "Traceback" not in stderr + stdout, stderr
     assert code == status, f"exit {code}, expected {status}\nstdout: {stdout[-2000:]}\nstderr: {stderr}"
     lines = [line for line in stderr.splitlines() if line.strip()]
-    if status == 0:
-        assert "is finished" in stdout and not lines, stderr
-    elif status == 1:
+    if status == 1:
         assert len(lines) == 1 and lines[0].startswith("error: "), stderr
         assert re.search(message, lines[0]), lines[0]
     else:  # argparse: its usage lines, then one `prog: error: ...` line
@@ -288,7 +370,7 @@ def _colon_safe(args):
 def test_table_covers_every_lesson_and_the_issue_cases():
     scripts = {p.values[0] for p in HOSTILE}
     assert scripts == {*LESSONS, BENCH}
-    assert len(HOSTILE) >= 60
+    assert len(HOSTILE) >= 90
 
 
 @pytest.mark.parametrize(
@@ -329,13 +411,13 @@ def test_data_dir_checks_need_no_network_and_name_the_file(tmp_path):
         helpers.load_dataset("cifar10", folder / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte", download=False)
 
 
-def test_output_dir_removes_orphan_temporaries_of_killed_saves(tmp_path):
+def test_output_dir_deletes_nothing_not_even_old_hidden_temporaries(tmp_path):
     old, fresh = tmp_path / ".results.json.a1b2c3.tmp", tmp_path / ".curves.png.d4e5f6.tmp"
     for path in (old, fresh):
-        path.write_text("half a file")
-    os.utime(old, (0, 0))  # untouched since 1970: its process is long gone
-    helpers.output_dir(helpers.Config(out=str(tmp_path)))
-    assert not old.exists() and fresh.exists()  # a save in progress (of a concurrent run) is left alone
+        path.write_text("a hidden draft, or half a file of a killed save: either way not ours to delete")
+    os.utime(old, (0, 0))
+    helpers.output_dir(helpers.Config(out=str(tmp_path)), "results.json")
+    assert old.exists() and fresh.exists()
 
 
 def test_writable_dir_names_the_file_in_the_way(tmp_path):
