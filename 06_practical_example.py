@@ -282,6 +282,56 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
     return results, {"predictions": predictions, "confidence": confidence, "worst": worst}
 
 
+def draw_figures(t: dict, cfg, data, matrix: torch.Tensor, mistakes: dict, out: Path) -> list[Path]:
+    """Training curves with the learning rate, the confusion matrix, and the most confident mistakes."""
+    helpers.use_headless_matplotlib()
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    history, steps = t["history"], t["steps_per_epoch"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for split in ("train", "val"):
+        axes[0].plot([h["epoch"] for h in history], [h[f"{split}_loss"] for h in history], "o-", label=split)
+        axes[1].plot([h["epoch"] for h in history], [100 * h[f"{split}_accuracy"] for h in history], "o-", label=split)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: smoothed targets, augmented; val: plain)")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    lr_curve = [cfg.lr * t["shape"](step) for step in range(cfg.epochs * steps)]
+    axes[2].plot([(s + 1) / steps for s in range(len(lr_curve))], lr_curve)
+    axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning-rate schedule")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    paths = [helpers.save_figure(fig, out / "curves.png")]
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    sns.heatmap(
+        matrix.cpu().numpy(),
+        annot=True,
+        fmt="d",
+        cmap="Blues",
+        xticklabels=data.classes,
+        yticklabels=data.classes,
+        ax=ax,
+    )
+    ax.set(xlabel="predicted class", ylabel="true class", title="test confusion matrix (best epoch)")
+    paths.append(helpers.save_figure(fig, out / "confusion_matrix.png"))
+    worst, columns = mistakes["worst"], 8
+    fig, axes = plt.subplots(
+        max(1, math.ceil(len(worst) / columns)),
+        columns,
+        figsize=(16, 2.3 * max(1, math.ceil(len(worst) / columns))),
+        squeeze=False,
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst.tolist()):
+        ax.imshow(data.test_x[i].permute(1, 2, 0).cpu().numpy())  # (C, H, W) -> (H, W, C)
+        said, p = data.classes[int(mistakes["predictions"][i])], float(mistakes["confidence"][i])
+        ax.set_title(f"true {data.classes[int(data.test_y[i])]}\nsaid {said} {p:.0%}", fontsize=8)
+    fig.suptitle("most confidently misclassified test images")
+    return [*paths, helpers.save_figure(fig, out / "mistakes.png")]
+
+
 confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)  # rows: true class; columns: predicted
 
 
@@ -421,7 +471,11 @@ def require_finite(t: dict, losses: dict, where: str) -> None:
         )
 
 
-# %% Checkpoints and resuming: atomic, loaded with weights_only=True, complete enough to continue exactly
+# main's keywords are the constants, in lower case, and so are its flags.
+[c.flag for c in helpers.read_constants(globals())]
+
+
+# %% Checkpoints, resuming and building the run: atomic, weights_only=True, complete enough to continue exactly
 # A checkpoint holds the run's settings, and `--resume` continues with them: the schedule was planned from
 # epochs, batch size, lr and warm-up, so a flag that contradicts one is refused (to train longer, start a new run).
 # last.pt is written first and holds the best epoch's weights too, so that a kill at any instant leaves a file
@@ -599,7 +653,6 @@ def stop_requests(stop: dict):
             signal.signal(s, h)
 
 
-# %% Building the run: data, model, optimiser, schedule (restored when resuming)
 def load_training_data(cfg, ddp, state: dict | None) -> helpers.ImageData:
     """The dataset on the CPU. A resumed run continues on its own dataset or not at all (no fallback). Under
     torchrun, process 0 downloads a missing dataset first; the others then read its files."""
@@ -643,6 +696,9 @@ def build_training(cfg, data, device, ddp, state: dict | None, amp_dtype=None) -
     if state is not None:
         restore(t, state, cfg, data)
     return t
+
+
+sorted(RESUME_KEYS)  # the settings a checkpoint owns: --resume refuses a flag that contradicts one
 
 
 # %% Distributed data parallel under torchrun
@@ -724,273 +780,104 @@ def process_group(ddp, device: torch.device):
         torch.distributed.destroy_process_group()
 
 
-# %% Figures
-def draw_figures(t: dict, cfg, data, matrix: torch.Tensor, mistakes: dict, out: Path) -> list[Path]:
-    """Training curves with the learning rate, the confusion matrix, and the most confident mistakes."""
-    helpers.use_headless_matplotlib()
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    history, steps = t["history"], t["steps_per_epoch"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for split in ("train", "val"):
-        axes[0].plot([h["epoch"] for h in history], [h[f"{split}_loss"] for h in history], "o-", label=split)
-        axes[1].plot([h["epoch"] for h in history], [100 * h[f"{split}_accuracy"] for h in history], "o-", label=split)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: smoothed targets, augmented; val: plain)")
-    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    lr_curve = [cfg.lr * t["shape"](step) for step in range(cfg.epochs * steps)]
-    axes[2].plot([(s + 1) / steps for s in range(len(lr_curve))], lr_curve)
-    axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning-rate schedule")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
-    paths = [helpers.save_figure(fig, out / "curves.png")]
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    sns.heatmap(
-        matrix.cpu().numpy(),
-        annot=True,
-        fmt="d",
-        cmap="Blues",
-        xticklabels=data.classes,
-        yticklabels=data.classes,
-        ax=ax,
-    )
-    ax.set(xlabel="predicted class", ylabel="true class", title="test confusion matrix (best epoch)")
-    paths.append(helpers.save_figure(fig, out / "confusion_matrix.png"))
-    worst, columns = mistakes["worst"], 8
-    fig, axes = plt.subplots(
-        max(1, math.ceil(len(worst) / columns)),
-        columns,
-        figsize=(16, 2.3 * max(1, math.ceil(len(worst) / columns))),
-        squeeze=False,
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, worst.tolist()):
-        ax.imshow(data.test_x[i].permute(1, 2, 0).cpu().numpy())  # (C, H, W) -> (H, W, C)
-        said, p = data.classes[int(mistakes["predictions"][i])], float(mistakes["confidence"][i])
-        ax.set_title(f"true {data.classes[int(data.test_y[i])]}\nsaid {said} {p:.0%}", fontsize=8)
-    fig.suptitle("most confidently misclassified test images")
-    return [*paths, helpers.save_figure(fig, out / "mistakes.png")]
+distributed_context()  # in a notebook or under plain `python`: rank 0 of 1 process
 
 
-# %% Lesson 02's CIFAR ResNets, repeated here so that this lesson stands alone (tests/test_standalone.py proves the
-# copy equal to lesson 02's: strict state_dict loads both ways, equal outputs).
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    """W_s x of Eq. 2: a strided 1x1 convolution and batch norm (option B)."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+# %% Lesson 02's CIFAR ResNets, repeated here in compact form so that this lesson stands alone (the option-A 6n+2
+# nets and the ImageNet ResNets with a 3x3 stride-1 stem); tests/test_standalone.py proves them equal to lesson 02's.
+def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
 
 
 class ShortcutA(nn.Module):
-    """Option A: subsample and zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
+    """Subsample, then zero-pad the new channels: no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
 
 
-class PlainBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm, no shortcut: y = relu(F(x))."""
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # W_s x (Eq. 2)
+    return nn.Sequential(conv(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels))
 
+
+class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection):
         super().__init__()
-        self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x) = BN(W2 * relu(BN(W1 * x)))
+        self.conv1, self.bn1 = conv(in_channels, width, 3, stride), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv(width, width, 3), nn.BatchNorm2d(width)
+        changes = stride != 1 or in_channels != width
+        self.downsample = make_shortcut(in_channels, width, stride) if changes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x))
-
-
-class BasicBlock(PlainBlock):
-    """y = relu(F(x) + shortcut(x)): the identity where shapes match (Eq. 1), `make_shortcut` where not (Eq. 2)."""
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
-        super().__init__(in_channels, width, stride)
-        shape_changes = stride != 1 or in_channels != width
-        self.downsample = make_shortcut(in_channels, width, stride) if shape_changes else None
-
-    last_bn = property(lambda self: self.bn2)
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+        branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x): (B, C_in, H, W) -> (B, w, H/s, W/s)
+        return F.relu(branch + (x if self.downsample is None else self.downsample(x)))  # y = relu(F(x) + x)  (Eq. 1)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce to `width`, 3x3 (stride here: "v1.5"; on the 1x1 with stride_on="1x1": "v1"), 1x1 expand to
-    4 * width; `groups` and `base_width` as torchvision's (ResNeXt, Wide ResNet)."""
-
     expansion = 4
 
-    def __init__(
-        self, in_channels, width, stride=1, make_shortcut=projection_shortcut, stride_on="3x3", groups=1, base_width=64
-    ):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection):
         super().__init__()
-        out_channels, inner = width * self.expansion, int(width * (base_width / 64.0)) * groups
-        self.conv1 = nn.Conv2d(in_channels, inner, 1, stride=stride if stride_on == "1x1" else 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(inner)
-        conv2_stride = stride if stride_on == "3x3" else 1
-        self.conv2 = nn.Conv2d(inner, inner, 3, stride=conv2_stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(inner)
-        self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        shape_changes = stride != 1 or in_channels != out_channels
-        self.downsample = make_shortcut(in_channels, out_channels, stride) if shape_changes else None
+        self.conv1, self.bn1 = conv(in_channels, width, 1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv(width, width, 3, stride), nn.BatchNorm2d(width)  # the stride on the 3x3 (v1.5)
+        self.conv3, self.bn3 = conv(width, 4 * width, 1), nn.BatchNorm2d(4 * width)
+        changes = stride != 1 or in_channels != 4 * width
+        self.downsample = make_shortcut(in_channels, 4 * width, stride) if changes else None
 
-    last_bn = property(lambda self: self.bn3)
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, w, H, W)
         out = F.relu(self.bn2(self.conv2(out)))  # -> (B, w, H/s, W/s)
-        return self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+        branch = self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
+        return F.relu(branch + (x if self.downsample is None else self.downsample(x)))  # Eq. 1
 
 
-def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
-    blocks = []
-    for index in range(num_blocks):
-        blocks.append(make_block(in_channels, width, stride if index == 0 else 1))
-        in_channels = width * getattr(blocks[-1], "expansion", 1)
-    return nn.Sequential(*blocks)
+class CifarStemResNet(nn.Module):
+    """A 3x3 stride-1 stem, then stages of blocks that halve the side and double the width, global average pooling
+    and a linear classifier: He et al.'s CIFAR nets (widths 16-64, option A) and ImageNet's ResNets (64-512)."""
 
-
-def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    for module in model.modules() if zero_init_residual else ():
-        if hasattr(module, "last_bn"):
-            nn.init.zeros_(module.last_bn.weight)
-    return model
-
-
-class CifarResNet(nn.Module):
-    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
-    global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
-
-    def __init__(
-        self,
-        depth: int,
-        num_classes: int = 10,
-        shortcut: str = "A",
-        plain: bool = False,
-        zero_init_residual: bool = False,
-    ):
+    def __init__(self, block, blocks_per_stage, widths, num_classes: int, make_shortcut=projection):
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
-        self.depth, self.shortcut_option, self.plain = depth, shortcut, plain
-        n = (depth - 2) // 6
-        make_block = (
-            PlainBlock
-            if plain
-            else functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
-        )
-        self.conv1 = conv3x3(3, 16)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
-        self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
-        self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
-        init_like_torchvision(self, zero_init_residual)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
-        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 16, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
-
-
-def cifar_resnet(
-    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
-) -> CifarResNet:
-    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
-
-
-class ResNet(nn.Module):
-    """He et al.'s ImageNet ResNets (Table 1) with torchvision's names; `small_input_stem` swaps the 7x7/2 conv
-    and max-pool for one 3x3 stride-1 conv, for 32x32 images (cifar_resnet18 ...)."""
-
-    def __init__(self, block, blocks_per_stage, num_classes=1000, zero_init_residual=False, bottleneck_stride="3x3",
-                 small_input_stem=False, groups=1, width_per_group=64):  # fmt: skip
-        super().__init__()
-        if small_input_stem:
-            self.conv1 = conv3x3(3, 64)  # (B, 3, 32, 32) -> (B, 64, 32, 32)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.maxpool = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)  # 224 -> 112
-            self.bn1 = nn.BatchNorm2d(64)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # 112 -> 56
-        make_block = block
-        if block is Bottleneck:
-            make_block = functools.partial(
-                Bottleneck, stride_on=bottleneck_stride, groups=groups, base_width=width_per_group
-            )
-        channels = 64
-        for index, (width, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage), start=1):
-            self.add_module(
-                f"layer{index}", make_stage(make_block, channels, width, num_blocks, 1 if index == 1 else 2)
-            )
-            channels = width * block.expansion
+        self.conv1, self.bn1 = conv(3, widths[0], 3), nn.BatchNorm2d(widths[0])
+        channels = widths[0]
+        for index, (width, count) in enumerate(zip(widths, blocks_per_stage), start=1):
+            blocks = []
+            for b in range(count):
+                blocks.append(block(channels, width, 2 if b == 0 and index > 1 else 1, make_shortcut))
+                channels = width * block.expansion
+            self.add_module(f"layer{index}", nn.Sequential(*blocks))
+        self.num_stages = len(widths)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        init_like_torchvision(self, zero_init_residual)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 3, 224, 224) -> (B, 64, 56, 56)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # -> (B, 512e, 7, 7), e = block expansion
+        for module in self.modules():  # He et al.'s init, as torchvision applies it
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 512e, 7, 7) -> (B, 512e) -> (B, K)
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, C, 32, 32)
+        for index in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{index}")(x)  # each stage after the first halves H and W
+        return self.fc(self.avgpool(x).flatten(1))  # (B, C', H', W') -> (B, C') -> (B, K)
 
 
-IMAGENET_BLOCKS = {  # He et al. 2015, Table 1
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3]),
-    "resnet152": (Bottleneck, [3, 8, 36, 3]),
-}
+def cifar_resnet(depth: int, num_classes: int = 10) -> CifarStemResNet:  # 6n + 2 layers, option A shortcuts
+    return CifarStemResNet(BasicBlock, [(depth - 2) // 6] * 3, (16, 32, 64), num_classes, ShortcutA)
 
 
-def cifar_stem_resnet(name: str, num_classes: int = 10, zero_init_residual: bool = False) -> ResNet:
-    block, blocks_per_stage = IMAGENET_BLOCKS[name]
-    return ResNet(block, blocks_per_stage, num_classes, zero_init_residual, small_input_stem=True)
-
-
+IMAGENET_BLOCKS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+                   "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+                   "resnet152": (Bottleneck, [3, 8, 36, 3])}  # fmt: skip
 CIFAR_MODELS = {  # name -> builder(num_classes), as in lesson 02
     **{f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (8, 20, 32, 44, 56, 110)},
-    **{f"cifar_{name}": functools.partial(cifar_stem_resnet, name) for name in IMAGENET_BLOCKS},
+    **{
+        f"cifar_{name}": functools.partial(CifarStemResNet, *spec, (64, 128, 256, 512))
+        for name, spec in IMAGENET_BLOCKS.items()
+    },
 }
 
 
@@ -1000,11 +887,13 @@ helpers.format_table([{"model": m, "parameters": helpers.count_parameters(CIFAR_
     [("model", ""), ("parameters", ",d"), ("G multiply-adds", ".3f")])  # fmt: skip
 
 
+# %% Run the lesson (in a notebook: with the constants as the cells above left them)
 def command_line(**flags):
     """`main` for the command line: a run stopped by Ctrl-C or SIGTERM (after saving) exits with 130 or 143."""
     results = main(**flags)
     if results["status"] == "interrupted":
         raise KeyboardInterrupt(results["signal"])
+    return results
 
 
 if __name__ == "__main__":
