@@ -146,6 +146,7 @@ WARMUP_STEPS: int = 10  # steps of linear learning-rate warm-up [>= 0]
 AUGMENT: bool = False  # random crop and flip during the comparison (worth it only for long runs)
 PRECISION: str = "auto"  # autocast dtype of the comparison training [auto | fp32 | bf16 | fp16]
 BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics before evaluation [>= 0]
+MEASURE_LATENCY: bool = True  # time every variant's forward pass and training step (the slowest part of the run)
 TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
 TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
 CIFAR_TIMING_SIZE: int = 32  # input height and width (pixels) for timing the CIFAR variants [>= 32]
@@ -967,7 +968,9 @@ def variant_table(cfg, device: torch.device) -> list[dict]:
         torch.manual_seed(cfg.seed)
         model = build(num_classes=num_classes)
         parameters = helpers.count_parameters(model)
-        timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
+        timing = {"forward_ms": None, "train_step_ms": None, "peak_mb": None}
+        if cfg.measure_latency:
+            timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
         state_mb = 3 * parameters * 4 / 2**20  # fp32 weights, their gradients and SGD's momentum buffers
         timing["activation_mb"] = timing["peak_mb"] and timing["peak_mb"] - state_mb  # what the images cost
         macs = helpers.count_multiply_adds(model.to("meta"), (1, 3, native, native), device="meta")
