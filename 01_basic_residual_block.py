@@ -1,69 +1,48 @@
 """Lesson 01: the residual block, y = relu(F(x) + x), and what the "+ x" does to gradients.
 
 What you will learn
-    1. How a basic residual block is built (two 3x3 convolutions with batch norm, plus a shortcut), and
-       what shape every stage has, including the stride-2 block that doubles the channels.
-    2. Why a shortcut must still be added when widths change (a projection W_s x), and what goes wrong when
-       code adds it only "when the shapes happen to match".
-    3. How the gradient reaching the first layer of a deep stack compares with the gradient at its last
-       layer, for plain and residual stacks, with and without batch norm.
-    4. Where the "+1" comes from: the block's Jacobian is the branch's Jacobian plus the identity, and a
-       block whose last batch-norm scale is zero starts as the identity (torchvision's zero_init_residual).
+    1. How a basic residual block is built (two 3x3 convolutions with batch norm, plus a shortcut), and the shape
+       after every stage, including the stride-2 block that doubles the channels.
+    2. Why a shortcut must still be added when widths change (a projection W_s x), and what goes wrong when code
+       adds it only "when the shapes happen to match".
+    3. How the gradient reaching the first layer of a deep stack compares with the one at its last layer, for
+       plain and residual stacks, with and without batch norm, at initialisation.
+    4. Where the "+1" comes from: the block's Jacobian is the branch's plus the identity, and a block whose last
+       batch-norm scale is zero starts as the identity (torchvision's zero_init_residual).
 
 Paper
-    K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
-    (arXiv:1512.03385), Section 3.2:
+    He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (arXiv:1512.03385), 3.2:
         Eq. 1   y = F(x, {W_i}) + x          (identity shortcut, shapes match)
         Eq. 2   y = F(x, {W_i}) + W_s x      (projection shortcut, shapes differ)
     with F(x) = BN(W_2 * relu(BN(W_1 * x))) and a ReLU after the addition (Fig. 2).
 
 Run
-    python 01_basic_residual_block.py            # about 10 s on a 2-core laptop CPU, no data needed
+    python 01_basic_residual_block.py            # about 10 s on 2 CPU cores, fp32 (no training, so bf16 plays no part)
     python 01_basic_residual_block.py --help     # every constant below is a flag
 
-What you should see (seed 0, default constants; tests/test_01_basic_residual_block.py keeps these true)
-    * Trace of a 64 -> 128 channel, stride-2 block on a (32, 64, 56, 56) input: the branch goes
-      (32, 64, 56, 56) -> conv1 -> (32, 128, 28, 28) -> ... -> (32, 128, 28, 28), the 1x1 projection
-      shortcut makes the same shape, and the sum comes out as (32, 128, 28, 28).
-    * Fully connected net on widths [128, 64, 32, 16, 8, 1]: every layer changes the width, so the
-      version that adds a shortcut only when shapes match applies 0 of its 5 shortcuts and is the plain net,
-      gradient for gradient. With projections all 5 are applied, and the first layer's mean absolute weight
-      gradient is 16x that of the plain net (2.9e-3 vs 1.8e-4).
-    * Depth sweep: |dL/dx| at the input of a stack of N identical 16-channel blocks over |dL/dx| at its
-      output (N = 64 is 128 conv layers):
-        PyTorch's default init, no normalisation: plain 3e-7 at N=8 and 0 (float32 underflow) from N=32:
-                                                   the gradient vanishes. Residual: 0.7 to 1.4 at every N.
-        He init, no normalisation:                plain 1e-3 at N=64; residual 7e9 at N=64: it explodes,
-                                                   because every block adds a branch as large as its input.
-        With batch norm, either init:             plain GROWS instead of vanishing: about 1e2 at N=16 and
-                                                   1e8 to 1e9 at N=64. Residual grows about linearly with
-                                                   depth, to about 50 at N=64.
-      So at initialisation batch norm does not give a plain stack healthy gradients: it turns vanishing
-      into explosion of the early layers' gradients. The identity shortcut keeps the ratio near one when
-      the branches start small (default init, no norm) and within a factor of about 50 with batch norm,
-      where plain is at 1e8. This holds at initialisation only: during training the picture changes. He et
-      al. (2015, section 4.1) report that their batch-normalised plain nets keep healthy gradient norms
-      while training, and lesson 03 measures the profile flipping: plain-56's first convolution gets
-      1,330x the gradient of its last at initialisation and 0.016x after 100 iterations (the first steps
-      blow up the early weights, and batch norm makes a layer's gradient shrink as its weights grow).
-      depth_sweep.png plots these ratios against N on log axes.
-    * Jacobian: autograd gives d(F(x) + x)/dx = dF/dx + I exactly (max difference 0.0 in float64), and
-      dy/dx = diag(relu'(F(x) + x)) (dF/dx + I) after the final ReLU. With the branch's last batch-norm
-      scale set to zero the block returns its (non-negative) input exactly: max |y - x| = 0.
+What you should see (seed 0; tests/test_01_basic_residual_block.py keeps these true)
+    * The trace of a 64 -> 128 channel, stride-2 block on a (32, 64, 56, 56) input: (32, 128, 28, 28) after conv1,
+      the same from the 1x1 projection shortcut, and the sum.
+    * Fully connected net on widths [128, 64, 32, 16, 8, 1]: the "when-shapes-match" version applies 0 of its 5
+      shortcuts and is the plain net; with projections the first layer's mean |gradient| is 16x the plain net's.
+    * Depth sweep, |dL/dx| at the input of N blocks over |dL/dx| at their output, at initialisation:
+          default init, no BN:  plain 3e-7 at N=8, 0 (underflow) from N=32; residual 0.7 to 1.4 at every N
+          He init, no BN:       plain 1e-3 at N=64; residual 7e9 at N=64 (each block adds a branch as big as x)
+          batch norm:           plain GROWS, about 1e8 to 1e9 at N=64; residual about 50 at N=64
+      Batch norm does not give a plain stack healthy gradients at initialisation: it turns vanishing into
+      explosion. The identity keeps the residual stack within a factor of about 50. depth_sweep.png plots it.
+    * Jacobian: d(F(x) + x)/dx = dF/dx + I exactly (max difference 0.0 in float64); with the branch's last BN scale
+      set to zero the block returns its input exactly (max |y - x| = 0).
 
 Try this
-    1. Trace a block that keeps the shape: `--trace-stride 1 --trace-out-channels 64`. The trace shows
-       "shortcut = x": no projection, no extra parameters (Eq. 1).
-    2. Give the fully connected net a constant width, `--mlp-sizes 64 64 64 64 64 1`: now 4 of the 5 shortcuts
-       fire in the "when-shapes-match" version, and its gradient column moves towards the projection column.
-    3. Push the sweep deeper, `--sweep-depths 64 128 256 --sweep-inits he --sweep-repeats 1`. Which settings
-       overflow or underflow float32 (inf, nan or 0)? Which grows slowest, and how fast?
-    4. In `make_stack`, zero the last batch-norm scale of every residual block (as `zero_init_check` does) and
-       rerun: the residual + batch norm ratio becomes the same at every depth. Why, and why is it near
-       sqrt(1/2) = 0.71? (Hint: which ReLU is the only one that zeroes any gradient?)
-    5. Delete the ReLU after the addition in ResidualBlock.forward, `return self.branch(x) + self.shortcut(x)`
-       (half of the pre-activation idea of lesson 04), and rerun: which residual rows of the depth sweep change?
-       (Undo it afterwards: lesson 02 builds its ResNets from this block.)
+    1. `--trace-stride 1 --trace-out-channels 64`: the trace shows "shortcut = x", no projection (Eq. 1).
+    2. `--mlp-sizes 64 64 64 64 64 1`: 4 of the 5 shortcuts now fire in the "when-shapes-match" version.
+    3. `--sweep-depths 64 128 256 --sweep-inits he --sweep-repeats 1`: which settings overflow or underflow
+       float32 (inf, nan or 0)? Which grows slowest, and how fast?
+    4. In `make_stack`, zero the last BN scale of every residual block (as `zero_init_check` does) and rerun: the
+       residual + BN ratio is the same at every depth. Why is it near sqrt(1/2) = 0.71? (Which ReLU zeroes a gradient?)
+    5. Delete the ReLU after the addition in ResidualBlock.forward (half of lesson 04's pre-activation idea):
+       which residual rows of the depth sweep change? (Undo it afterwards.)
 """
 
 # %%

@@ -1,79 +1,48 @@
 """Lesson 02: ResNet-18 to ResNet-152 and the CIFAR ResNets, verified against torchvision and the paper.
 
 What you will learn
-* How He et al. assemble residual blocks into whole networks: a stem, stages that halve the resolution
-  and double the width, global average pooling and one fully connected layer (ImageNet: Table 1 of the
-  paper; CIFAR: section 4.2).
-* The two blocks. `BasicBlock` is lesson 01's block (two 3x3 convolutions); `Bottleneck` squeezes the
-  channels with a 1x1 convolution, runs the 3x3 on the narrow tensor and expands again (Fig. 5), which is
-  what makes 50 to 152 layers affordable.
-* How to prove an implementation is the real thing: torchvision's `state_dict()` loads into these models
-  with `strict=True` and both give the same outputs; parameters, layers and multiply-adds match the
-  published figures.
-* The two places where torchvision departs from the 2015 paper (the bottleneck's stride on the 3x3
-  convolution, "ResNet v1.5", and `zero_init_residual`), shortcut options A and B, and why the ImageNet
-  stem is wrong for 32x32 images.
+    * How He et al. assemble blocks into networks: a stem, stages that halve the resolution and double the width,
+      global average pooling and one linear layer (ImageNet: Table 1; CIFAR: section 4.2).
+    * The two blocks: `BasicBlock` (lesson 01's, two 3x3 convolutions) and `Bottleneck` (1x1 reduce, 3x3, 1x1
+      expand; Fig. 5), which makes 50 to 152 layers affordable.
+    * How to prove an implementation is the real thing: torchvision's `state_dict()` loads with `strict=True`
+      and both give the same outputs; parameters, layers and multiply-adds match the published figures.
+    * Where torchvision departs from the paper (the stride on the bottleneck's 3x3, "v1.5"; zero_init_residual),
+      shortcut options A and B, and why the ImageNet stem is wrong for 32x32 images.
 
 Paper
-    K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
-    (arXiv:1512.03385). Every block computes Eq. 1, y = F(x, {W_i}) + x, or Eq. 2, y = F(x, {W_i}) + W_s x
-    where the shape changes, followed by a ReLU.
+    He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (arXiv:1512.03385). Every block
+    computes y = F(x, {W_i}) + x (Eq. 1), or y = F(x, {W_i}) + W_s x (Eq. 2) where the shape changes, then a ReLU.
 
 Run
-    python 02_resnet_implementation.py                        # about 35 s on 2 CPU cores, 2/3 of it timing
+    python 02_resnet_implementation.py                        # about 35 s on 2 CPU cores, fp32, 2/3 of it timing
     python 02_resnet_implementation.py --no-measure-latency   # the counts only, about 10 s
-    python 02_resnet_implementation.py --pretrained           # also classify a photo with ImageNet weights
+    python 02_resnet_implementation.py --pretrained           # classify a photo with torchvision's ImageNet weights
+    `--pretrained` needs the network once; the cached file is checked against its published hash and loaded with
+    `weights_only=True`. Offline it prints one NOTICE and the rest of the lesson runs.
 
-`--pretrained` loads torchvision's ImageNet weights for `--pretrained-model` (default resnet50, weights
-IMAGENET1K_V2) into the lesson's model with `strict=True` and classifies `--image`, by default the photo
-of Grace Hopper that matplotlib ships as sample data (`mpl-data/sample_data/grace_hopper.jpg`; torchvision
-ships no image). It needs the network once (torch then caches the file); offline it prints one NOTICE
-line and the rest of the lesson runs. The machine this lesson was written on has no network, so this
-card claims no predicted label.
-
-What you should see (seed 0, CPU; every count below is checked by tests/test_02_resnet_implementation.py)
-* ResNet-18/34/50/101/152: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808 parameters,
-  exactly torchvision's; 18 / 34 / 50 / 101 / 152 weighted layers counted from the model (convolutions
-  plus the classifier, projection shortcuts excluded, as the paper counts); 1.814 / 3.664 / 4.089 /
-  7.801 / 11.514 G multiply-adds at 224x224, torchvision's published figures (1.81 / 3.66 / 4.09 / 7.80 /
-  11.51 G in its documentation, three decimals in its weights' metadata) to every digit they give.
-* CIFAR ResNet-20/32/44/56/110/1202 with option A: 269,722 / 464,154 / 658,586 / 853,018 / 1,727,962 /
-  19,421,274 parameters, the same as their plain counterparts; option B adds 2,752. The CIFAR ResNet-18:
-  11,173,962 parameters, 555.4 M multiply-adds per 32x32 image.
-* Stride placement: ResNet-50 costs 3.858 G multiply-adds with the stride on the first 1x1 (v1) and
-  4.089 G with it on the 3x3 (v1.5); the difference is 0.231 G for ResNet-50, -101 and -152 alike,
-  exactly the predicted cost of running three 1x1 convolutions at full instead of quarter resolution. The
-  v1 figures (3.86 / 7.57 / 11.28 G) are the paper's Table 1 (3.8 / 7.6 / 11.3 G) to within 0.06 G,
-  the rounding of the paper's one decimal: the paper counted v1.
-* ResNet-50 stage by stage: layer3 does the most work (1464 M multiply-adds), layer4 holds the most
-  parameters (15.0 M of 25.6 M) on a 7x7 map.
-* Blocks on a 56x56 map: a bottleneck carrying 256 channels has 70,400 parameters (218 M multiply-adds),
-  fewer than a basic block carrying 64 (73,984; 231 M) and 17x fewer than a basic block carrying 256
-  (1,180,672; 3,699 M).
-* `zero_init_residual=True`: all 12 of ResNet-50's blocks without a projection are exact identities at
-  initialisation (0 of 12 without it, where each moves its input by 0.64 of its norm on average).
-* ImageNet stem on 32x32 images: 8x8 maps in layer1, 1x1 in layer4, where 0.111 (1/9) of each 3x3
-  kernel's taps read data; the CIFAR stem keeps 32x32 and 4x4 (0.694), at 555 instead of 37 M
-  multiply-adds.
-* Forward latency, fp32, on the 2-core machine this was written on with other jobs running (your numbers
-  will differ, and a busy CPU can slow these tenfold): batch 1 took 25 / 46 / 62 / 109 / 149 ms for
-  ResNet-18 to -152, batch 32 about 1.1 / 1.5 / 3.6 / 5.1 / 6.2 s. Latency grows with multiply-adds but
-  not in proportion to them: ResNet-50 has 12% more multiply-adds than ResNet-34 as built here (v1.5:
-  4.09 vs 3.66 G; 5% more in the paper's v1, 3.86 G), yet in two runs it
-  took 35-60% longer at batch 1 and more than twice as long at batch 32 (its 1x1 convolutions and 4x
-  wider tensors move more memory per multiply-add).
+What you should see (seed 0; tests/test_02_resnet_implementation.py checks every count)
+    * ResNet-18/34/50/101/152: 11,689,512 / 21,797,672 / 25,557,032 / 44,549,160 / 60,192,808 parameters and
+      1.814 / 3.664 / 4.089 / 7.801 / 11.514 G multiply-adds at 224x224, exactly torchvision's; 18 / 34 / 50 /
+      101 / 152 weighted layers counted from the model.
+    * CIFAR ResNet-20/32/44/56/110/1202 (option A): 269,722 / 464,154 / 658,586 / 853,018 / 1,727,962 /
+      19,421,274 parameters, the same as their plain counterparts; option B adds 2,752.
+    * The stride on the first 1x1 (v1) costs ResNet-50 3.858 G multiply-adds, on the 3x3 (v1.5) 4.089 G; the v1
+      figures (3.86 / 7.57 / 11.28 G) are the paper's Table 1 (3.8 / 7.6 / 11.3 G): the paper counted v1.
+    * `zero_init_residual=True`: all 12 of ResNet-50's identity-shortcut blocks are exact identities at
+      initialisation (0 of 12 without it).
+    * The ImageNet stem leaves 1x1 maps in layer4 for a 32x32 image, where 1/9 of each 3x3 kernel reads data; the
+      CIFAR stem keeps 4x4 (0.694 of the taps), at 555 instead of 37 M multiply-adds.
+    * Forward latency grows with multiply-adds but not in proportion (ResNet-50: 12% more than ResNet-34, and in
+      two runs 35-60% slower at batch 1); the times are the machine's, the counts are not.
 
 Try this
-* `--shape-model cifar-resnet56`: watch the maps go 32 -> 16 -> 8 while the channels go 16 -> 32 -> 64,
-  so each stage costs about the same; then `--shape-model cifar-resnet18` and compare with resnet18.
-* `--image-size 448`: multiply-adds grow 4x (the published column goes blank: it is for 224x224), while
-  the parameter counts do not move: a fully convolutional body plus global pooling takes any size.
-* In a Python shell: `m = resnet50(bottleneck_stride="1x1")` and `m.layer2[0].conv1`: a 1x1 convolution
-  with stride 2 reads one pixel in four. Load torchvision's weights into it: strict loading succeeds (the
-  shapes are identical) but the outputs differ, which is why equal shapes alone prove nothing.
-* `--device cuda` on a GPU machine: compare batch 32 with 32 x batch 1. How much does batching buy on a
-  GPU, and how much on your CPU?
-* `--pretrained --image your_photo.jpg` with network access; then try `--pretrained-model resnet18`.
+    * `--shape-model cifar-resnet56`: maps go 32 -> 16 -> 8 while channels go 16 -> 32 -> 64, so each stage costs
+      about the same; then `--shape-model cifar-resnet18` and compare with resnet18.
+    * `--image-size 448`: multiply-adds grow 4x, parameters do not move (convolutions plus global pooling).
+    * `m = resnet50(bottleneck_stride="1x1")`; `m.layer2[0].conv1` reads one pixel in four. torchvision's weights
+      load strictly into it, yet the outputs differ: equal shapes alone prove nothing.
+    * `--pretrained --image your_photo.jpg` with network access; then `--pretrained-model resnet18`.
 """
 
 # %%
@@ -150,6 +119,10 @@ class ResidualBlock(PlainBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+
+
+# A stride-2 block that doubles the channels, as lesson 01 builds it.
+ResidualBlock(16, 32, stride=2)
 
 
 # %% Blocks

@@ -1,135 +1,52 @@
 """Lesson 03: plain vs residual networks trained under identical conditions; the degradation problem measured.
 
 What you will learn
-    1. What the degradation problem is: a deeper plain network ends with a HIGHER TRAINING error than a
-       shallower one (so it is not overfitting), while the same layers with identity shortcuts, trained
-       the same way, do not (He et al. 2015, Fig. 1 and Fig. 6); and why the claim needs that control: a
-       plain gap alone could just mean "deeper nets start slower".
-    2. How to compare architectures fairly: the same initialisation scheme and seed, the same mini-batches in
-       the same order, the same optimiser, schedule (warm-up included), precision and memory layout for
-       every model.
-    3. Why, with batch norm, the trouble is an optimisation difficulty and not vanishing gradients: the
-       gradient of every weighted layer is measured, at initialisation and during training.
-    4. A measurement pitfall: after a short run at a high learning rate, batch norm's running statistics
-       lag the weights, and eval-mode error is wrong until they are re-estimated.
+    1. The degradation problem: a deeper plain network ends with a HIGHER TRAINING error than a shallower one (so
+       it is not overfitting), while the same layers with identity shortcuts, trained the same way, do not (He et
+       al. 2015, Fig. 1 and 6). The residual pair is the control: a plain gap alone could mean "deeper starts slower".
+    2. How to compare architectures fairly: the same initialisation and seed, mini-batches, order, optimiser,
+       schedule (warm-up included), precision and memory layout for every model.
+    3. Why, with batch norm, the trouble is optimisation and not vanishing gradients: every weighted layer's
+       gradient is measured at initialisation and during training.
+    4. A pitfall: after a short run at a high learning rate, batch norm's running statistics lag the weights, and
+       eval-mode error is wrong until they are re-estimated.
 
 Paper
-    K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
-    (arXiv:1512.03385). Section 4.2 (CIFAR-10): 6n+2 weighted layers, option-A shortcuts (no extra
-    parameters), y = F(x, {W_i}) + x (Eq. 1) for the residual nets and y = F(x, {W_i}) for the plain ones;
-    SGD, momentum 0.9, weight decay 1e-4, batch 128, learning rate 0.1 divided by 10 at 32k and 48k
-    iterations, 64k iterations, pad-4 crop and flip; the 110-layer net starts at 0.01 until training error
-    is below 80% (about 400 iterations). The paper chose that schedule on a 45k/5k train/held-out split and
-    reports nets trained on all 50k images; --full trains on the 45k and keeps the 5k held out, so expect
-    its errors slightly above the paper's. Section 4.1 on why plain nets degrade:
-    "We argue that this optimization difficulty is unlikely to be caused by vanishing gradients."
+    He et al. 2015, section 4.2 (CIFAR-10): 6n+2 weighted layers, option-A shortcuts (no extra parameters),
+    y = F(x, {W_i}) + x (Eq. 1) for the residual nets and y = F(x, {W_i}) for the plain ones; SGD, momentum 0.9,
+    weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k and 48k of 64k iterations. Section 4.1: "We argue
+    that this optimization difficulty is unlikely to be caused by vanishing gradients."
+    The one departure: 100 iterations instead of 64,000, and every net (plain and residual alike) warms up
+    linearly over 30 iterations to lr 0.05. At lr 0.1 from step one the deep RESIDUAL net spends the whole short
+    run recovering from its first steps, and the run could not tell degradation from "deeper starts slower"
+    (measured; the README's "Results measured here" gives the numbers).
 
 Run
-    python 03_training_comparison.py                     # quick run, see runtime below
-    python 03_training_comparison.py --depths 20 32 44 56    # all of Fig. 6's depths up to 56, about 2x longer
-    python 03_training_comparison.py --full              # the paper's schedule on CIFAR-10 (a GPU: hours)
-    python 03_training_comparison.py --help              # every constant below is a flag
-    The default dataset is CIFAR-10 (downloaded into data/ by torchvision, checksums verified). If it is not
-    available, a quick run says so loudly and falls back to Fashion-MNIST when it is on disk (Debian:
-    `apt-get install dataset-fashion-mnist`, read offline), else to the synthetic set; --full turns a
-    missing dataset into an error with instructions.
-    Runtime: four models x 100 iterations of batch 128 with bf16 autocast: 158 s end to end on 2 quiet CPU
-    cores of the development machine (AVX512-BF16); about 700-760 img/s for the 20-layer nets, 250-260 for
-    the 56-layer ones. 130 iterations took 220 s there, over the 3-minute budget.
+    python 03_training_comparison.py                  # 4 nets x 100 iterations of 128 images
+    python 03_training_comparison.py --depths 20 32 44 56
+    python 03_training_comparison.py --full           # the paper's schedule on CIFAR-10 (a GPU: hours)
+    Runtime on 2 quiet CPU cores: 158 s with bf16 (AVX512-BF16), RUNTIME_FP32 with --precision fp32 (a CPU without
+    native bf16). Without CIFAR-10 a quick run falls back loudly to Fashion-MNIST (or the synthetic set).
 
-The one departure from section 4.2, and why (measured here)
-    The quick run keeps the paper's nets, initialisation, batch, momentum, weight decay and option-A
-    shortcuts, and trains 100 iterations instead of 64,000. At that length the paper's start (lr 0.1 from
-    the first step, for every net up to 56 layers) is not faithful to the paper's result: the deep
-    RESIDUAL net spends the whole short run recovering from its first steps. With lr 0.1 from step one,
-    ResNet-56 ended at 39.6% training error against ResNet-20's 20.2%, the same 20-point gap as the plain
-    pair (40.9% vs 20.6%; an earlier version of this lesson), so that run could not tell degradation from
-    "deeper nets start slower". Why the deep residual net in particular: at initialisation each of its 27
-    blocks adds a unit-variance batch-normalised branch to the identity, so the signal reaching the
-    classifier grows with depth (at initialisation, seed 0: the features entering the classifier have
-    RMS 3.6 in ResNet-56, 2.0 in ResNet-20 and 0.7 in either plain net; the classifier's weight gradient is
-    4.8, 2.9 and 0.3), and full-size steps on that start overshoot. The paper
-    meets the same effect at 110 layers and warms up ("0.1 is slightly too large to start converging").
-    This run therefore gives EVERY net, plain and residual alike, the same gentle start: a linear warm-up
-    over 30 iterations to a peak of 0.05. Measured on ResNet-56 (seed 0, at 130 iterations, the length of
-    an earlier version): with that warm-up it ends at 21.1% (mean loss 2.3 over its first 20 iterations);
-    at the same peak without the warm-up at 24.3% (mean loss 5.0 over the first 20, peaking at 8.3), 4.9
-    points behind ResNet-20's 19.4%; at 0.1 without warm-up at 39.6% (the earlier version above). Over
-    64k iterations a 30-iteration warm-up and the peak rate change nothing the paper measures; over 100
-    they decide whether the residual half shows.
-
-What you should see (default constants, 2 quiet CPU cores; no CIFAR-10 on the machine, so the loud
-fallback to Fashion-MNIST, 10,000 training and 1,000 held-out images; the slow test in
-tests/test_03_training_comparison.py reruns the default and checks the verdict, the three gaps and the
-gradient facts)
-    * Training error at the end (mean over the last 20% = 20 iterations), seed 0, with the held-out error
-      after BN re-estimation, the held-out error with the running statistics as training left them, and
-      ||dL/dW|| of the first conv over the last conv at initialisation:
-          model      train err   held-out err (stale BN)   grad first/last conv at init
-          plain-20     25.8%       23.4%  (48.2%)              11
-          plain-56     58.8%       57.5%  (55.6%)              1,330
-          resnet-20    21.6%       20.6%  (28.7%)              2.2
-          resnet-56    23.0%       21.5%  (40.1%)              7.0
-    * Two seeds (--seed 1: another initialisation and another data order), training error at the end:
-          seed   plain-20  plain-56  resnet-20  resnet-56   plain gap   residual gap   deep plain - deep resnet
-          0      25.8%     58.8%     21.6%      23.0%       +33.0       +1.4           35.8 points
-          1      31.7%     58.3%     23.4%      23.8%       +26.6       +0.4           34.5 points
-      Both seeds meet what the lesson claims: the deep plain net ends at least 8 points above the shallow
-      one, the deep residual net within 3 points of the shallow one, and at least 8 points below the deep
-      plain net. The plain nets vary more from seed to seed (6 points at 20 layers) than the residual ones.
-    * The verdict (printed, and in results.json) compares the plain gap with the residual gap, inside a
-      noise band the run estimates from its own curves: the standard error of each end error (the spread
-      of the 20 mini-batch errors in the final window, over sqrt(20)), combined over the four models, times
-      NOISE_Z = 2. Seed 0: plain gap +33.0 points, residual gap +1.4, difference +31.5, noise band +-4.3:
-      "degradation reproduced"; seed 1: +26.6, +0.4, +26.2, +-4.9: reproduced. "Degradation reproduced"
-      needs the plain gap above its own band and above the residual gap by more than the band; the reverse
-      prints "contradicted", anything in between "this run cannot tell". The band covers mini-batch noise
-      only; the seed table above shows the seed-to-seed spread.
-    * Gradients do not vanish in the plain net, they explode towards the input, at initialisation. The
-      first convolution of plain-56 gets a gradient 1,330 times that of its last convolution (ResNet-56:
-      7.0). Batch norm keeps every layer's signal alive, as the paper says, but does not make the plain
-      net easy to optimise: relative to its weights the first layer's gradient is 162 (||dL/dW|| / ||W||),
-      so the first steps blow that layer's weights up, and because batch norm makes a layer blind to the
-      scale of its weights, the layer then barely moves. After 100 iterations the profile has flipped:
-      the first convolution's gradient is 0.016 times the last one's (0.0040 vs 0.24; relative to the
-      weights 5e-5 vs 0.021), which now looks like vanishing, as a consequence of the blown-up weights,
-      not a cause. ResNet-56 ends at 2.0 (0.12 vs 0.062). The paper (section 4.1) reports healthy gradient norms
-      for its BN plain nets during training; what this run shows is that "healthy" is not enough. See
-      gradient_norms.png.
-    * The BN pitfall: with the running statistics as training left them, held-out error is up to 25
-      points higher (plain-20: 48.2% vs 23.4%; ResNet-56: 40.1% vs 21.5%); after re-estimating them over
-      20 training batches the held-out error sits within 3 points of the training error for every model.
-    * On the synthetic fallback (no dataset on disk at all), the 130-iteration version of this run showed
-      plain-20 14.7%, plain-56 51.7%, ResNet-20 2.5%, and ResNet-56 below 10% by iteration 75 (the run was
-      stopped there; the machine was shared). The deep residual net does not lose there.
-    * --depths 20 32 44 56 --iterations 130 (seed 0; the run prints each family's trend, judged step
-      by step against the noise band): training error plain 22.3 / 34.9 / 33.8 / 50.2%, residual 19.4 /
-      25.0 / 22.0 / 21.1%. Neither family is monotonic at this length: the plain nets rise from 20 to 32
-      and from 44 to 56 layers, with 32 and 44 level within noise; the residual nets rise from 20 to 32,
-      fall back at 44 and stay level at 56, which ends 1.7 points above 20. What holds at every depth is
-      the comparison: each plain net ends above the residual net of its depth, by 2.9, 9.9, 11.8 and 29.1
-      points, a gap that widens with depth. The paper's Fig. 6 (monotonic in both families) comes after
-      64k iterations.
-    * Speed on this CPU (AVX512-BF16, one thread, batch 128, forward+backward+step, best of 3, machine
-      shared; measured by an earlier version of this lesson): ResNet-20 1.06 s fp32, 0.82 s fp32
-      channels-last, 0.57 s bf16, 0.38 s bf16 channels-last; ResNet-56 1.9 s fp32, 1.9 s fp32
-      channels-last, 1.3 s bf16, 1.45 s bf16 channels-last (noisy). bf16 autocast saves a third to a half;
-      channels-last helps the 20-layer nets and not measurably the 56-layer ones, so both are on by
-      default (plain nets time the same as residual ones).
+What you should see (seed 0, Fashion-MNIST fallback; the slow test in tests/test_03_training_comparison.py)
+    model       train err   held-out err (stale BN)   grad first/last conv at init
+    plain-20      25.8%       23.4%  (48.2%)              11
+    plain-56      58.8%       57.5%  (55.6%)              1,330
+    resnet-20     21.6%       20.6%  (28.7%)              2.2
+    resnet-56     23.0%       21.5%  (40.1%)              7.0
+    * The verdict, against its control and a noise band the run estimates from its own curves: plain gap +33.0
+      points, residual gap +1.4, difference +31.5, band +-4.3: "degradation reproduced" (seed 1: +26.6, +0.4).
+    * Gradients do not vanish in the plain net at initialisation, they explode towards the input (1,330x). After
+      100 iterations the profile has flipped: plain-56's first conv gets 0.016x its last conv's gradient.
+    * With BN's running statistics as training left them, held-out error is up to 25 points higher; re-estimated
+      over 20 batches, it sits within 3 points of the training error for every model.
 
 Try this
-    * --depths 20 32 44 56: the run prints, for each family, whether training error rises with depth step
-      by step, above noise. Plot order and the verdict still compare the shallowest with the deepest.
-    * --iterations 600 (about 8 epochs here): does ResNet-56 overtake ResNet-20, and does plain-56 catch up?
-      The paper's claim is about the end of a 64k-iteration schedule; watch how the gaps move with length.
-    * --lr 0.1 --warmup-iterations 0: the paper's start for nets up to 56 layers. Which half of the claim
-      survives 100 iterations? Then --lr 0.1 alone (warm-up kept).
-    * --depths 20 110 --warmup-lr 0.01 --warmup-iterations 400 --warmup-depth 110 --lr 0.1 --iterations 600:
-      the paper's constant warm-up for the 110-layer nets only (shown in the curves' "lr").
-    * --bn-recalibration-batches 1, then 5: how many batches does the re-estimation need before the
-      held-out error stops changing? (0 skips it: both held-out columns then agree.)
-    * --precision fp32 --no-channels-last: same curves within noise, 1.3 to 2.8 times the wall time on a
-      CPU with native bf16.
+    * --depths 20 32 44 56: the run judges, family by family, whether training error rises with depth.
+    * --iterations 600: does ResNet-56 overtake ResNet-20, and does plain-56 catch up?
+    * --lr 0.1 --warmup-iterations 0: the paper's start. Which half of the claim survives 100 iterations?
+    * --bn-recalibration-batches 1, then 5: how many batches does the re-estimation need?
+    * --precision fp32 --no-channels-last: the same curves within noise, and how much longer?
 """
 
 # %%
@@ -322,6 +239,10 @@ def cifar_resnet(
     depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
 ) -> CifarResNet:
     return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
+
+
+# The copy's sizes, as lesson 02 counts them.
+{f"resnet{d}": f"{helpers.count_parameters(cifar_resnet(d)):,} parameters" for d in (20, 56)}
 
 
 # %% The models: one family, with and without shortcuts

@@ -1,114 +1,48 @@
-"""Lesson 04: residual variants. Pre-activation, wide, grouped (ResNeXt), dense and squeeze-excitation
-networks, each checked against its paper or torchvision and measured on the same footing.
+"""Lesson 04: residual variants: pre-activation, wide, grouped (ResNeXt), dense and squeeze-excitation networks,
+each checked against its paper or torchvision and measured on the same footing.
 
 What you will learn
-* Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks"): put BN and ReLU
-  *before* each convolution and nothing after the addition, so that x_{l+1} = x_l + F(x_l) (Eq. 3) and
-  x_L = x_l + sum_{i=l}^{L-1} F(x_i) (Eq. 4): every unit talks to every later one through a bare identity,
-  and dE/dx_l = dE/dx_L (1 + d/dx_l sum_i F(x_i)) (Eq. 5).
-* Wide ResNet (Zagoruyko and Komodakis 2016): the same units, k times wider and far fewer (WRN-d-k),
-  with dropout between the two convolutions; and the ImageNet WRN-50-2 (lesson 02's ResNet-50 with the
-  bottleneck's inner width doubled).
-* ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution has C groups. The block is
-  y = x + sum_{i=1}^{C} T_i(x) (Eq. 3), a sum of C narrow paths; `aggregated_paths` computes it that way
-  on the grouped block's own weights and the run shows the two agree.
-* DenseNet (Huang et al. 2017): concatenate instead of add, x_l = H_l([x_0, ..., x_{l-1}]) (Eq. 2), with
-  growth rate k, 1x1 bottlenecks and compression (DenseNet-BC).
-* Squeeze-and-Excitation (Hu et al. 2018): gate each channel of the residual branch by
-  s = sigmoid(W2 relu(W1 mean_{H,W}(u))) (Eqs. 2-4) before the addition.
-ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet built from lesson 02's Bottleneck with one
-change each (the Bottleneck's `groups` and `base_width`, `SEBottleneck`); the tests load torchvision's weights into them.
+    * Pre-activation (He et al. 2016): BN and ReLU before each convolution, nothing after the addition, so
+      x_{l+1} = x_l + F(x_l) (Eq. 3), x_L = x_l + sum_i F(x_i) (Eq. 4), dE/dx_l = dE/dx_L (1 + d/dx_l sum_i F(x_i)) (Eq. 5).
+    * Wide ResNet (Zagoruyko and Komodakis 2016): the same units, k times wider and far fewer; WRN-50-2.
+    * ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution has C groups, y = x + sum_i T_i(x) (Eq. 3).
+    * DenseNet (Huang et al. 2017): concatenate instead of add, x_l = H_l([x_0, ..., x_{l-1}]) (Eq. 2).
+    * Squeeze-and-Excitation (Hu et al. 2018): gate each channel of the branch by
+      s = sigmoid(W2 relu(W1 mean_{H,W}(u))) (Eqs. 2-4) before the addition.
+    ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet with one change each; the tests load
+    torchvision's weights into them.
 
 Run
-    python 04_residual_variants.py            # about 1 to 1.5 minutes on a 2-core laptop CPU
-    python 04_residual_variants.py --full     # longer comparison training; meant for a GPU
-
-The default run took 55 s on 2 quiet cores of the development machine (x86-64, AVX512-BF16), the
-1001-layer check included; later reruns took 85-86 s (this code and the code before lesson 03 took over
-`sgd_train` alike), when the machine also ran fp32 ResNet-20 training steps about 1.4x slower than before
-(275 against 378 img/s). Timings below are from the 55 s run: one warm-up and one timed pass per model at
-batch 1, so read them as rough (a few ms of noise); parameter counts, multiply-adds, memory and the
-gradient numbers do not depend on the machine.
+    python 04_residual_variants.py            # the checks, the table of 14 variants and a 40-step comparison
+    python 04_residual_variants.py --full     # a longer comparison; meant for a GPU
+    Runtime on 2 quiet CPU cores: 55-86 s with bf16 (AVX512-BF16), RUNTIME_FP32 with --precision fp32.
 
 What you should see (seed 0, CPU)
-1. The grouped convolution and the 8 separate paths of a ResNeXt-29 block agree to 6e-7 (outputs of RMS 0.6).
-2. The SE gates of a fresh SE-ResNet-50 block lie between 0.46 and 0.54 (sigmoid of small numbers) and
-   already change the block's output by 5%.
-3. A 1001-layer pre-activation ResNet (333 bottleneck units, 10.3M parameters) runs forward and backward
-   on 2 images; loss 2.50 (ln 10 = 2.30), every gradient finite. The gradient does not vanish: dE/dx_l is
-   smallest next to the loss (RMS 4.9e-5 at unit 333) and *grows* on its way back (36.5 at unit 1). It
-   grows fastest where the signal is small: each branch opens with a BN that divides by the standard
-   deviation of x_l, and along a stage that deviation grows (RMS 0.6 -> 5.5 over stage 1) as branches add
-   up (Eq. 4). Within stage 1 the gradient grows 29x over the first 10 units and 3x over the last 60.
-4. One table of all 14 variants. Parameter counts equal the papers' and torchvision's (e.g. WRN-28-10
-   36,479,194; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024). Timings on 2 CPU
-   threads, fp32, one SGD training step at 1x32x32 for CIFAR, 1x64x64 for ImageNet (a selection):
+    1. The grouped convolution and the 8 separate paths of a ResNeXt-29 block agree to 6e-7.
+    2. The SE gates of a fresh SE-ResNet-50 block lie between 0.46 and 0.54 and already change its output by 5%.
+    3. A 1001-layer pre-activation ResNet (10.3M parameters) runs forward and backward on 2 images, every
+       gradient finite. dE/dx_l does not vanish: it is smallest next to the loss (RMS 4.9e-5 at unit 333) and
+       grows on its way back (36.5 at unit 1), fastest where x_l is small (each branch's BN divides by it).
+    4. One table of all 14 variants. Parameter counts equal the papers' and torchvision's (WRN-28-10 36,479,194;
+       ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024), with multiply-adds, one training
+       step's time and peak memory, and each paper's reported error (cited, not measured).
+    5. The equal-budget comparison: 40 steps of 32 images for five small variants, the same order and schedule.
+       It shows that every variant trains with the same recipe and what a step costs; after under 3% of an epoch,
+       on one seed, it cannot rank their accuracy.
 
-       model              params  GMACs  train step  peak MB  act. MB  paper error
-       resnet110           1.73M  0.253      52 ms       25        5   6.43 (C10)
-       preact_resnet164    1.70M  0.248      67 ms       39       20   5.46
-       preact_resnet1001  10.33M  1.491         -        -        -   4.92
-       wrn_16_8           10.96M  1.548      73 ms      129        4   4.27
-       densenet_bc_100_12  0.77M  0.288      87 ms       39       31   4.51
-       resnet50           25.56M  4.089      88 ms      296        3  23.9 (ImageNet top-1)
-       resnext50_32x4d    25.03M  4.230     103 ms      291        4  22.2
-       se_resnet50        28.09M  4.092      91 ms      325        4  23.29
-       densenet121         7.98M  2.834      55 ms       95        4  25.02
-
-   Peak memory is that of one training step, measured on the CPU with torch's MemTracker (on a GPU with
-   torch.cuda.max_memory_allocated); "act." is what remains after the fp32 weights, their gradients and
-   the momentum buffers (3 x 4 bytes per parameter): the activations kept for the backward pass, which
-   grow with the input while the rest does not.
-5. The equal-budget comparison (TRAIN_STEPS steps of BATCH_SIZE images, same order, same schedule):
-   40 SGD steps of 32 images (1,280 images, under 3% of one epoch), warm-up to lr 0.1 over 10 steps, bf16
-   autocast where the CPU has it, BN statistics re-estimated on 20 training batches before testing on 1,000
-   test images. Without CIFAR-10 on disk the quick run falls back to Fashion-MNIST (with a notice). Seen
-   there: ResNet-20 57% test error, pre-act ResNet-20 42%, SE-ResNet-20 45%, WRN-16-2 40%,
-   DenseNet-BC-40 39%; training took 1.9, 1.7, 2.0, 3.4 and 5.7 s. What this can show: every variant
-   trains with the same recipe, and what each step costs. What it cannot show: which is more accurate
-   when trained properly (the papers train 64k steps or more). It is one seed, and the seed-to-seed spread
-   was not measured, so differences of a few points are not a ranking. `--full` trains 8,000 steps of 128.
-
-When to use which (each line backed by the table above)
--------------------------------------------------------
-* Going deeper than ~100 layers: pre-activation. He et al. 2016 (Table 3) compare the same nets with
-  the original and the pre-activation unit: CIFAR-10 error 6.61% -> 6.37% at 110 layers, 5.93% -> 5.46%
-  at 164, 7.61% -> 4.92% at 1001, where the original unit is worse than at 164 layers and the
-  pre-activation one better (cited, not measured). At 1001 layers it runs forward and backward here with
-  finite, non-vanishing gradients. It is not free: pre-act-164's 4x-expanded bottleneck outputs kept 4x
-  ResNet-110's activation memory (20 vs 5 MB) at about the same parameters (1.70M vs 1.73M) and
-  multiply-adds (0.248 vs 0.253 G).
-* Accuracy per second on parallel hardware: wide. WRN-16-8 matches pre-act-1001's size (11.0M vs 10.3M
-  parameters, 1.55 vs 1.49 GMACs) with 16 layers instead of 1001 and a lower reported error (4.27% vs
-  4.92%); it did 6.2x pre-act-164's multiply-adds in about the same time (73 vs 67 ms), because wide
-  layers keep the hardware busy.
-* Same budget as ResNet-50, better accuracy: ResNeXt-50 (25.0M vs 25.6M parameters, 4.23 vs 4.09 GMACs,
-  22.2% vs 23.9%). On a CPU its grouped convolutions run slower per multiply-add (103 vs 88 ms).
-* Fewest parameters for the accuracy: DenseNet. DenseNet-BC-100 reaches 4.51% with 0.77M parameters,
-  fewer than half of pre-act-164's, but kept more activation memory (31 vs 20 MB): each layer's
-  concatenated input, and the BN and ReLU outputs computed from it, are stored for the backward pass,
-  which grows quadratically with the layers of a block (Pleiss et al. 2017, "Memory-Efficient
-  Implementation of DenseNets", recompute them to save it). DenseNet-121 is the
-  cheapest ImageNet net here in parameters and multiply-adds, and at this small input also in time
-  (55 vs 88 ms for ResNet-50).
-* A cheap add-on to an existing ResNet: SE. +10% parameters and +0.1% multiply-adds on ResNet-50; Hu et
-  al. report 23.29% against 24.80% for their own ResNet-50 (Table 2). It cost about +4% time per
-  training step here (91 vs 88 ms), more than its +0.1% multiply-adds: pooling and gating are
-  memory-bound operations that multiply-add counts do not see.
-* Best CIFAR accuracy among this table's rows, regardless of cost: ResNeXt-29 8x64d (3.65%) or WRN-28-10
-  (4.00%), at 34-36M parameters and 5.2-5.4 GMACs, 21x pre-act-164. Outside the table the papers report
-  lower: DenseNet-BC (L=190, k=40) 3.46% (Huang et al. 2017) and ResNeXt-29 16x64d 3.58% (Xie et al. 2017);
-  cited, not measured here.
+When to use which (the README's "Results measured here" has the table these rest on)
+    * Deeper than ~100 layers: pre-activation (He et al. 2016, Table 3: 7.61% -> 4.92% at 1001 layers; cited).
+    * Accuracy per second on parallel hardware: wide (WRN-16-8 matches pre-act-1001's size with 16 layers).
+    * ResNet-50's budget, better accuracy: ResNeXt-50 (cited 22.2% vs 23.9% top-1).
+    * Fewest parameters for the accuracy: DenseNet-BC, at the price of activation memory.
+    * A cheap add-on to an existing ResNet: SE (+10% parameters, +0.1% multiply-adds).
 
 Try this
-* `--deep-depth 164` and `--deep-depth 2000`: does the first-to-last gradient ratio grow with depth?
-  Then make `PreActBlock.forward` return `F.relu(identity + out)` (a ReLU on the identity path) and rerun.
-* `--imagenet-timing-size 224 --timing-batch 8` on a GPU: do the latency ratios of ResNeXt-50 and
-  SE-ResNet-50 to ResNet-50 shrink when the convolutions are large?
-* Add `"resnext11_4x4d": lambda num_classes=10: CifarResNeXt(4, 4, 11, num_classes)` to
-  `SMALL_CIFAR_VARIANTS` (left out of the quick run: 3x ResNet-20's multiply-adds) and a
-  `wide_resnet(16, 2, dropout=0.3)` entry, and train with `--full` on a GPU.
-* Set `SEBottleneck.reduction = 4` and count the parameters SE adds (2C^2/r per block).
+    * `--deep-depth 164`, then `--deep-depth 2000`: does the first-to-last gradient ratio grow with depth? Then make
+      `PreActBlock.forward` return `F.relu(identity + out)` (a ReLU on the identity path) and rerun.
+    * `--imagenet-timing-size 224 --timing-batch 8` on a GPU: do ResNeXt-50's and SE-ResNet-50's latency ratios
+      to ResNet-50 shrink when the convolutions are large?
+    * Set `SEBottleneck.reduction = 4` and count the parameters SE adds (2C^2/r per block).
 """
 
 # %%
@@ -441,6 +375,10 @@ def sgd_train(model, data, *, steps, batch_size, lr, device, generator, momentum
         progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
     helpers.synchronize(device)
     return history
+
+
+# The copy's sizes, as lesson 02 counts them.
+{f"resnet{d}": f"{helpers.count_parameters(cifar_resnet(d)):,} parameters" for d in (20, 56)}
 
 
 # %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")

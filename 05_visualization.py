@@ -1,75 +1,46 @@
 """Lesson 05: seeing residual networks: gradient flow, loss landscape, block diagrams, feature maps.
 
 What you will learn
-    * how the gradient of the loss is spread over the layers of plain and residual networks at
-      initialisation, with and without batch norm, and why "plain nets' gradients vanish" is not what a
-      batch-normalised plain net actually does;
-    * the filter-normalised random-direction method of Li et al. 2018 ("Visualizing the Loss Landscape
-      of Neural Nets", NeurIPS): two Gaussian directions d1, d2 in weight space, each filter rescaled to
-      the norm of the matching trained filter,
+    * How the gradient is spread over the layers of plain and residual networks at initialisation, with and
+      without batch norm, and why "plain nets' gradients vanish" is not what a batch-normalised plain net does.
+    * Li et al. 2018's filter-normalised directions ("Visualizing the Loss Landscape of Neural Nets"): two Gaussian
+      directions d1, d2, each filter rescaled to the norm of the trained filter,
           d_{i,j} <- d_{i,j} / ||d_{i,j}|| * ||theta_{i,j}||,     f(alpha, beta) = L(theta + alpha d1 + beta d2),
-      and how to read a number off the grid (loss rise on a circle, share of grid points where the slice
-      curves upward), and how to check whether a difference between two nets survives other directions;
-    * what the basic, bottleneck and pre-activation blocks look like, with the tensor shapes measured
-      on lesson 02's blocks (He et al. 2015, Eq. 1: y = F(x, {W_i}) + x; He et al. 2016 for pre-activation);
-    * what a trained residual network computes: feature maps after the stem and each stage.
+      how to read a number off the grid, and how to check that a difference survives other directions.
+    * The basic, bottleneck and pre-activation blocks drawn with shapes measured on the real blocks (He et al. 2015,
+      Eq. 1: y = F(x, {W_i}) + x), and feature maps after the stem and each stage of a trained network.
 
 Run
-    python 05_visualization.py            # 2 to 3.5 minutes on a 2-core CPU (121 s and 199 s measured, see below)
-    python 05_visualization.py --full     # ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
+    python 05_visualization.py            # two 20-layer nets, 100 steps each, and 2 x 3 direction pairs x 81 points
+    python 05_visualization.py --full     # the ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
+    Runtime on 2 quiet CPU cores: 121-199 s with bf16 training (AVX512-BF16), RUNTIME_FP32 with --precision fp32
+    (the landscape itself is always fp32).
 
-Runtime. The default run trains two 20-layer networks for 100 steps of 32 images and evaluates 2 x 3
-direction pairs x 81 grid points on 256 images in fp32: 121 s end to end on 2 quiet cores of the
-development machine. A later rerun on the same machine took 199 s, at a time when it also ran fp32 training
-steps of ResNet-20 about 1.4x slower than earlier that day (275 against 378 img/s): expect 2 to 3.5 minutes.
-
-What you should see (seed 0; CIFAR-10 is not on this machine, so the default run fell back to
-Fashion-MNIST; one batch of 32 training images)
-    Gradient RMS of dL/dW per layer at initialisation:
+What you should see (seed 0, Fashion-MNIST fallback; one batch of 32 training images)
+    Gradient RMS of dL/dW at initialisation:
                 first conv / last conv          last-conv RMS without BN
         depth   plain+BN    residual+BN         plain       residual
         20      1.3e2       32                  3.9e-4      6.6e-2
         56      2.0e4       1.0e2               2.8e-5      1.5e2
         110     4.1e7       1.6e2               3.6e-5      2.4e7
-    * With batch norm the plain net's gradients do not vanish towards the input: they EXPLODE, by a
-      factor that grows exponentially with depth (4e7 at 110 layers), a known property of deep
-      batch-normalised plain nets (Yang et al. 2019, "A Mean Field Theory of Batch Normalization"). In
-      the residual net the largest and smallest layer gradient differ by less than 300x at every depth.
-    * Without batch norm, He initialisation keeps the plain net's per-layer gradients within a factor of
-      about 5 of each other (first/last 2.6, 3.4, 5.4: what it was designed for), while the residual
-      net's signal roughly doubles in variance at each block (x + F(x), two terms of similar size), so
-      its gradients grow to 2.4e7 at 110 layers: shortcuts need batch norm, or a zero-initialised or
-      scaled branch, to stay well-conditioned.
-    Loss landscape of the two trained nets (9x9 grid over [-1, 1]^2, loss on 256 training images, fp32):
+    * With batch norm the plain net's gradients EXPLODE towards the input, exponentially in depth (Yang et al.
+      2019); in the residual net the largest and smallest layer gradients differ by less than 300x at every depth.
+    * Without batch norm the residual net's signal roughly doubles in variance per block, so its gradients grow to
+      2.4e7 at 110 layers: shortcuts need BN, or a zero-initialised or scaled branch, to stay well-conditioned.
+    Loss landscape of the two trained nets (9x9 grid over [-1, 1]^2, 256 training images):
         net          centre loss   rise at r=0.5   highest rise on the grid
         plain-20     0.93          1.18            695
         ResNet-20    0.96          1.10            69
-    * At this budget (20 layers, 100 steps) the two minima look alike near the centre: the loss rises
-      about as much within radius 0.5 (1.18 vs 1.10). Far from the centre the plain net's loss climbs ten
-      times higher (695 vs 69).
-    * The share of the 49 interior grid points where the slice curves upward in every direction (its
-      2x2 finite-difference Hessian is positive semi-definite; not Li et al.'s measure, which maps
-      |lambda_min / lambda_max| of the full Hessian), for three random direction pairs: plain 41%, 41%,
-      51%; residual 49%, 63%, 47%. The first pair (the one drawn) says 41% vs 49%, 20 vs 24 of 49 points,
-      but the third pair reverses the order: the difference is within noise, and the run says so. Li et
-      al. (Fig. 5) also find 20-layer plain and residual nets alike; the plain net's surface turns chaotic
-      at 56 and 110 layers, which this default run is too small to show (see --full and "Try this").
-
-Batch norm at perturbed weights. Li et al.'s code evaluates every grid point in eval mode with the
-running statistics saved with the trained network (evaluation.py calls net.eval()), so BN does not
-re-normalise the perturbation away; we do the same. Because short training at lr 0.1 can leave those
-statistics behind the weights, we first re-estimate them once, at the centre, and then keep them fixed
-for the whole grid. In the default run they had already caught up (eval loss 0.933 before vs 0.927
-after for plain-20, 0.964 vs 0.960 for ResNet-20): the learning rate was divided by 10 at steps 50 and 75.
+    * Near the centre the two minima look alike (1.18 vs 1.10); far out the plain net's loss climbs ten times higher.
+    * The share of interior grid points where the slice curves upward, over three direction pairs: plain 41, 41,
+      51%; residual 49, 63, 47%. The third pair reverses the order: within noise, and the run says so.
 
 Try this
-    * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Does the plain net's rise at
-      radius 0.5 and its upward-curving share move away from the residual net's, in every direction pair?
-    * --grid-radius 0.5 --grid-points 21: zoom in on the minimum. Which grid points were the
-      ones that curve downward somewhere, near the centre or far from it?
+    * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Do the rise and the share now separate?
+    * --grid-radius 0.5 --grid-points 21: zoom in. Where are the points that curve downward?
     * --gradient-depths 20 56 110 218: how does the plain+BN first/last ratio grow with depth?
-    * Replace filter_normalized_direction by a plain Gaussian (no rescaling) and compare the two
-      landscapes: the scale of each net's weights, not its geometry, now decides the picture.
+    * Replace filter_normalized_direction by a plain Gaussian and compare: the weights' scale, not the geometry,
+      now decides the picture.
 """
 
 # %%
@@ -341,6 +312,10 @@ def sgd_train(model, data, *, steps, batch_size, lr, device, generator, momentum
         progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
     helpers.synchronize(device)
     return history
+
+
+# The copy's sizes, as lesson 02 counts them.
+{f"resnet{d}": f"{helpers.count_parameters(cifar_resnet(d)):,} parameters" for d in (20, 56)}
 
 
 # %% Gradient flow at initialisation

@@ -780,7 +780,7 @@ def process_group(ddp, device: torch.device):
         torch.distributed.destroy_process_group()
 
 
-distributed_context()  # in a notebook or under plain `python`: rank 0 of 1 process
+{key: os.environ.get(key) for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}  # torchrun sets them; `python` none
 
 
 # %% Lesson 02's CIFAR ResNets, repeated here in compact form so that this lesson stands alone (the option-A 6n+2

@@ -1,21 +1,10 @@
-"""Plumbing shared by the six lessons, and nothing else: the ideas live in the numbered lessons.
+"""Plumbing shared by the six lessons, and nothing else: every idea lives in a numbered lesson.
 
-    constants block -> config, flags, notebook runs, one-line errors   (config, run_cli, require)
-    device, precision, seeding                                          (pick_device, autocast_dtype, seed_everything)
-    tables, progress, results.json, figures, the output folder          (print_table, Progress, output_dir, save_results)
-    datasets as uint8 tensors: CIFAR, Fashion-MNIST, a synthetic set    (load_data, make_synthetic)
-    batches, augmentation, evaluation                                   (random_crop_flip, evaluate, recalibrate_batch_norm)
-
-A lesson declares its constants between two marker lines, one per line, and calls `run_cli`:
-
-    # --- constants ---------------------------------------------------------------
-    DEPTH: int = 56  # layers in the network (6n+2) [>= 8]
-    DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
-    # --- end constants -----------------------------------------------------------
-
-Each constant becomes a flag (`DEPTH` -> `--depth`) and a keyword of `main(**overrides)`, with the comment as
-help text, the annotation as type and the bracketed check (`[> 0]`, `[>= 0, < 1]`, `[a | b]`, `[in NAMES]`)
-applied to an edited constant, a keyword and a flag alike.
+The constants block between `# --- constants` and `# --- end constants` is a lesson's interface: one declaration per
+line, `NAME: type = value  # help [check]`. Each becomes a keyword of `main(**overrides)` and a flag (`BATCH_SIZE`
+-> `--batch-size`), with the comment as help and the bracketed check (`[> 0]`, `[>= 0, < 1]`, `[a | b]`, `[in NAMES]`)
+applied alike to an edited constant, a keyword and a flag. Below: device and precision, tables, the output folder
+and atomic writes, the datasets as uint8 tensors, and batches, augmentation and evaluation.
 """
 
 from __future__ import annotations
@@ -57,21 +46,14 @@ def require(condition: bool, message: str) -> None:
 
 
 def require_number(flag: str, value: Any, low=None, high=None, *, low_open=False, high_open=False) -> None:
-    """`value` is a finite number in [low, high] (None: unbounded; `*_open` excludes the end). NaN is named as
-    such: every comparison with NaN is false, so `value >= 0` would otherwise call it negative."""
+    """A finite number in [low, high] (None: unbounded; `*_open` excludes the end). NaN is named as such: every
+    comparison with NaN is false, so `value >= 0` would otherwise call it negative."""
     require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{flag} must be a number, not {value!r}")
     require(not math.isnan(value), f"{flag} is nan, not a number (pass a finite value)")
     require(math.isfinite(value), f"{flag} must be finite, not {value}")
-    if low is not None:
-        require(
-            value > low if low_open else value >= low,
-            f"{flag} must be {'>' if low_open else '>='} {low:g}, not {value:g}",
-        )
-    if high is not None:
-        require(
-            value < high if high_open else value <= high,
-            f"{flag} must be {'<' if high_open else '<='} {high:g}, not {value:g}",
-        )
+    for op, bound in ((">" if low_open else ">=", low), ("<" if high_open else "<=", high)):
+        if bound is not None:
+            require(CHECKS[op](float(value), bound), f"{flag} must be {op} {bound:g}, not {value:g}")
 
 
 def require_positive(flag: str, value: Any) -> None:
@@ -93,10 +75,8 @@ def require_memory(num_bytes: float, what: str) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not POSIX: let the allocator decide
         return
-    require(
-        num_bytes < total / 2,
-        f"{what} needs {num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory (use smaller sizes)",
-    )
+    gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
+    require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
 
 
 def error_summary(error: BaseException) -> str:
@@ -232,9 +212,8 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
 def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: list every keyword `main` accepts in its docstring, so that `help(main)` and `main?` show them."""
     lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
-    main.__doc__ = (
-        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
-    )
+    intro = (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n"
+    main.__doc__ = intro + "\n".join(lines)
     return main
 
 
@@ -245,15 +224,10 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def build_parser(module_globals: dict, full_overrides: dict | None = None) -> argparse.ArgumentParser:
     """One flag per constant. Defaults are SUPPRESSed: the namespace holds only what the user typed."""
-    doc = (module_globals.get("__doc__") or "").strip().splitlines()
-    full_overrides = full_overrides or {}
-    epilog = "--full changes: " + ", ".join(f"{k}={v!r}" for k, v in full_overrides.items()) if full_overrides else None
-    parser = _OneLineErrors(
-        prog=f"python {Path(module_globals['__file__']).name}",
-        description=doc[0] if doc else None,
-        epilog=epilog,
-        allow_abbrev=False,
-    )
+    doc, full = (module_globals.get("__doc__") or "").strip().splitlines(), full_overrides or {}
+    epilog = "--full changes: " + ", ".join(f"{k}={v!r}" for k, v in full.items()) if full else None
+    prog = f"python {Path(module_globals['__file__']).name}"
+    parser = _OneLineErrors(prog=prog, description=doc[0] if doc else None, epilog=epilog, allow_abbrev=False)
     for c in read_constants(module_globals):
         choices = choices_of(c, module_globals)
         if c.type == "bool":
@@ -261,9 +235,7 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
         else:
             metavar = "{" + ",".join(choices) + "}" if choices else c.item_type.upper()
             kwargs = {"type": TYPES[c.item_type], "metavar": metavar, "nargs": "+" if c.is_tuple else None}
-        text = f"{c.help} (default: {c.default!r}" + (
-            f"; --full: {full_overrides[c.key]!r})" if c.key in full_overrides else ")"
-        )
+        text = f"{c.help} (default: {c.default!r}" + (f"; --full: {full[c.key]!r})" if c.key in full else ")")
         text += f" [{c.check}]" if c.check and not choices else ""
         parser.add_argument(c.flag, dest=c.key, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs)
     return parser
@@ -280,8 +252,8 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
     becomes one `error: ...` line and exit status 1; Ctrl-C exits with 130, SIGTERM with 143."""
     script = module_globals.get("__file__")
     command_line = bool(script) and bool(sys.argv) and Path(sys.argv[0]).resolve() == Path(script).resolve()
-    with contextlib.suppress(ValueError):  # SIGTERM (what schedulers send before a kill) ends a run like Ctrl-C
-        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt(signum)))
+    if command_line:  # SIGTERM, what schedulers send before a kill, ends a run like Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if not command_line:
             return main()
@@ -301,15 +273,18 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
         else:
             raise
     except KeyboardInterrupt as error:
-        signum = error.args[0] if error.args else 2
         print("interrupted", file=sys.stderr)
         if command_line:
-            sys.exit(128 + signum)
+            sys.exit(128 + (error.args[0] if error.args else signal.SIGINT))
         return None
     print(f"error: {message}", file=sys.stderr)
     if command_line:
         sys.exit(1)
     return None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
 
 
 # --- Device, precision, seeding --------------------------------------------------------------------------------------
@@ -460,13 +435,13 @@ def _is_file_in_the_way(path: Path) -> bool:
 
 
 def lock_folder(out: Path) -> None:
-    if out.resolve() in _held_locks:
-        return
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; one run per folder is then up to the user
         return
     path = out / LOCK
+    if out.resolve() in _held_locks:
+        return
     require(not path.exists() or path.is_file(), f"{path} is not a file (move it away, or pass another --out)")
     handle = path.open("a+")
     try:
@@ -476,7 +451,7 @@ def lock_folder(out: Path) -> None:
         owner = handle.read().strip() or "unknown"
         handle.close()
         raise UserError(
-            f"output folder {out} is in use by another run (process {owner}); wait for it to end, or pass another --out"
+            f"output folder {out} is in use by another run (process {owner}); wait for it, or pass another --out"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -505,10 +480,8 @@ def may_replace(path: Path) -> None:
         return
     hint = "(move it away, or pass another --out)"
     require(path.is_file() and not path.is_symlink(), f"{path} is in the way: it is not a plain file {hint}")
-    require(
-        _manifest(path.parent).get(path.name) == _sha256(path),
-        f"{path} was not written by a lesson run, or was changed since {hint}",
-    )
+    ours = _manifest(path.parent).get(path.name) == _sha256(path)
+    require(ours, f"{path} was not written by a lesson run, or was changed since {hint}")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool = True) -> Path:
@@ -575,17 +548,9 @@ def device_name(device: torch.device) -> str:
 
 def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
     """Write `results.json`: the lesson's numbers plus the run's context (device, seed, versions, runtime)."""
-    record = {
-        "lesson": cfg.lesson or "notebook",
-        "device": str(device),
-        "device_name": device_name(device),
-        "seed": cfg.get("seed"),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "runtime_s": round(time.perf_counter() - started, 3),
-        "config": dict(cfg),
-        **results,
-    }
+    record = {"lesson": cfg.lesson or "notebook", "device": str(device), "device_name": device_name(device),
+              "seed": cfg.get("seed"), "torch_version": torch.__version__, "python_version": platform.python_version(),
+              "runtime_s": round(time.perf_counter() - started, 3), "config": dict(cfg), **results}  # fmt: skip
     text = json.dumps(_jsonable(record), indent=2) + "\n"
     return atomic_write(Path(out_dir) / "results.json", lambda tmp: tmp.write_text(text))
 
@@ -672,108 +637,99 @@ class ImageData:
 
 
 def _unavailable(name: str, data_dir: Path, error: BaseException) -> DataUnavailableError:
-    if name == "fashion-mnist":
-        how = "or on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
-    else:
-        archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
-        how = f"or copy {archive} from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, or use --dataset fashion-mnist or synthetic"
-    return DataUnavailableError(
-        f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)} (connect to the internet once, {how})"
-    )
+    how = "on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
+    if name != "fashion-mnist":
+        archive = f"cifar-{name[5:]}-python.tar.gz"
+        how = f"copy {archive} from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, or use --dataset fashion-mnist"
+        how += " (offline on Debian: apt-get install dataset-fashion-mnist) or --dataset synthetic"
+    why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
+    return DataUnavailableError(f"{why} (connect to the internet once, or {how})")
 
 
 def _check_idx(path: Path, dims: int, num_classes: int) -> None:
     """An IDX file's magic number, declared size and (for labels) range, which torchvision does not check."""
-    data = path.read_bytes()
-    hint = f"(delete {path.parent} to unpack or download the files again)"
-    require(len(data) >= 4 + 4 * dims, f"{path} is corrupt: it is only {len(data)} bytes long {hint}")
-    magic, expected = int.from_bytes(data[:4], "big"), {1: 2049, 3: 2051}[dims]
-    require(magic == expected, f"{path} is corrupt: wrong magic number {magic} (expected {expected}) {hint}")
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    body = len(data) - 4 - 4 * dims
-    require(
-        body == math.prod(shape), f"{path} is corrupt: it declares {tuple(shape)} bytes of data but holds {body} {hint}"
+    data, corrupt, hint = (
+        path.read_bytes(),
+        f"{path} is corrupt:",
+        f"(delete {path.parent} to unpack or download again)",
     )
-    if dims == 1 and body:
-        top = max(data[8:])
-        require(top < num_classes, f"{path} is corrupt: label {top} is outside 0..{num_classes - 1} {hint}")
+    require(len(data) >= 4 + 4 * dims, f"{corrupt} it is only {len(data)} bytes long {hint}")
+    magic, expected = int.from_bytes(data[:4], "big"), {1: 2049, 3: 2051}[dims]
+    require(magic == expected, f"{corrupt} wrong magic number {magic} (expected {expected}) {hint}")
+    shape, body = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)], len(data) - 4 - 4 * dims
+    require(body == math.prod(shape), f"{corrupt} it declares {tuple(shape)} bytes of data but holds {body} {hint}")
+    top = max(data[8:]) if dims == 1 and body else 0
+    require(top < num_classes, f"{corrupt} label {top} is outside 0..{num_classes - 1} {hint}")
 
 
 def check_data_dir(data_dir: str | Path) -> None:
     """Cheap checks to run before long work: `--data-dir` is a folder (or absent); Fashion-MNIST's files are intact."""
-    data_dir = Path(data_dir)
-    require(
-        not data_dir.exists() or data_dir.is_dir(),
-        f"--data-dir {data_dir} is a file, not a folder (pass the folder that holds or will hold the datasets)",
-    )
-    raw = data_dir / "FashionMNIST" / "raw"
-    if all((raw / name).is_file() for name in FASHION_MNIST_RAW_MD5):
-        for name in FASHION_MNIST_RAW_MD5:
-            _check_idx(raw / name, 3 if "images" in name else 1, len(FASHION_CLASSES))
+    data_dir, raw = Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"
+    what = "a file, not a folder (pass the folder that holds or will hold the datasets)"
+    require(not data_dir.exists() or data_dir.is_dir(), f"--data-dir {data_dir} is {what}")
+    for name in FASHION_MNIST_RAW_MD5 if all((raw / n).is_file() for n in FASHION_MNIST_RAW_MD5) else ():
+        _check_idx(raw / name, 3 if "images" in name else 1, len(FASHION_CLASSES))
 
 
 def _torchvision_dataset(name: str, data_dir: Path, download: bool):
     """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every file's MD5."""
     import torchvision
 
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(
-        name, torchvision.datasets.FashionMNIST
-    )
+    sets, fashion = torchvision.datasets, name == "fashion-mnist"
+    cls = {"cifar10": sets.CIFAR10, "cifar100": sets.CIFAR100, "fashion-mnist": sets.FashionMNIST}[name]
     try:
-        return _read_torchvision_dataset(name, cls, data_dir, download)
+        if fashion:  # Debian's copy, checked against the originals' MD5s, saves a download
+            _unpack_debian_fashion_mnist(data_dir / "FashionMNIST" / "raw")
+            check_data_dir(data_dir)
+        splits = [_torchvision_split(cls, name, data_dir, download, train) for train in (True, False)]
     except PermissionError as error:
         raise UserError(
-            f"cannot write the {name} files into --data-dir {data_dir}: {error.strerror} (pass a writable --data-dir)"
+            f"cannot write the {name} files into --data-dir {data_dir}: {error.strerror} (pass a writable one)"
         ) from None
+    (train_x, train_y, classes), (test_x, test_y, _) = splits
+    return train_x, train_y, test_x, test_y, FASHION_CLASSES if fashion else classes
 
 
-def _read_torchvision_dataset(name: str, cls, data_dir: Path, download: bool):
-    if name == "fashion-mnist":  # Debian's copy, checked against the originals' MD5s, saves a download
-        raw = data_dir / "FashionMNIST" / "raw"
-        if not all((raw / n).exists() for n in FASHION_MNIST_RAW_MD5) and all(
-            (DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in FASHION_MNIST_RAW_MD5
-        ):
-            for n, md5 in FASHION_MNIST_RAW_MD5.items():
-                data = gzip.decompress((DEBIAN_FASHION_MNIST / f"{n}.gz").read_bytes())
-                require(
-                    hashlib.md5(data).hexdigest() == md5,
-                    f"{DEBIAN_FASHION_MNIST / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)",
-                )
-                atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
-        check_data_dir(data_dir)
-    sets = []
-    for train in (True, False):
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
-                ds = cls(root=str(data_dir), train=train, download=download)
-        except (RuntimeError, OSError, ValueError) as error:  # not found, corrupt, or no network
-            if isinstance(error, PermissionError):
-                raise
-            folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
-            require(
-                name == "fashion-mnist" or not folder.exists(),
-                f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} (delete {folder} and its archive to unpack or download them again)",
-            )
-            raise _unavailable(name, data_dir, error) from None
-        if name == "fashion-mnist":
-            x = (
-                F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-            )  # (N, 28, 28) -> (N, 3, 32, 32)
-            y = ds.targets.to(torch.int64)
-        else:
-            x = (
-                torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-            )  # (N, H, W, C) -> (N, C, H, W)
-            y = torch.as_tensor(ds.targets, dtype=torch.int64)
-        ok = (
-            x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and int(y.min()) >= 0 and int(y.max()) < len(ds.classes)
-        )
+def _unpack_debian_fashion_mnist(raw: Path) -> None:
+    source = DEBIAN_FASHION_MNIST
+    if all((raw / n).exists() for n in FASHION_MNIST_RAW_MD5) or not all(
+        (source / f"{n}.gz").exists() for n in FASHION_MNIST_RAW_MD5
+    ):
+        return
+    for n, md5 in FASHION_MNIST_RAW_MD5.items():
+        data = gzip.decompress((source / f"{n}.gz").read_bytes())
         require(
-            ok,
-            f"{name} files in {data_dir} are corrupt: {tuple(x.shape)} images, {len(y)} labels (delete them to download them again)",
+            hashlib.md5(data).hexdigest() == md5,
+            f"{source / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)",
         )
-        sets += [x, y]
-    return (*sets, FASHION_CLASSES if name == "fashion-mnist" else tuple(ds.classes))
+        atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
+
+
+def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bool):
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64, class names) of one split."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
+            ds = cls(root=str(data_dir), train=train, download=download)
+    except PermissionError:
+        raise
+    except (RuntimeError, OSError, ValueError) as error:  # not found, corrupt, or no network
+        folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
+        again = f"(delete {folder} and its archive to unpack or download them again)"
+        require(
+            name == "fashion-mnist" or not folder.exists(),
+            f"{name} files in {folder} are corrupt: {error_summary(error)} {again}",
+        )
+        raise _unavailable(name, data_dir, error) from None
+    if name == "fashion-mnist":
+        x = (
+            F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        )  # (N, 28, 28) -> (N, 3, 32, 32)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> NCHW
+    y = torch.as_tensor(ds.targets, dtype=torch.int64)
+    ok = x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and int(y.min()) >= 0 and int(y.max()) < len(ds.classes)
+    require(ok, f"{name} files in {data_dir} are corrupt: {tuple(x.shape)} images, {len(y)} labels (delete them)")
+    return x, y, tuple(ds.classes)
 
 
 # The synthetic set: sinusoidal gratings whose class is their tilt from the vertical (5 steps of 22.5 degrees) and

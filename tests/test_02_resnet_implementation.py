@@ -1,7 +1,6 @@
 """Lesson 02: the lesson's ResNets are torchvision's and the paper's, by weights, counts and structure."""
 
 import json
-import os
 import pickle
 import urllib.error
 
@@ -343,24 +342,64 @@ def test_pretrained_without_network_prints_one_notice(lesson02, monkeypatch, tmp
     assert out.out.count("NOTICE") == 1 and len(out.out.strip().splitlines()) == 1 and not out.err
 
 
-def test_default_run_with_cached_weights(tmp_path, monkeypatch):
-    """The whole lesson as a user runs it (latency skipped to save time), with torchvision's resnet18
-    checkpoint file faked in a private torch hub cache: --pretrained then loads it strictly without a
-    network, and results.json holds the numbers the lesson card states."""
+def cached_weights(tmp_path, monkeypatch, write):
+    """torchvision's resnet18 weights entry, pointed at a file in a private torch hub cache named as torch.hub names
+    it (the start of the file's SHA-256 in its name), holding what `write(path)` put there."""
+    import dataclasses
+    import hashlib
+
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    url = torchvision.models.ResNet18_Weights.DEFAULT.url
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), checkpoints / os.path.basename(url))
+    draft = checkpoints / "draft"
+    write(draft)
+    prefix = hashlib.sha256(draft.read_bytes()).hexdigest()[:8]
+    draft.rename(checkpoints / f"resnet18-{prefix}.pth")
+    real = torchvision.models.ResNet18_Weights.DEFAULT
+    fake = dataclasses.replace(real.value, url=f"https://download.invalid/models/resnet18-{prefix}.pth")
+
+    class Weights:
+        DEFAULT = type(
+            "Entry", (), {"url": fake.url, "name": real.name, "meta": real.meta, "transforms": real.transforms}
+        )
+
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: Weights)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return checkpoints / f"resnet18-{prefix}.pth"
+
+
+def test_cached_weights_load_strictly_with_their_hash_checked(lesson02, tmp_path, monkeypatch):
+    """--pretrained without a network: the cached file's hash is checked like a download's, then it is loaded with
+    weights_only=True into the lesson's model, strictly, and classifies like torchvision's own model."""
+    cached_weights(
+        tmp_path, monkeypatch, lambda p: torch.save(torchvision.models.resnet18(weights=None).state_dict(), p)
+    )
+    result = lesson02.classify_with_pretrained("resnet18", lesson02.default_sample_image())
+    assert result["loaded"] is True and result["max_prob_difference_vs_torchvision"] < 1e-5
+
+
+def test_a_planted_or_damaged_cached_file_is_one_line_and_never_unpickled(lesson02, tmp_path, monkeypatch):
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    cached = cached_weights(tmp_path, monkeypatch, lambda p: torch.save({"fc.weight": Exploit()}, p))
+    with pytest.raises(
+        helpers.UserError, match=r"cannot load .*resnet18-.*\.pth: .*\(delete it to download it again\)"
+    ):
+        lesson02.classify_with_pretrained("resnet18", lesson02.default_sample_image())
+    assert not (tmp_path / "pwned").exists()
+    cached.write_bytes(cached.read_bytes() + b"tampered")  # its hash no longer matches its name
+    with pytest.raises(helpers.UserError, match=r"is not torchvision's resnet18 weights: its SHA-256 starts"):
+        lesson02.classify_with_pretrained("resnet18", lesson02.default_sample_image())
+
+
+def test_default_run_shows_what_the_card_states(tmp_path, monkeypatch):
+    """The whole lesson as a user runs it (latency skipped to save time): results.json holds the card's numbers."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # counts do not depend on threads; a shared CPU runs this faster
-    args = ["--no-measure-latency", "--pretrained", "--pretrained-model", "resnet18", "--out", str(tmp_path / "out")]
-    result = run_script("02_resnet_implementation.py", *args)
+    result = run_script("02_resnet_implementation.py", "--no-measure-latency", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "resnet_family.png").stat().st_size > 10_000
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["pretrained"]["loaded"] is True
-    assert results["pretrained"]["max_prob_difference_vs_torchvision"] < 1e-5
-    assert "grace_hopper.jpg" in results["pretrained"]["image"]
 
     # The facts the lesson card states.
     imagenet = {r["model"]: r for r in results["imagenet_models"]}

@@ -532,3 +532,103 @@ def test_a_damaged_checkpoint_is_one_line(lesson06, finished_run, tiny, tmp_path
     with pytest.raises(helpers.UserError, match=rf"checkpoint .*damaged.pt .*{message}"):
         lesson06.main(**{**tiny, "resume": str(path)})
     assert not (Path(tiny["out"]) / "checkpoints" / "last.pt").exists()
+
+
+# --- issue 21: SIGTERM like Ctrl-C, SIGKILL at any instant, a kill inside a save -----------------------------------
+KILL_FLAGS = ["--dataset", "synthetic", "--model", "resnet8", "--train-size", "1024", "--val-size", "64",
+              "--test-size", "64", "--batch-size", "32", "--epochs", "3", "--device", "cpu", "--precision", "fp32",
+              "--check-every", "1", "--num-mistakes", "2"]  # fmt: skip
+
+
+def start_run(out, *extra):
+    import subprocess
+
+    env = {**os.environ, "NO_PROGRESS_BAR": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(REPO / "06_practical_example.py"), *KILL_FLAGS, "--out", str(out), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_training(process):
+    """Read stdout until the epoch table's header: training starts now."""
+    lines = []
+    while (line := process.stdout.readline()) and not line.startswith("    epoch"):
+        lines.append(line)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    process = start_run(out)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def finish(out) -> dict:
+    """Resume from the newest complete checkpoint (or start again if none was written) and run to the end."""
+    last = out / "checkpoints" / "last.pt"
+    process = start_run(out, *(["--resume", str(last)] if last.exists() else []))
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def test_sigterm_saves_says_how_to_continue_exits_143_and_resumes_exactly(uninterrupted, tmp_path):
+    import time
+
+    out = tmp_path / "term"
+    process = start_run(out)
+    wait_for_training(process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM: stopping" in stdout and "continue with: python 06_practical_example.py --resume" in stdout
+    assert "Traceback" not in stderr and not list(out.rglob("*.tmp"))
+    resumed = finish(out)
+    assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in uninterrupted["history"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seconds", [0.0, 0.7, 1.5, 2.5, 4.0])
+def test_sigkill_at_any_instant_resumes_to_the_same_numbers(uninterrupted, tmp_path, seconds):
+    import time
+
+    out = tmp_path / "kill"
+    process = start_run(out)
+    wait_for_training(process)
+    time.sleep(seconds)
+    process.kill()
+    process.communicate(timeout=60)
+    resumed = finish(out)
+    assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in uninterrupted["history"]]
+
+
+def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_whole(lesson06, tmp_path):
+    import time
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    lesson06.save_checkpoint(path, {"format": "x", "weights": torch.ones(1000)})
+    good = path.read_bytes()
+    child = os.fork()
+    if child == 0:  # the child dies in the middle of writing the next checkpoint
+
+        def slow_write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"PK\x03\x04 the first half of a checkpoint")
+                f.flush()
+                time.sleep(60)
+
+        try:
+            helpers.atomic_write(path, slow_write)
+        finally:
+            os._exit(0)
+    time.sleep(1.0)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    assert path.read_bytes() == good  # the complete previous checkpoint, untouched
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(1000))

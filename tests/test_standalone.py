@@ -81,12 +81,12 @@ def test_the_top_level_holds_six_lessons_and_helpers():
 
 
 # --- the copies, proven equal to their originals ----------------------------------------------------------------
-def equal_copies(build_original, build_copy, shape, seed=0):
-    """The same seed gives the same weights; strict loads both ways; the same outputs."""
-    torch.manual_seed(seed)
-    original = build_original().eval()
-    torch.manual_seed(seed)
-    copy = build_copy().eval()
+def equal_copies(build_original, build_copy, shape, *args, **kwargs):
+    """Built from the same seed with the same arguments: the same weights; strict loads both ways; the same outputs."""
+    torch.manual_seed(0)
+    original = build_original(*args, **kwargs).eval()
+    torch.manual_seed(0)
+    copy = build_copy(*args, **kwargs).eval()
     a, b = original.state_dict(), copy.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     copy.load_state_dict(a, strict=True)
@@ -99,30 +99,28 @@ def test_lesson02_carries_lesson01s_blocks():
     l01, l02 = load_lesson(1), load_lesson(2)
     for name in ("PlainBlock", "ResidualBlock"):
         for args in ((16, 16, 1), (16, 32, 2)):
-            equal_copies(lambda: getattr(l01, name)(*args), lambda: getattr(l02, name)(*args), (2, 16, 8, 8))
-    equal_copies(lambda: l01.projection_shortcut(8, 16, 2), lambda: l02.projection_shortcut(8, 16, 2), (2, 8, 8, 8))
+            equal_copies(getattr(l01, name), getattr(l02, name), (2, 16, 8, 8), *args)
+    equal_copies(l01.projection_shortcut, l02.projection_shortcut, (2, 8, 8, 8), 8, 16, 2)
 
 
 @pytest.mark.parametrize("number", [3, 4, 5])
 def test_lessons_03_to_05_carry_lesson02s_cifar_resnets(number):
     l02, copy = load_lesson(2), load_lesson(number)
     for depth, options in ((8, {}), (14, {"plain": True}), (8, {"shortcut": "B"}), (8, {"zero_init_residual": True})):
-        equal_copies(lambda: l02.cifar_resnet(depth, 10, **options), lambda: copy.cifar_resnet(depth, 10, **options),
-                     (2, 3, 32, 32))  # fmt: skip
+        equal_copies(l02.cifar_resnet, copy.cifar_resnet, (2, 3, 32, 32), depth, 10, **options)
 
 
 @pytest.mark.parametrize("number", [4, 5])
 def test_lessons_04_and_05_carry_lesson02s_blocks(number):
     l02, copy = load_lesson(2), load_lesson(number)
-    equal_copies(lambda: l02.Bottleneck(64, 16, 2), lambda: copy.Bottleneck(64, 16, 2), (2, 64, 8, 8))
-    equal_copies(lambda: l02.BasicBlock(16, 32, 2), lambda: copy.BasicBlock(16, 32, 2), (2, 16, 8, 8))
+    equal_copies(l02.Bottleneck, copy.Bottleneck, (2, 64, 8, 8), 64, 16, 2)
+    equal_copies(l02.BasicBlock, copy.BasicBlock, (2, 16, 8, 8), 16, 32, 2)
 
 
 def test_lesson04_carries_lesson02s_imagenet_resnet():
     l02, l04 = load_lesson(2), load_lesson(4)
-    equal_copies(lambda: l02.resnet50(10), lambda: l04.resnet50(10), (1, 3, 64, 64))
-    grouped = {"groups": 4, "base_width": 16}
-    equal_copies(lambda: l02.Bottleneck(64, 16, **grouped), lambda: l04.Bottleneck(64, 16, **grouped), (2, 64, 8, 8))
+    equal_copies(l02.resnet50, l04.resnet50, (1, 3, 64, 64), 10)
+    equal_copies(l02.Bottleneck, l04.Bottleneck, (2, 64, 8, 8), 64, 16, groups=4, base_width=16)
 
 
 def test_lesson06_carries_lesson02s_cifar_models_by_name():
@@ -139,7 +137,7 @@ def test_lesson06_carries_lesson02s_cifar_models_by_name():
     assert set(l06.CIFAR_MODELS) <= set(l02.CIFAR_MODELS)
     for name in l06.CIFAR_MODELS:
         if name not in ("cifar_resnet101", "cifar_resnet152"):  # the same code path as 50, at twice the time
-            equal_copies(lambda: l02.CIFAR_MODELS[name](10), lambda: l06.CIFAR_MODELS[name](10), (2, 3, 32, 32))
+            equal_copies(l02.CIFAR_MODELS[name], l06.CIFAR_MODELS[name], (2, 3, 32, 32), 10)
 
 
 @pytest.mark.parametrize("number", [4, 5])
