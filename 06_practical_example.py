@@ -100,8 +100,9 @@ FULL_OVERRIDES = {
     "warmup_epochs": 5.0,
 }
 SCHEDULES = ("onecycle", "cosine")
-MODELS = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "cifar_resnet18", "cifar_resnet34",
-          "cifar_resnet50", "cifar_resnet101", "cifar_resnet152")  # fmt: skip
+MODELS = tuple(f"resnet{depth}" for depth in (8, 20, 32, 44, 56, 110)) + tuple(
+    f"cifar_resnet{depth}" for depth in (18, 34, 50, 101, 152)
+)
 FIRST_LOSSES = 8  # losses of the run's first steps kept in results.json (to compare runs step by step)
 
 helpers.config(globals(), {}, FULL_OVERRIDES)  # the settings a run with no flags uses
@@ -136,7 +137,8 @@ def to_model_input(images: torch.Tensor, data: helpers.ImageData, channels_last:
 
 example = helpers.make_synthetic(4, seed=0)[0]  # uint8 (4, 3, 32, 32), as the dataset is held
 augmented = augment(example, cutout_size=8, generator=torch.Generator().manual_seed(0))
-f"{tuple(example.shape)} {example.dtype} -> {tuple(augmented.shape)} {augmented.dtype}, {(augmented != example).float().mean():.0%} of the pixels changed"
+changed = (augmented != example).float().mean()
+f"{tuple(example.shape)} {example.dtype} -> {tuple(augmented.shape)} {augmented.dtype}, {changed:.0%} of pixels changed"
 
 
 # %% Optimiser and schedule
@@ -172,8 +174,8 @@ class LearningRateShape:
 
 
 example_shape = LearningRateShape(total_steps=100, warmup_steps=10, schedule=SCHEDULE)
-helpers.format_table([{"step": t, "lr": LR * example_shape(t)} for t in (0, 5, 9, 10, 30, 55, 80, 99)],
-                     [("step", "d"), ("lr", ".4f")], title=f"{SCHEDULE}: peak lr {LR}, 100 steps, 10 of warm-up")  # fmt: skip
+rows = [{"step": t, "lr": LR * example_shape(t)} for t in (0, 5, 9, 10, 30, 55, 80, 99)]
+helpers.format_table(rows, [("step", "d"), ("lr", ".4f")], f"{SCHEDULE}: peak lr {LR}, 100 steps, 10 of warm-up")
 
 
 # %% One epoch of training
@@ -235,7 +237,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
 
 
 label, sure = torch.tensor([0]), torch.tensor([[12.0, 0.0, 0.0]])  # a confident, correct prediction of class 0
-f"loss of a sure, right prediction: {F.cross_entropy(sure, label):.4f} plain, {F.cross_entropy(sure, label, label_smoothing=LABEL_SMOOTHING):.4f} with smoothing {LABEL_SMOOTHING}"
+smoothed = F.cross_entropy(sure, label, label_smoothing=LABEL_SMOOTHING)
+f"loss of a sure, right answer: {F.cross_entropy(sure, label):.4f} plain, {smoothed:.4f} smoothed by {LABEL_SMOOTHING}"
 
 
 # %% Evaluation: the test set once, with the weights the validation set chose
@@ -267,8 +270,15 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
     wrong = (predictions != data.test_y).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][: cfg.num_mistakes]
     results |= {"per_class_accuracy": dict(zip(data.classes, per_class)), "confusion_matrix": matrix}
-    results["most_confident_mistakes"] = [{"index": int(i), "true": data.classes[int(data.test_y[i])],
-        "predicted": data.classes[int(predictions[i])], "confidence": float(confidence[i])} for i in worst]  # fmt: skip
+    results["most_confident_mistakes"] = [
+        {
+            "index": int(i),
+            "true": data.classes[int(data.test_y[i])],
+            "predicted": data.classes[int(predictions[i])],
+            "confidence": float(confidence[i]),
+        }
+        for i in worst
+    ]
     rows = [
         {"class": c, "test accuracy %": 100 * a, "images": int(n)}
         for c, a, n in zip(data.classes, per_class, matrix.sum(1))
@@ -344,10 +354,8 @@ def main(**overrides):
     if state is not None:  # the checkpoint owns the run's settings; a flag that contradicts one is refused
         cfg = resume_config(cfg, state, ddp)
     device = helpers.pick_device(cfg.device)
-    if ddp.world > 1:
-        device = distributed_device(device, cfg, ddp)
-    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
-    out = Path(cfg.out)
+    device = distributed_device(device, cfg, ddp) if ddp.world > 1 else device
+    amp_dtype, out = helpers.autocast_dtype(device, cfg.precision), Path(cfg.out)
     if ddp.rank == 0:  # process 0 alone writes: it claims --out (one run per folder, nothing of the user's replaced)
         out = helpers.output_dir(cfg, *OUTPUT_FILES)
         helpers.writable_dir(out / "checkpoints")
@@ -359,25 +367,19 @@ def main(**overrides):
         data = load_training_data(cfg, ddp, state)
         t = build_training(cfg, data, device, ddp, state)
         data = data.to(device)  # the whole dataset on the training device, as uint8
-        print(f"{cfg.model} ({helpers.count_parameters(t['model']) / 1e6:.2f}M parameters) on {data.name}: {len(data.train_x)} train / "
-              f"{len(data.val_x)} val / {len(data.test_x)} test images, {device}, autocast {amp_dtype or 'off (fp32)'}, "
-              f"channels-last {cfg.channels_last}, compile {cfg.compile}" + (f", {ddp.world} processes" if ddp.world > 1 else ""))  # fmt: skip
+        sizes = f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images"
+        how = f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
+        processes = f", {ddp.world} processes" if ddp.world > 1 else ""
+        print(f"{cfg.model} ({helpers.count_parameters(t['model']) / 1e6:.2f}M parameters) on {data.name}: {sizes}, "
+              f"{device}, {how}{processes}")  # fmt: skip
         if state is not None:
-            print(
-                f"resumed from {cfg.resume} at epoch {t['run']['epoch'] + 1}, step {t['run']['step']} of {t['steps_per_epoch']}"
-            )
-        header = f"{'epoch':>9}  {'lr':>7}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'img/s':>7}  {'time s':>6}"
-        print(header + "\n" + "-" * len(header), flush=True)
+            print(f"resumed from {cfg.resume} at epoch {t['run']['epoch'] + 1}, step {t['run']['step']}")
+        print(EPOCH_HEADER + "\n" + "-" * len(EPOCH_HEADER), flush=True)
         stop = {"stop": False, "requested": False, "signal": signal.SIGINT}
         with stop_requests(stop):
             while t["run"]["epoch"] < cfg.epochs and not stop["stop"]:
                 train_and_validate_one_epoch(t, cfg, data, device, amp_dtype, ddp, out, stop)
-        results = {"status": "interrupted" if t["run"]["epoch"] < cfg.epochs else "finished", "dataset": data.name,
-                   "model": cfg.model, "parameters": helpers.count_parameters(t["model"]), "autocast_dtype": amp_dtype,
-                   "num_train": len(data.train_x), "num_val": len(data.val_x), "num_test": len(data.test_x),
-                   "steps_per_epoch": t["steps_per_epoch"], "history": t["history"], "best_epoch": t["best"]["epoch"],
-                   "best_val_accuracy": t["best"]["val_accuracy"], "world_size": ddp.world,
-                   "first_step_losses": t["run"].get("first_losses", [])}  # fmt: skip
+        results = run_summary(t, cfg, data, amp_dtype, ddp)
         run, last = t["run"], out / "checkpoints" / "last.pt"
         if results["status"] == "interrupted":
             where = (
@@ -389,20 +391,14 @@ def main(**overrides):
             t["model"].load_state_dict(t["best_model"])  # the weights the validation set chose
             test_results, mistakes = evaluate_on_test_set(t["model"], cfg, data, device, amp_dtype, t["best"]["epoch"])
             results |= test_results
-            summary = {
-                "best validation accuracy %": 100 * t["best"]["val_accuracy"],
-                "test accuracy %": 100 * results["test_accuracy"],
-            }
+            results["mean_images_per_s"] = float(np.mean([h["images_per_s"] for h in t["history"]]))
+            summary = {"best validation accuracy %": 100 * t["best"]["val_accuracy"]}
+            summary["test accuracy %"] = 100 * results["test_accuracy"]
             if cfg.tta:
                 summary["test accuracy with flip TTA %"] = 100 * results["test_accuracy_flip_tta"]
-            summary["mean training img/s"] = results["mean_images_per_s"] = float(
-                np.mean([h["images_per_s"] for h in t["history"]])
-            )
-            helpers.print_table(
-                [{"measure": k, "value": v} for k, v in summary.items()],
-                [("measure", ""), ("value", ".2f")],
-                f"{cfg.model} on {data.name}",
-            )
+            summary["mean training img/s"] = results["mean_images_per_s"]
+            rows = [{"measure": k, "value": v} for k, v in summary.items()]
+            helpers.print_table(rows, [("measure", ""), ("value", ".2f")], f"{cfg.model} on {data.name}")
             results["figures"] = draw_figures(t, cfg, data, results["confusion_matrix"], mistakes, out)
         if ddp.rank == 0:
             helpers.save_results(out, results, cfg, device, started)
@@ -412,12 +408,25 @@ def main(**overrides):
         return results
 
 
+EPOCH_HEADER = "    epoch       lr  train loss  train acc  val loss  val acc    img/s  time s"
+
+
+def run_summary(t: dict, cfg, data, amp_dtype, ddp) -> dict:
+    status = "interrupted" if t["run"]["epoch"] < cfg.epochs else "finished"
+    sizes = {"num_train": len(data.train_x), "num_val": len(data.val_x), "num_test": len(data.test_x)}
+    parameters = helpers.count_parameters(t["model"])
+    return {"status": status, "dataset": data.name, "model": cfg.model, "parameters": parameters,
+            "autocast_dtype": amp_dtype, **sizes, "steps_per_epoch": t["steps_per_epoch"], "history": t["history"],
+            "best_epoch": t["best"]["epoch"], "best_val_accuracy": t["best"]["val_accuracy"], "world_size": ddp.world,
+            "first_step_losses": t["run"].get("first_losses", [])}  # fmt: skip
+
+
 def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out: Path, stop: dict) -> None:
     """One epoch, then validation and the epoch's checkpoints; a stop request mid-epoch saves where the run is."""
     run, checkpoints, started, seen_before = t["run"], out / "checkpoints", time.perf_counter(), t["run"]["seen"]
+    steps = (t["trained_model"], t["optimizer"], t["scheduler"], t["scaler"], data, cfg, device, amp_dtype)
     try:
-        train_one_epoch(t["trained_model"], t["optimizer"], t["scheduler"], t["scaler"], data, cfg, device, amp_dtype,
-                        t["generators"], run, stop, ddp)  # fmt: skip
+        train_one_epoch(*steps, t["generators"], run, stop, ddp)
     except StopTraining as error:
         raise StopTraining(
             f"{error} (lower --lr, or use --precision fp32); nothing of it was saved, {t['kept']}"
@@ -429,23 +438,14 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
         require_finite(t, {"training loss": run["loss_sum"]}, f"in epoch {run['epoch'] + 1}")
         save_checkpoints(t, ddp, checkpoints, best=False)
         return
-    val = helpers.evaluate(
-        t["model"],
-        data.val_x,
-        data.val_y,
-        data.mean,
-        data.std,
-        device,
-        amp_dtype,
-        cfg.eval_batch_size,
-        cfg.channels_last,
-    )
-    record = {"epoch": run["epoch"] + 1, "lr": t["scheduler"].get_last_lr()[0], "train_loss": run["loss_sum"] / run["seen"],
-              "train_accuracy": run["correct"] / run["seen"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-              "images_per_s": (run["seen"] - seen_before) / seconds, "seconds": seconds}  # fmt: skip
-    require_finite(
-        t, {"training loss": record["train_loss"], "validation loss": record["val_loss"]}, f"in epoch {record['epoch']}"
-    )
+    val = helpers.evaluate(t["model"], data.val_x, data.val_y, data.mean, data.std, device, amp_dtype,
+                           cfg.eval_batch_size, cfg.channels_last)  # fmt: skip
+    record = {"epoch": run["epoch"] + 1, "lr": t["scheduler"].get_last_lr()[0]}
+    record |= {"train_loss": run["loss_sum"] / run["seen"], "train_accuracy": run["correct"] / run["seen"]}
+    record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    record |= {"images_per_s": (run["seen"] - seen_before) / seconds, "seconds": seconds}
+    losses = {"training loss": record["train_loss"], "validation loss": record["val_loss"]}
+    require_finite(t, losses, f"in epoch {record['epoch']}")  # before anything is saved or marked best
     t["history"].append(record)
     is_best = val["accuracy"] > t["best"]["val_accuracy"]
     if is_best:  # kept in memory and in every checkpoint, so that last.pt alone can finish the run
@@ -454,9 +454,11 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
     run.update(epoch=run["epoch"] + 1, step=0, loss_sum=0.0, correct=0, seen=0)
     save_checkpoints(t, ddp, checkpoints, best=is_best)
     t["kept"] = f"{checkpoints / 'last.pt'} (end of epoch {record['epoch']}) is kept"
-    print(f"{record['epoch']:>4}/{cfg.epochs:<4}  {record['lr']:7.4f}  {record['train_loss']:10.4f}  {record['train_accuracy']:9.2%}  "
-          f"{record['val_loss']:8.4f}  {record['val_accuracy']:7.2%}  {record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if is_best else ''}", flush=True)  # fmt: skip
-    stop["stop"] = all_reduce(ddp, torch.tensor([float(stop["requested"])], device=device)).item() > 0  # all, or none
+    print(f"{record['epoch']:>4}/{cfg.epochs:<4}  {record['lr']:7.4f}  {record['train_loss']:10.4f}  "
+          f"{record['train_accuracy']:9.2%}  {record['val_loss']:8.4f}  {record['val_accuracy']:7.2%}  "
+          f"{record['images_per_s']:7.0f}  {seconds:6.1f}{'  best' if is_best else ''}", flush=True)  # fmt: skip
+    vote = torch.tensor([float(stop["requested"])], device=device)
+    stop["stop"] = all_reduce(ddp, vote).item() > 0  # a request that reached any process stops all, or none
 
 
 def require_finite(t: dict, losses: dict, where: str) -> None:
@@ -466,9 +468,8 @@ def require_finite(t: dict, losses: dict, where: str) -> None:
     if bad:
         problems.append(f"non-finite values in {len(bad)} weight tensors, e.g. {', '.join(bad[:3])}")
     if problems:
-        raise StopTraining(
-            f"training diverged {where}: {'; '.join(problems)} (lower --lr, or use --precision fp32); nothing of it was saved, {t['kept']}"
-        )
+        advice = "(lower --lr, or use --precision fp32); nothing of it was saved"
+        raise StopTraining(f"training diverged {where}: {'; '.join(problems)} {advice}, {t['kept']}")
 
 
 # main's keywords are the constants, in lower case, and so are its flags.
@@ -481,16 +482,11 @@ def require_finite(t: dict, losses: dict, where: str) -> None:
 # last.pt is written first and holds the best epoch's weights too, so that a kill at any instant leaves a file
 # that finishes the run; best.pt is the same state at the best epoch.
 CHECKPOINT_FORMAT = "lesson06-checkpoint-v3"
-OUTPUT_FILES = (
-    "results.json",
-    "curves.png",
-    "confusion_matrix.png",
-    "mistakes.png",
-    "checkpoints/last.pt",
-    "checkpoints/best.pt",
-)
-RESUME_KEYS = ("model", "dataset", "train_size", "val_size", "test_size", "seed", "epochs", "batch_size", "lr", "momentum",
-               "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "cutout", "sync_bn")  # fmt: skip
+OUTPUT_FILES = ("results.json", "curves.png", "confusion_matrix.png", "mistakes.png", "checkpoints/last.pt",
+                "checkpoints/best.pt")  # fmt: skip
+RESUME_KEYS = ("model", "dataset", "train_size", "val_size", "test_size", "seed", "epochs", "batch_size", "lr",
+               "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "cutout",
+               "sync_bn")  # fmt: skip
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
@@ -499,14 +495,19 @@ def save_checkpoint(path: Path, state: dict) -> Path:
 
 
 def save_checkpoints(t: dict, ddp, checkpoints: Path, best: bool) -> None:
-    if ddp.rank == 0:
-        state = {"format": CHECKPOINT_FORMAT, "run_config": t["run_config"], "model": t["model"].state_dict(),
-                 "best_model": t["best_model"], "optimizer": t["optimizer"].state_dict(), "scheduler": t["scheduler"].state_dict(),
-                 "scaler": t["scaler"].state_dict(), "rng": {"torch": torch.get_rng_state(), "order": t["generators"][0].get_state(),
-                 "augment": t["generators"][1].get_state()}, "run": dict(t["run"]), "history": t["history"], "best": t["best"]}  # fmt: skip
-        save_checkpoint(checkpoints / "last.pt", state)
-        if best:
-            save_checkpoint(checkpoints / "best.pt", state)
+    """last.pt first: it alone can finish the run (it holds the best epoch's weights too), so a kill between the
+    two saves loses nothing. Process 0 writes for all."""
+    if ddp.rank != 0:
+        return
+    order, augment = (generator.get_state() for generator in t["generators"])
+    state = {"format": CHECKPOINT_FORMAT, "run_config": t["run_config"], "run": dict(t["run"]), "history": t["history"],
+             "best": t["best"], "model": t["model"].state_dict(), "best_model": t["best_model"],
+             "optimizer": t["optimizer"].state_dict(), "scheduler": t["scheduler"].state_dict(),
+             "scaler": t["scaler"].state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "order": order, "augment": augment}}  # fmt: skip
+    save_checkpoint(checkpoints / "last.pt", state)
+    if best:
+        save_checkpoint(checkpoints / "best.pt", state)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -520,18 +521,12 @@ def load_checkpoint(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a forbidden global in the pickle
-        reason = (
-            "a weights-only load refuses what it holds"
-            if "Weights only load failed" in str(error)
-            else helpers.error_summary(error)
-        )
-        raise helpers.UserError(
-            f"cannot load checkpoint {path}: {reason} (pass a checkpoint written by this lesson)"
-        ) from None
-    helpers.require(
-        isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT,
-        f"{path} is not a checkpoint of this lesson, or is one of an earlier version (pass a file from {OUT}/checkpoints)",
-    )
+        refused = "Weights only load failed" in str(error)
+        reason = "a weights-only load refuses what it holds" if refused else helpers.error_summary(error)
+        raise helpers.UserError(f"cannot load checkpoint {path}: {reason} (pass a checkpoint of this lesson)") from None
+    ours = isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+    hint = f"(pass a file from {OUT}/checkpoints)"
+    helpers.require(ours, f"{path} is not a checkpoint of this lesson, or is one of an earlier version {hint}")
     return state
 
 
@@ -543,18 +538,15 @@ def resume_config(cfg, state: dict, ddp) -> helpers.Config:
         checked = helpers.config(globals(), {key: saved[key] for key in RESUME_KEYS})
         world = saved["world_size"]
     except (KeyError, TypeError, helpers.UserError) as error:
-        raise helpers.UserError(
-            f"checkpoint {path} is damaged: a saved setting is missing or fails its check: {error} (pass a checkpoint written by this lesson)"
-        ) from None
+        why = f"a saved setting is missing or fails its check: {error}"
+        raise helpers.UserError(f"checkpoint {path} is damaged: {why} (pass a checkpoint of this lesson)") from None
     for key in RESUME_KEYS:
-        flag = "--" + key.replace("_", "-")
-        helpers.require(key not in cfg.explicit or cfg[key] == checked[key], f"checkpoint {path} was written for {key} {checked[key]!r}, this run has "
-                        f"{cfg[key]!r} (leave {flag} out to continue with {checked[key]}; a run's settings cannot change when it resumes)")  # fmt: skip
+        keep = f"leave --{key.replace('_', '-')} out to continue with {checked[key]}"
+        written = f"checkpoint {path} was written for {key} {checked[key]!r}, this run has {cfg[key]!r}"
+        helpers.require(key not in cfg.explicit or cfg[key] == checked[key], f"{written} ({keep})")
     launch = "python 06_practical_example.py" if world == 1 else f"torchrun with {world} processes in all"
-    helpers.require(
-        world == ddp.world,
-        f"checkpoint {path} was written with world_size {world}, this run's world_size is {ddp.world} (resume it with {launch})",
-    )
+    written = f"checkpoint {path} was written with world_size {world}, this run's world_size is {ddp.world}"
+    helpers.require(world == ddp.world, f"{written} (resume it with {launch})")
     merged = helpers.Config({**cfg, **{key: checked[key] for key in RESUME_KEYS}})
     merged.lesson, merged.explicit = cfg.lesson, cfg.explicit | {"dataset"}  # the saved dataset, never a fallback
     return merged
@@ -567,53 +559,50 @@ def refuse_to_rewind(cfg, state: dict | None, out: Path) -> None:
         return
     with contextlib.suppress(helpers.UserError, KeyError, TypeError):
         later = load_checkpoint(last)["run"]["epoch"]
-        helpers.require(later <= state["run"]["epoch"], f"{last} holds a later point of a run (epoch {later}) that resuming {cfg.resume} would overwrite "
-                        f"(resume from {last}, or pass another --out)")  # fmt: skip
+        what = f"{last} holds a later point of a run (epoch {later}) that resuming {cfg.resume} would overwrite"
+        helpers.require(later <= state["run"]["epoch"], f"{what} (resume from {last}, or pass another --out)")
 
 
 def restore(t: dict, state: dict, cfg, data) -> None:
     """Weights, optimiser, schedule, scaler, random states and progress; any damage is one error line."""
-    saved, spe = state["run_config"], t["steps_per_epoch"]
-    helpers.require(saved.get("num_train") == len(data.train_x), f"checkpoint {cfg.resume} was written for {saved.get('num_train')} training images, "
-                    f"this run has {len(data.train_x)} (pass the data the run started with)")  # fmt: skip
-    planned = dict(vars(t["shape"]))
+    saved, spe, planned = state["run_config"], t["steps_per_epoch"], dict(vars(t["shape"]))
+    written = f"checkpoint {cfg.resume} was written for {saved.get('num_train')} training images"
+    same_data = saved.get("num_train") == len(data.train_x)
+    helpers.require(same_data, f"{written}, this run has {len(data.train_x)} (pass the data the run started with)")
     try:
         t["model"].load_state_dict(state["model"])
         t["optimizer"].load_state_dict(state["optimizer"])
         t["scheduler"].load_state_dict(state["scheduler"])
-        if (
-            state["scaler"] and t["scaler"].is_enabled()
-        ):  # a run may resume in fp16 after bf16 or fp32: a fresh scaler then
+        if state["scaler"] and t["scaler"].is_enabled():  # resumed in fp16 after bf16 or fp32: a fresh scaler
             t["scaler"].load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         t["generators"][0].set_state(state["rng"]["order"])
         t["generators"][1].set_state(state["rng"]["augment"])
-        run, history, best = dict(state["run"]), list(state["history"]), dict(state["best"])
-        position = run["epoch"] * spe + run["step"]
-        if not (0 <= run["epoch"] <= cfg.epochs and 0 <= run["step"] < spe and math.isfinite(run["loss_sum"]) and t["scheduler"].last_epoch == position
-                and len(history) == run["epoch"] and vars(t["shape"]) == planned and (best["epoch"] > 0) == (state["best_model"] is not None)):  # fmt: skip
+        run, history, best, best_model = (
+            dict(state["run"]),
+            list(state["history"]),
+            dict(state["best"]),
+            state["best_model"],
+        )
+        consistent = 0 <= run["epoch"] <= cfg.epochs and 0 <= run["step"] < spe and math.isfinite(run["loss_sum"])
+        consistent &= t["scheduler"].last_epoch == run["epoch"] * spe + run["step"] and vars(t["shape"]) == planned
+        consistent &= len(history) == run["epoch"] and (best["epoch"] > 0) == (best_model is not None)
+        if not consistent:
             raise ValueError(f"step {run['step']} of epoch {run['epoch'] + 1} does not match its schedule and history")
-        if state["best_model"] is not None:
-            t["model"].load_state_dict(state["best_model"])  # checks that the best weights fit too
+        if best_model is not None:  # the best weights must fit the model too
+            t["model"].load_state_dict(best_model)
             t["model"].load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
+        why = helpers.error_summary(error)
         raise helpers.UserError(
-            f"checkpoint {cfg.resume} is damaged: {helpers.error_summary(error)} (pass a checkpoint written by this lesson)"
+            f"checkpoint {cfg.resume} is damaged: {why} (pass a checkpoint of this lesson)"
         ) from None
     for group in t["optimizer"].param_groups:  # the checked settings rule, not numbers edited into the file
-        group.update(
-            momentum=cfg.momentum,
-            nesterov=cfg.momentum > 0,
-            weight_decay=cfg.weight_decay if group["name"] == "weights" else 0.0,
-        )
+        decay = cfg.weight_decay if group["name"] == "weights" else 0.0
+        group.update(momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=decay)
     t["scheduler"].base_lrs = [cfg.lr] * len(t["optimizer"].param_groups)
-    t.update(
-        run=run,
-        history=history,
-        best=best,
-        best_model=state["best_model"],
-        kept=f"{cfg.resume} (epoch {run['epoch']}, step {run['step']}) is kept",
-    )
+    kept = f"{cfg.resume} (epoch {run['epoch']}, step {run['step']}) is kept"
+    t.update(run=run, history=history, best=best, best_model=best_model, kept=kept)
 
 
 def resume_command(cfg, path: Path, ddp=None) -> str:
@@ -636,10 +625,8 @@ def stop_requests(stop: dict):
         if stop["requested"]:
             raise KeyboardInterrupt(signum)
         stop.update(requested=True, signal=signum)  # the processes then agree on where to stop, and stop together
-        print(
-            f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: stopping after this step and saving a checkpoint (again to abort)",
-            flush=True,
-        )
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: stopping after this step and saving a checkpoint (again to abort)", flush=True)
 
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -661,16 +648,14 @@ def load_training_data(cfg, ddp, state: dict | None) -> helpers.ImageData:
     data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=state is None)
     if ddp.world > 1 and ddp.rank == 0:
         torch.distributed.barrier()
-    helpers.require(
-        cfg.batch_size <= len(data.train_x),
-        f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)",
-    )
+    too_large = f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)"
+    helpers.require(cfg.batch_size <= len(data.train_x), too_large)
     return data
 
 
-def build_training(cfg, data, device, ddp, state: dict | None, amp_dtype=None) -> dict:
+def build_training(cfg, data, device, ddp, state: dict | None) -> dict:
     """Model (channels-last, DDP, torch.compile where asked), SGD with Nesterov momentum, the schedule and the
-    gradient scaler (fp16 only)."""
+    gradient scaler (fp16 only); restored from the checkpoint when resuming."""
     steps_per_epoch = len(data.train_x) // cfg.batch_size
     generator = helpers.seed_everything(cfg.seed)  # the weights, then the data order, come from the seed
     model = CIFAR_MODELS[cfg.model](data.num_classes)
@@ -683,16 +668,21 @@ def build_training(cfg, data, device, ddp, state: dict | None, amp_dtype=None) -
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     trained = torch.compile(trained) if cfg.compile else trained  # shares its parameters with `model`
-    optimizer = torch.optim.SGD(
-        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0
-    )
+    groups = parameter_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     shape = LearningRateShape(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
-    t = {"model": model, "trained_model": trained, "optimizer": optimizer, "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, shape),
-         "scaler": torch.amp.GradScaler(device.type, enabled=helpers.autocast_dtype(device, cfg.precision) == torch.float16),
-         "shape": shape, "generators": (generator, torch.Generator().manual_seed(cfg.seed + 1)), "steps_per_epoch": steps_per_epoch,
-         "run_config": {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x), "world_size": ddp.world},
-         "run": {"epoch": 0, "step": 0, "order_state": generator.get_state(), "loss_sum": 0.0, "correct": 0, "seen": 0},
-         "history": [], "best": {"val_accuracy": -1.0, "epoch": 0}, "best_model": None, "kept": "no checkpoint was written"}  # fmt: skip
+    fp16 = helpers.autocast_dtype(device, cfg.precision) == torch.float16
+    saved = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
+    t = {
+        "model": model, "trained_model": trained, "optimizer": optimizer, "shape": shape,
+        "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, shape),
+        "scaler": torch.amp.GradScaler(device.type, enabled=fp16),  # fp16's small gradients would underflow
+        "generators": (generator, torch.Generator().manual_seed(cfg.seed + 1)),  # data order, augmentation
+        "steps_per_epoch": steps_per_epoch, "run_config": saved | {"world_size": ddp.world},
+        "run": {"epoch": 0, "step": 0, "order_state": generator.get_state(), "loss_sum": 0.0, "correct": 0, "seen": 0},
+        "history": [], "best": {"val_accuracy": -1.0, "epoch": 0}, "best_model": None,
+        "kept": "no checkpoint was written",
+    }  # fmt: skip
     if state is not None:
         restore(t, state, cfg, data)
     return t
@@ -718,7 +708,8 @@ def distributed_context() -> Distributed:
         ddp = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     except (KeyError, ValueError):
         raise helpers.UserError(
-            "WORLD_SIZE is set, but RANK is missing or WORLD_SIZE or RANK is not a number (launch with torchrun, or unset them)"
+            "WORLD_SIZE is set, but RANK is missing or WORLD_SIZE or RANK is not a number (launch with torchrun, or "
+            "unset them)"
         ) from None
     helpers.require(0 <= ddp.rank < ddp.world, f"RANK {ddp.rank} is outside 0..{ddp.world - 1} (launch with torchrun)")
     return ddp
@@ -769,8 +760,9 @@ def process_group(ddp, device: torch.device):
     if ddp.world == 1:
         yield
         return
-    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this "
-                    "process (unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT, or launch with torchrun)")  # fmt: skip
+    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process"
+    unset = "(unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT, or launch with torchrun)"
+    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} {unset}")
     torch.distributed.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5)
     )
