@@ -15,7 +15,7 @@ Paper
     computes y = F(x, {W_i}) + x (Eq. 1), or y = F(x, {W_i}) + W_s x (Eq. 2) where the shape changes, then a ReLU.
 
 Run
-    python 02_resnet_implementation.py                        # about 35 s on 2 CPU cores, fp32, 2/3 of it timing
+    python 02_resnet_implementation.py                        # 35-70 s on 2 CPU cores, fp32, 2/3 of it timing
     python 02_resnet_implementation.py --no-measure-latency   # the counts only, about 10 s
     python 02_resnet_implementation.py --pretrained           # classify a photo with torchvision's ImageNet weights
     `--pretrained` needs the network once; the cached file is checked against its published hash and loaded with
@@ -49,6 +49,8 @@ Try this
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -786,18 +788,15 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
     """Load torchvision's ImageNet weights for `model_name` into the lesson's model (strict) and classify
     one image. Without network access (and no cached file), print one notice and return."""
     import contextlib
-    import hashlib
     import io
-    import re
     import urllib.error
 
     import torchvision
 
-    weights = torchvision.models.get_model_weights(model_name).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name  # e.g. resnet50-11ad3fa6.pth
-    expected = re.search(r"-([a-f0-9]+)\.", cached.name)[1]  # the start of the file's SHA-256, as torch.hub names it
+    weights, cached, expected = cached_weights(model_name)
     try:
         if not cached.exists():  # torch.hub prints "Downloading: ..." before it fails: keep a failure to one line
+            cached.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=expected, progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
@@ -808,10 +807,7 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
             flush=True,
         )
         return {"loaded": False, "weights": f"{model_name}.{weights.name}", "reason": reason}
-    # A cached file is checked like a download (hash), then loaded with weights_only=True: never unpickled freely.
-    digest = hashlib.sha256(cached.read_bytes()).hexdigest()
-    helpers.require(digest.startswith(expected), f"{cached} is not torchvision's {model_name} weights: its SHA-256 starts "
-                    f"{digest[:len(expected)]}, not {expected} (delete it to download it again)")  # fmt: skip
+    check_cached_weights(model_name, cached, expected)  # checked like a download, before it is unpickled
     model = IMAGENET_MODELS[model_name]()
     try:
         state = torch.load(cached, map_location="cpu", weights_only=True)
@@ -843,6 +839,24 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
         "top5": rows,
         "max_prob_difference_vs_torchvision": difference,
     }
+
+
+def cached_weights(model_name: str):
+    """torchvision's weights entry for `model_name`, the file torch.hub caches it in, and the start of that file's
+    SHA-256, which torch.hub puts in the file's name (resnet50-11ad3fa6.pth)."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(model_name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return weights, cached, re.search(r"-([a-f0-9]+)\.", cached.name)[1]
+
+
+def check_cached_weights(model_name: str, cached: Path, expected: str) -> None:
+    """A cached file is checked like a download: its SHA-256 must start as its name says. Only then is it loaded, and
+    then with weights_only=True, so a file planted in the cache is never unpickled freely."""
+    digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+    what = f"its SHA-256 starts {digest[: len(expected)]}, not {expected} (delete it to download it again)"
+    helpers.require(digest.startswith(expected), f"{cached} is not torchvision's {model_name} weights: {what}")
 
 
 def readable_image(path: str) -> None:
@@ -886,6 +900,9 @@ def main(**overrides):
         helpers.require(image is not None, "matplotlib's sample photo grace_hopper.jpg is missing (pass --image PATH)")
         helpers.require(Path(image).is_file(), f"--image {image} is not a file (pass the path of a JPEG or PNG)")
         readable_image(image)
+        _, cached, expected = cached_weights(cfg.pretrained_model)
+        if cached.exists():
+            check_cached_weights(cfg.pretrained_model, cached, expected)
     started = time.perf_counter()
     device = helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg, "results.json", "resnet_family.png")

@@ -25,21 +25,22 @@ Run
     python 03_training_comparison.py                  # 4 nets x 100 iterations of 128 images
     python 03_training_comparison.py --depths 20 32 44 56
     python 03_training_comparison.py --full           # the paper's schedule on CIFAR-10 (a GPU: hours)
-    Runtime on 2 quiet CPU cores: 158 s with bf16 (AVX512-BF16), RUNTIME_FP32 with --precision fp32 (a CPU without
-    native bf16). Without CIFAR-10 a quick run falls back loudly to Fashion-MNIST (or the synthetic set).
+    Runtime on 2 quiet CPU cores: 158 s with bf16 (AVX512-BF16), 288 s in fp32 (an AMD EPYC with AVX2 and no bf16,
+    where auto means fp32). Without CIFAR-10 a quick run falls back loudly to Fashion-MNIST (or the synthetic set).
 
 What you should see (seed 0, Fashion-MNIST fallback; the slow test in tests/test_03_training_comparison.py)
-    model       train err   held-out err (stale BN)   grad first/last conv at init
-    plain-20      25.8%       23.4%  (48.2%)              11
-    plain-56      58.8%       57.5%  (55.6%)              1,330
-    resnet-20     21.6%       20.6%  (28.7%)              2.2
-    resnet-56     23.0%       21.5%  (40.1%)              7.0
+    model       train err bf16   train err fp32   grad first/last conv at init (bf16 / fp32)
+    plain-20       25.8%            25.8%            11 / 12
+    plain-56       58.8%            49.5%            1,330 / 1,910
+    resnet-20      21.6%            21.0%            2.2 / 2.4
+    resnet-56      23.0%            21.1%            7.0 / 7.2
     * The verdict, against its control and a noise band the run estimates from its own curves: plain gap +33.0
-      points, residual gap +1.4, difference +31.5, band +-4.3: "degradation reproduced" (seed 1: +26.6, +0.4).
-    * Gradients do not vanish in the plain net at initialisation, they explode towards the input (1,330x). After
-      100 iterations the profile has flipped: plain-56's first conv gets 0.016x its last conv's gradient.
-    * With BN's running statistics as training left them, held-out error is up to 25 points higher; re-estimated
-      over 20 batches, it sits within 3 points of the training error for every model.
+      points, residual gap +1.4, band +-4.3: "degradation reproduced" (fp32: +23.6, +0.1, band +-4.4; bf16 seed 1:
+      +26.6, +0.4).
+    * Gradients do not vanish in the plain net at initialisation, they explode towards the input. After 100
+      iterations the profile has flipped: plain-56's first conv gets 0.016x (fp32: 0.054x) its last conv's gradient.
+    * With BN's running statistics as training left them, held-out error is up to 25 points higher (fp32: 13);
+      re-estimated over 20 batches, it sits within 3 points of the training error for every model (fp32: 6).
 
 Try this
     * --depths 20 32 44 56: the run judges, family by family, whether training error rises with depth.

@@ -13,27 +13,29 @@ What you will learn
 Run
     python 05_visualization.py            # two 20-layer nets, 100 steps each, and 2 x 3 direction pairs x 81 points
     python 05_visualization.py --full     # the ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
-    Runtime on 2 quiet CPU cores: 121-199 s with bf16 training (AVX512-BF16), RUNTIME_FP32 with --precision fp32
-    (the landscape itself is always fp32).
+    Runtime on 2 quiet CPU cores: 121-199 s with bf16 training (AVX512-BF16), 167 s in fp32 (an AMD EPYC without
+    bf16); the landscape itself is always fp32.
 
 What you should see (seed 0, Fashion-MNIST fallback; one batch of 32 training images)
-    Gradient RMS of dL/dW at initialisation:
+    Gradient RMS of dL/dW at initialisation (fp32 on both machines):
                 first conv / last conv          last-conv RMS without BN
         depth   plain+BN    residual+BN         plain       residual
         20      1.3e2       32                  3.9e-4      6.6e-2
         56      2.0e4       1.0e2               2.8e-5      1.5e2
-        110     4.1e7       1.6e2               3.6e-5      2.4e7
+        110     3.4e7-4.1e7 1.6e2               3.6e-5      2.4e7
     * With batch norm the plain net's gradients EXPLODE towards the input, exponentially in depth (Yang et al.
       2019); in the residual net the largest and smallest layer gradients differ by less than 300x at every depth.
     * Without batch norm the residual net's signal roughly doubles in variance per block, so its gradients grow to
       2.4e7 at 110 layers: shortcuts need BN, or a zero-initialised or scaled branch, to stay well-conditioned.
     Loss landscape of the two trained nets (9x9 grid over [-1, 1]^2, 256 training images):
-        net          centre loss   rise at r=0.5   highest rise on the grid
-        plain-20     0.93          1.18            695
-        ResNet-20    0.96          1.10            69
-    * Near the centre the two minima look alike (1.18 vs 1.10); far out the plain net's loss climbs ten times higher.
-    * The share of interior grid points where the slice curves upward, over three direction pairs: plain 41, 41,
-      51%; residual 49, 63, 47%. The third pair reverses the order: within noise, and the run says so.
+        trained in   net          centre loss   rise at r=0.5   highest rise   upward-curving share, 3 pairs
+        bf16         plain-20     0.93          1.18            695            41, 41, 51%
+                     ResNet-20    0.96          1.10            69             49, 63, 47%
+        fp32         plain-20     0.90          1.67            549            55, 39, 51%
+                     ResNet-20    0.96          0.52            51             69, 86, 76%
+    * Far from the centre the plain net's loss climbs about ten times higher in both runs. Near the centre, and in
+      the share of points that curve upward, the two runs disagree with each other; the run judges each difference
+      against its own direction pairs and calls it within noise both times.
 
 Try this
     * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Do the rise and the share now separate?

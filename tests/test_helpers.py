@@ -231,3 +231,37 @@ def test_results_json_keys_are_snake_case_and_rates_fractions():
     saved = helpers._jsonable({"max |F(x)|": 1, "N=8": 2, "ms@32": 3, "first/last": 4, "test_err_%": 8.75, "GMACs": 5})
     assert saved == {"max_f_x": 1, "n_8": 2, "ms_at_32": 3, "first_over_last": 4, "test_err": 0.0875, "gmacs": 5}
     assert helpers._jsonable({"resnet-20": {"v1.5 - v1": 0.2}}) == {"resnet-20": {"v1_5_minus_v1": 0.2}}
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (OSError(28, "No space left on device", "/data/out/results.json"), "No space left on device: /data/out/results.json"),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file "
+                      "write failed"), "cannot write a file: [enforce fail at inline_container.cc:672]"),
+        (OSError(36, "File name too long", "x" * 300), "File name too long: xxx"),
+    ],
+    ids=["disk full", "torch.save on a full disk", "name too long"],
+)  # fmt: skip
+def test_a_full_disk_or_a_bad_path_is_one_line_and_exit_1(error, line, monkeypatch, capsys):
+    """Whatever the lesson was writing when the disk filled: one `error:` line, status 1, no traceback."""
+
+    def main():
+        raise error
+
+    import argparse
+    import signal
+
+    module_globals = {"__file__": "/lessons/07_tiny.py"}
+    monkeypatch.setattr(sys, "argv", ["/lessons/07_tiny.py"])  # as `python /lessons/07_tiny.py` would have it
+    parser = type("Parser", (), {"parse_args": lambda self: argparse.Namespace()})
+    monkeypatch.setattr(helpers, "build_parser", lambda *args: parser())
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            helpers.run_cli(lambda **flags: main(), module_globals)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {line}")

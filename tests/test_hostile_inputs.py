@@ -161,6 +161,13 @@ HOSTILE = [
     row(L06, ["--cutout", "99999999999999999999"], 1, r"--cutout must be <= 32"),
     row(L04, ["--imagenet-timing-size", "32"], 1, r"--imagenet-timing-size must be >= 64"),
     row(L02, ["--pretrained", "--image", "{text_file}"], 1, r"is not an image torchvision can read"),
+    row(
+        L02,
+        ["--pretrained", "--pretrained-model", "resnet18", "ENV:TORCH_HOME={planted_home}"],
+        1,
+        r"is not torchvision's resnet18 weights: its SHA-256 starts",
+        "02:a pickle planted in the torch cache",
+    ),  # fmt: skip
     row(L05, ["--dataset", "synthetic", "--residual-checkpoint", "{nan_weights}"], 1, r"holds NaN or infinity in"),
     row(L03, ["--dataset", "fashion-mnist", "--data-dir", "/sys/hostile-data"], 1, r"/sys/hostile-data"),
     row(
@@ -274,6 +281,11 @@ def places(tmp_path, request):
     torch.save({"format": Exploit(str(tmp_path / "pwned"))}, made["crafted"])
     made["plain_pickle"] = tmp_path / "plain.pkl"
     made["plain_pickle"].write_bytes(pickle.dumps({"format": "lesson06-checkpoint-v3"}))
+    planted = tmp_path / "torch" / "hub" / "checkpoints"  # where --pretrained finds torchvision's weights offline
+    planted.mkdir(parents=True)
+    url = __import__("torchvision").models.ResNet18_Weights.DEFAULT.url
+    torch.save({"fc.weight": Exploit(str(tmp_path / "pwned"))}, planted / url.rsplit("/", 1)[1])
+    made["planted_home"] = tmp_path / "torch"
     made["long"] = "x" * 300  # a path component longer than the 255 bytes a file name may have
     made["nan_weights"] = tmp_path / "nan.pt"
     diverged = {k: v.float().fill_(float("nan")) for k, v in load_lesson(2).cifar_resnet(20).state_dict().items()}
@@ -336,12 +348,9 @@ def test_hostile_input(script, args, status, message, places, tmp_path, request)
         holder.write("424242")
         holder.flush()
     before = earlier_run(out) if out.name in ("out", "locked") else snapshot(out)
+    args = [a.format(**{k.replace(":", "_"): v for k, v in places.items()}) for a in _colon_safe(args)]
     env = dict(a[4:].split("=", 1) for a in args if a.startswith("ENV:"))
-    args = [
-        a.format(**{k.replace(":", "_"): v for k, v in places.items()})
-        for a in _colon_safe(args)
-        if not a.startswith("ENV:")
-    ]
+    args = [a for a in args if not a.startswith("ENV:")]
     if script != BENCH and "--out" not in args:
         args += ["--out", str(out)]
     work = tmp_path / "work"  # the working folder: a relative `data` or `outputs` lands here, not in the repo
