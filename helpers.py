@@ -717,7 +717,7 @@ def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bo
         again = f"(delete {folder} and its archive to unpack or download them again)"
         require(
             name == "fashion-mnist" or not folder.exists(),
-            f"{name} files in {folder} are corrupt: {error_summary(error)} {again}",
+            f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}",
         )
         raise _unavailable(name, data_dir, error) from None
     if name == "fashion-mnist":
