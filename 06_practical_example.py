@@ -559,11 +559,11 @@ def refuse_to_rewind(cfg, state: dict | None, out: Path) -> None:
     last = out / "checkpoints" / "last.pt"
     if state is None or not last.is_file() or last.resolve() == Path(cfg.resume).resolve():
         return
-    later = 0  # a last.pt that cannot be read is not a later point of anything
-    with contextlib.suppress(helpers.UserError, KeyError, TypeError):
-        later = load_checkpoint(last)["run"]["epoch"]
+    later = earlier = 0  # an unreadable last.pt is no later point of anything; a damaged state fails in restore
+    with contextlib.suppress(helpers.UserError, KeyError, TypeError, ValueError, AttributeError):
+        later, earlier = int(load_checkpoint(last)["run"]["epoch"]), int(state["run"]["epoch"])
     what = f"{last} holds a later point of a run (epoch {later}) that resuming {cfg.resume} would overwrite"
-    helpers.require(later <= state["run"]["epoch"], f"{what} (resume from {last}, or pass another --out)")
+    helpers.require(later <= earlier, f"{what} (resume from {last}, or pass another --out)")
 
 
 def restore(t: dict, state: dict, cfg, data) -> None:
