@@ -106,56 +106,51 @@ LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
-# %% Lesson 02's blocks and CIFAR ResNet, repeated here so that this lesson stands alone (tests/test_standalone.py proves the copy
-# equal to lesson 02's: strict state_dict loads both ways, equal outputs).
+# %% Lesson 02's blocks and CIFAR ResNet and lesson 03's training recipe, repeated here in compact form so that this lesson stands alone;
+# tests/test_standalone.py proves each copy equal to its original.
+def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+
+
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+    return conv(in_channels, out_channels, 3, stride)
 
 
-def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    """W_s x of Eq. 2: a strided 1x1 convolution and batch norm (option B)."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # W_s x (Eq. 2), option B
+    return nn.Sequential(conv(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels))
 
 
 class ShortcutA(nn.Module):
-    """Option A: subsample and zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
+    """Option A: subsample, then zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
 
 
 class PlainBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm, no shortcut: y = relu(F(x))."""
-
     expansion = 1
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, width: int, stride: int = 1):
         super().__init__()
-        self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv1, self.bn1 = conv(in_channels, width, 3, stride), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv(width, width, 3), nn.BatchNorm2d(width)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x) = BN(W2 * relu(BN(W1 * x)))
+    def branch(self, x: torch.Tensor) -> torch.Tensor:  # F(x) = BN(W2 * relu(BN(W1 * x)))
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # (B, C_in, H, W) -> (B, w, H/s, W/s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.branch(x))
 
 
 class BasicBlock(PlainBlock):
-    """y = relu(F(x) + shortcut(x)): the identity where shapes match (Eq. 1), `make_shortcut` where not (Eq. 2)."""
-
     def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
         super().__init__(in_channels, width, stride)
-        shape_changes = stride != 1 or in_channels != width
-        self.downsample = make_shortcut(in_channels, width, stride) if shape_changes else None
+        changes = stride != 1 or in_channels != width
+        self.downsample = make_shortcut(in_channels, width, stride) if changes else None
 
     last_bn = property(lambda self: self.bn2)
 
@@ -166,46 +161,32 @@ class BasicBlock(PlainBlock):
         return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
 
 
-class Bottleneck(nn.Module):
-    """1x1 reduce to `width`, 3x3 (stride here: "v1.5"; on the 1x1 with stride_on="1x1": "v1"), 1x1 expand to
-    4 * width; `groups` and `base_width` as torchvision's (ResNeXt, Wide ResNet)."""
+class Bottleneck(BasicBlock):
+    """1x1 reduce, 3x3 (the stride here: "v1.5"; in `groups` groups of base_width / 64 * width), 1x1 expand to 4w."""
 
     expansion = 4
 
-    def __init__(
-        self, in_channels, width, stride=1, make_shortcut=projection_shortcut, stride_on="3x3", groups=1, base_width=64
-    ):
-        super().__init__()
-        out_channels, inner = width * self.expansion, int(width * (base_width / 64.0)) * groups
-        self.conv1 = nn.Conv2d(in_channels, inner, 1, stride=stride if stride_on == "1x1" else 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(inner)
-        conv2_stride = stride if stride_on == "3x3" else 1
-        self.conv2 = nn.Conv2d(inner, inner, 3, stride=conv2_stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(inner)
-        self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        shape_changes = stride != 1 or in_channels != out_channels
-        self.downsample = make_shortcut(in_channels, out_channels, stride) if shape_changes else None
+    def __init__(self, in_channels, width, stride=1, make_shortcut=projection_shortcut, groups=1, base_width=64):
+        nn.Module.__init__(self)
+        inner, out_channels = int(width * (base_width / 64.0)) * groups, 4 * width
+        self.conv1, self.bn1 = conv(in_channels, inner, 1), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = conv(inner, inner, 3, stride, groups), nn.BatchNorm2d(inner)
+        self.conv3, self.bn3 = conv(inner, out_channels, 1), nn.BatchNorm2d(out_channels)
+        changes = stride != 1 or in_channels != out_channels
+        self.downsample = make_shortcut(in_channels, out_channels, stride) if changes else None
 
     last_bn = property(lambda self: self.bn3)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, w, H, W)
-        out = F.relu(self.bn2(self.conv2(out)))  # -> (B, w, H/s, W/s)
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))  # (B, C_in, H, W) -> (B, w, H/s, W/s)
         return self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
 
 
 def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride: int) -> nn.Sequential:
     blocks = []
     for index in range(num_blocks):
         blocks.append(make_block(in_channels, width, stride if index == 0 else 1))
-        in_channels = width * getattr(blocks[-1], "expansion", 1)
+        in_channels = width * blocks[-1].expansion
     return nn.Sequential(*blocks)
 
 
@@ -216,7 +197,7 @@ def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) ->
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-    for module in model.modules() if zero_init_residual else ():
+    for module in model.modules() if zero_init_residual else ():  # after the loop above, which sets every scale to 1
         if hasattr(module, "last_bn"):
             nn.init.zeros_(module.last_bn.weight)
     return model
@@ -226,44 +207,26 @@ class CifarResNet(nn.Module):
     """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
     global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
 
-    def __init__(
-        self,
-        depth: int,
-        num_classes: int = 10,
-        shortcut: str = "A",
-        plain: bool = False,
-        zero_init_residual: bool = False,
-    ):
+    def __init__(self, depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False):
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
-        self.depth, self.shortcut_option, self.plain = depth, shortcut, plain
-        n = (depth - 2) // 6
-        make_block = (
-            PlainBlock
-            if plain
-            else functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
-        )
-        self.conv1 = conv3x3(3, 16)
-        self.bn1 = nn.BatchNorm2d(16)
+        n, shortcut_of = (depth - 2) // 6, ShortcutA if shortcut == "A" else projection_shortcut
+        make_block = PlainBlock if plain else functools.partial(BasicBlock, make_shortcut=shortcut_of)
+        self.conv1, self.bn1 = conv(3, 16, 3), nn.BatchNorm2d(16)
         self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
         self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
         self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(64, num_classes)
         init_like_torchvision(self, zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
-        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 16, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8)
+        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 64, 8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
 
 
-def cifar_resnet(
-    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
-) -> CifarResNet:
+def cifar_resnet(depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False) -> CifarResNet:
     return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
 
 
@@ -516,10 +479,10 @@ def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) ->
 
 
 # Filter by filter, a filter-normalised direction has the norm of the weights it perturbs.
-conv = nn.Conv2d(3, 4, kernel_size=3)
-direction = filter_normalized_direction(conv, torch.Generator().manual_seed(0))
+example_layer = nn.Conv2d(3, 4, kernel_size=3)
+direction = filter_normalized_direction(example_layer, torch.Generator().manual_seed(0))
 torch.stack(
-    [conv.weight.detach().flatten(1).norm(dim=1), direction[0].flatten(1).norm(dim=1)]
+    [example_layer.weight.detach().flatten(1).norm(dim=1), direction[0].flatten(1).norm(dim=1)]
 )  # (2, C_out): equal rows
 
 
