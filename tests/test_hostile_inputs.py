@@ -18,6 +18,7 @@ import fcntl
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import hostile_runner
@@ -185,6 +186,20 @@ HOSTILE = [
         "06:WORLD_SIZE RANK",
     ),
     row(L06, [*TINY06, "ENV:WORLD_SIZE=two"], 1, r"WORLD_SIZE is set, but RANK is missing", "06:WORLD_SIZE=two"),
+    row(
+        L06,
+        [*TINY06, "--lr", "1e30", "--out", "{finished_out}"],
+        1,
+        r"(became|diverged) .*no checkpoint was written",
+        "06:a failing rerun in a finished run's folder",
+    ),  # fmt: skip
+    row(
+        L06,
+        ["--resume", "{ckpt:earlier}", "--out", "{finished_out}"],
+        1,
+        r"holds a later point of a run \(epoch 1\)",
+        "06:resuming an earlier checkpoint over the run's later one",
+    ),  # fmt: skip
     # --- the benchmark --------------------------------------------------------------------------------------
     row(BENCH, ["--workers", "-1"], 1, r"--workers must be 0 or more"),
     row(BENCH, ["--peak-gflops-fp32", "nan"], 1, r"--peak-gflops-fp32 is nan, not a number"),
@@ -255,6 +270,7 @@ def forged_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
         "step_out_of_range": forge("step_out_of_range", lambda s: unfinish(s, 1000)),
         "schedule_edited": forge("schedule_edited", edited_schedule),
         "v1": forge("v1", lambda s: s.update(format="lesson06-checkpoint-v1")),
+        "earlier": forge("earlier", lambda s: unfinish(s, 1)),
         "lr_minus_1": forge("lr_minus_1", lambda s: s["run_config"].update(lr=-1.0)),
         "momentum_minus": forge("momentum_minus", lambda s: s["run_config"].update(momentum=-0.5)),
         "smoothing_5": forge("smoothing_5", lambda s: s["run_config"].update(label_smoothing=5.0)),
@@ -326,6 +342,9 @@ def test_hostile_input(script, args, status, message, places, tmp_path, request)
         places.update({f"ckpt:{k}": v for k, v in forged_checkpoints(good, tmp_path).items()})
         if "{ckpt:finished}" in args and status == 0:
             out = good.parent.parent  # resume a finished run in its own folder: nothing may change there
+    if "{finished_out}" in args:  # a finished run's folder: its files must survive what the row does
+        out = places["finished_out"] = tmp_path / "finished"
+        shutil.copytree(request.getfixturevalue("finished_checkpoint").parent.parent, out)
     if "{out_with_checkpoints_file}" in args:
         out = places["out_with_checkpoints_file"] = tmp_path / "out_cf"
         out.mkdir()
