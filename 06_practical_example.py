@@ -367,7 +367,7 @@ def main(**overrides):
             held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
         held.enter_context(process_group(ddp, device))
         data = load_training_data(cfg, ddp, state)
-        t = build_training(cfg, data, device, ddp, state)
+        t = build_training(cfg, data, device, amp_dtype, ddp, state)
         data = data.to(device)  # the whole dataset on the training device, as uint8
         sizes = f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images"
         how = f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
@@ -656,7 +656,7 @@ def load_training_data(cfg, ddp, state: dict | None) -> helpers.ImageData:
     return data
 
 
-def build_training(cfg, data, device, ddp, state: dict | None) -> dict:
+def build_training(cfg, data, device, amp_dtype, ddp, state: dict | None) -> dict:
     """Model (channels-last, DDP, torch.compile where asked), SGD with Nesterov momentum, the schedule and the
     gradient scaler (fp16 only); restored from the checkpoint when resuming."""
     steps_per_epoch = len(data.train_x) // cfg.batch_size
@@ -674,7 +674,7 @@ def build_training(cfg, data, device, ddp, state: dict | None) -> dict:
     groups = parameter_groups(model, cfg.weight_decay)
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     shape = LearningRateShape(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
-    fp16 = helpers.autocast_dtype(device, cfg.precision) == torch.float16
+    fp16 = amp_dtype == torch.float16
     saved = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
     t = {
         "model": model, "trained_model": trained, "optimizer": optimizer, "shape": shape,
