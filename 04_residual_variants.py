@@ -95,8 +95,8 @@ FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
-# %% Lesson 02's blocks and ResNets and lesson 03's training recipe, repeated here in compact form so that this lesson stands alone;
-# tests/test_standalone.py proves each copy equal to its original.
+# %% Lesson 02's blocks and ResNets and lesson 03's training recipe, repeated here in compact form so that this
+# lesson stands alone; tests/test_standalone.py proves each copy equal to its original.
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
 
@@ -262,52 +262,38 @@ def on_meta(build, *args, **kwargs) -> nn.Module:
 CIFAR_MODELS = {f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (20, 110)}  # as in lesson 02
 
 
-# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here so that this lesson stands alone.
-def sgd_train(model, data, *, steps, batch_size, lr, device, generator, momentum=0.9, weight_decay=1e-4,
-              lr_milestones=(), warmup_steps=0, warmup_lr=None, amp_dtype=None, augment=False, channels_last=False,
-              on_backward=None, desc="train") -> list[dict]:  # fmt: skip
-    """SGD with momentum and weight decay for `steps` mini-batches, the learning rate divided by 10 at each milestone
-    (a constant `warmup_lr` or a linear ramp for the first `warmup_steps`). One record per step: loss, error, lr."""
-    helpers.require(steps > 0, "the number of training steps must be positive (raise --iterations or --epochs)")
+# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here without the options this lesson does not use
+# (channels-last, gradient hooks, a constant warm-up rate), so that this lesson stands alone.
+def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_milestones=(), warmup_steps=0,
+              amp_dtype=None, augment=False, desc="train") -> list[dict]:  # fmt: skip
+    """SGD (momentum 0.9, weight decay 1e-4) for `steps` mini-batches: a linear warm-up over `warmup_steps`, then the
+    learning rate divided by 10 at each milestone. One record per step: loss, error and learning rate."""
     model.to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    batches = helpers.endless_batches(len(data.train_x), batch_size, generator)
-    history, started = [], time.perf_counter()
-    progress = helpers.Progress(range(steps), desc, unit="img", scale=batch_size)
-    for step in progress:
-        if step < warmup_steps:
-            rate = warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
-        else:
-            rate = lr * 0.1 ** sum(step >= m for m in lr_milestones)
+    batches, history = helpers.endless_batches(len(data.train_x), batch_size, generator), []
+    for step in (progress := helpers.Progress(range(steps), desc, unit="img", scale=batch_size)):
+        warm = step < warmup_steps
+        rate = lr * (step + 1) / warmup_steps if warm else lr * 0.1 ** sum(step >= m for m in lr_milestones)
         for group in optimizer.param_groups:
             group["lr"] = rate
         index = next(batches).to(data.train_x.device)
         images, labels = data.train_x[index].to(device), data.train_y[index].to(device)
         if augment:
             images = helpers.random_crop_flip(images, generator=generator)
-        x = helpers.normalize(images, data.mean, data.std)
         with helpers.autocast(device, amp_dtype):
-            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            logits = model(helpers.normalize(images, data.mean, data.std))
             loss = F.cross_entropy(logits.float(), labels)
         helpers.require(
             torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
         )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if on_backward is not None:
-            scaler.unscale_(optimizer)
-            on_backward(step, model)
         scaler.step(optimizer)
         scaler.update()
         error = (logits.argmax(1) != labels).float().mean().item()
-        history.append(
-            {"step": step + 1, "loss": loss.item(), "error": error, "lr": rate, "time_s": time.perf_counter() - started}
-        )
+        history.append({"step": step + 1, "loss": loss.item(), "error": error, "lr": rate})
         progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
-    helpers.synchronize(device)
     return history
 
 
@@ -332,11 +318,9 @@ class PreActBlock(nn.Module):
     def __init__(self, in_channels: int, width: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         out_channels = width * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = conv3x3(in_channels, width, stride)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv3x3(in_channels, width, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = conv3x3(width, out_channels)
         shape_changes = stride != 1 or in_channels != out_channels
         self.shortcut = conv1x1(in_channels, out_channels, stride) if shape_changes else None
 
@@ -357,13 +341,10 @@ class PreActBottleneck(PreActBlock):
     def __init__(self, in_channels: int, width: int, stride: int = 1, dropout: float = 0.0):
         nn.Module.__init__(self)
         out_channels = width * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = conv1x1(in_channels, width)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride)
-        self.bn3 = nn.BatchNorm2d(width)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv1x1(in_channels, width)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride)
+        self.bn3, self.conv3 = nn.BatchNorm2d(width), conv1x1(width, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv3 = conv1x1(width, out_channels)
         shape_changes = stride != 1 or in_channels != out_channels
         self.shortcut = conv1x1(in_channels, out_channels, stride) if shape_changes else None
 
@@ -383,12 +364,7 @@ class PreActResNet(nn.Module):
     `widths` are the units' inner widths (16, 32, 64 for He et al.; times k for a Wide ResNet)."""
 
     def __init__(
-        self,
-        block: type[PreActBlock],
-        blocks_per_stage: int,
-        widths: tuple[int, int, int] = (16, 32, 64),
-        num_classes: int = 10,
-        dropout: float = 0.0,
+        self, block: type[PreActBlock], blocks_per_stage: int, widths=(16, 32, 64), num_classes=10, dropout=0.0
     ):
         super().__init__()
         self.conv1 = conv3x3(3, 16)
@@ -420,12 +396,9 @@ def preact_resnet(depth: int, num_classes: int = 10, bottleneck: bool | None = N
     """Depth 6n+2 with basic units (2 layers each) or 9n+2 with bottlenecks (3 layers each); the paper's
     164- and 1001-layer nets are bottleneck nets (n = 18 and 111)."""
     bottleneck = depth >= 164 if bottleneck is None else bottleneck
-    layers_per_unit = 3 if bottleneck else 2
-    helpers.require(
-        (depth - 2) % (3 * layers_per_unit) == 0 and depth > 2,
-        f"a pre-activation ResNet with {'bottleneck' if bottleneck else 'basic'} units has depth "
-        f"{3 * layers_per_unit}n+2 (got {depth})",
-    )
+    layers_per_unit, kind = (3, "bottleneck") if bottleneck else (2, "basic")
+    rule = f"a pre-activation ResNet with {kind} units has depth {3 * layers_per_unit}n+2 (got {depth})"
+    helpers.require((depth - 2) % (3 * layers_per_unit) == 0 and depth > 2, rule)
     block = PreActBottleneck if bottleneck else PreActBlock
     return PreActResNet(block, (depth - 2) // (3 * layers_per_unit), num_classes=num_classes)
 
@@ -481,14 +454,9 @@ def aggregated_paths(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
     for i in range(cardinality):
         part = slice(i * d, (i + 1) * d)
 
-        def bn(norm: nn.BatchNorm2d, h: torch.Tensor, part=part) -> torch.Tensor:
-            mean, var, weight, bias = (
-                norm.running_mean[part],
-                norm.running_var[part],
-                norm.weight[part],
-                norm.bias[part],
-            )
-            return F.batch_norm(h, mean, var, weight, bias, training=False, eps=norm.eps)
+        def bn(norm: nn.BatchNorm2d, h: torch.Tensor, part=part) -> torch.Tensor:  # path i's channels of a BN
+            statistics = norm.running_mean[part], norm.running_var[part], norm.weight[part], norm.bias[part]
+            return F.batch_norm(h, *statistics, training=False, eps=norm.eps)
 
         h = F.relu(bn(block.bn1, F.conv2d(x, block.conv1.weight[part])))  # (B, C_in, H, W) -> (B, d, H, W)
         h = F.conv2d(h, block.conv2.weight[part], stride=block.conv2.stride, padding=1)  # -> (B, d, H/s, W/s)
@@ -506,8 +474,7 @@ class CifarResNeXt(nn.Module):
         helpers.require((depth - 2) % 9 == 0 and depth > 2, f"a CIFAR ResNeXt has depth 9n+2, e.g. 29 (got {depth})")
         blocks_per_stage = (depth - 2) // 9
         make_block = functools.partial(Bottleneck, groups=cardinality, base_width=base_width)
-        self.conv1 = conv3x3(3, 64)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
         self.layer1 = make_stage(make_block, 64, 64, blocks_per_stage, stride=1)
         self.layer2 = make_stage(make_block, 256, 128, blocks_per_stage, stride=2)
         self.layer3 = make_stage(make_block, 512, 256, blocks_per_stage, stride=2)
@@ -532,10 +499,8 @@ class DenseLayer(nn.Module):
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int = 4):
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = conv1x1(in_channels, bn_size * growth_rate)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.conv2 = conv3x3(bn_size * growth_rate, growth_rate)
+        self.norm1, self.conv1 = nn.BatchNorm2d(in_channels), conv1x1(in_channels, bn_size * growth_rate)
+        self.norm2, self.conv2 = nn.BatchNorm2d(bn_size * growth_rate), conv3x3(bn_size * growth_rate, growth_rate)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(features, dim=1)  # [x_0, x_1, ..., x_{l-1}]: (B, C_0 + (l-1) k, H, W)
@@ -564,8 +529,7 @@ class Transition(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
-        self.conv = conv1x1(in_channels, out_channels)
+        self.norm, self.conv = nn.BatchNorm2d(in_channels), conv1x1(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
@@ -576,26 +540,14 @@ class DenseNet(nn.Module):
     torchvision's state_dicts load into it. `cifar=True` swaps the ImageNet stem (7x7/2 conv, max pool)
     for one 3x3 convolution to 2k channels, as the paper does for its CIFAR nets."""
 
-    def __init__(
-        self,
-        growth_rate: int = 32,
-        block_config: tuple[int, ...] = (6, 12, 24, 16),
-        num_init_features: int = 64,
-        bn_size: int = 4,
-        compression: float = 0.5,
-        num_classes: int = 1000,
-        cifar: bool = False,
-    ):
+    def __init__(self, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
+                 compression=0.5, num_classes=1000, cifar=False):  # fmt: skip
         super().__init__()
-        if cifar:
-            stem = [("conv0", conv3x3(3, num_init_features))]
-        else:
-            stem = [
-                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-            ]
+        stem = [("conv0", conv3x3(3, num_init_features))]
+        if not cifar:
+            stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                    ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
+                    ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]  # fmt: skip
         self.features = nn.Sequential(OrderedDict(stem))
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -702,10 +654,7 @@ SqueezeExcitation(256)
 
 
 # %% Every variant by name, with what its paper reports
-def _cifar(builder: Callable[..., nn.Module], *args) -> Callable[[int], nn.Module]:
-    return functools.partial(builder, *args)
-
-
+_cifar = functools.partial  # a CIFAR builder with its arguments fixed: builder(num_classes)
 CIFAR_VARIANTS = {  # name -> builder(num_classes): the CIFAR networks of the papers, 32x32 inputs
     "resnet20": CIFAR_MODELS["resnet20"],
     "resnet110": CIFAR_MODELS["resnet110"],
@@ -768,36 +717,21 @@ helpers.format_table([{"model": m, "paper_err_%": e, "source": src} for m, (e, s
 
 
 # %% Measuring: latency, peak memory
-def best_seconds(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Shortest wall-clock time of `fn` over `repeats` calls (call it once untimed first). The minimum, not
-    the mean: other work on the machine only ever adds time, so the fastest run is the least disturbed."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        helpers.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def peak_memory_bytes(step: Callable[[], None], model: nn.Module, optimizer, device: torch.device) -> int | None:
-    """Peak bytes of live tensors during one call of `step` (a training step): weights, gradients,
-    optimizer state, activations kept for the backward pass and temporaries.
-
-    CUDA: the allocator's own high-water mark. CPU: torch's MemTracker, which follows every tensor the
-    step creates and frees (the CPU allocator keeps no high-water mark; process RSS would also count
-    the Python heap and freed pages the allocator has not returned). None where neither is available."""
+    """Peak bytes of live tensors during one training step: weights, gradients, optimizer state, the activations kept
+    for the backward pass and temporaries. CUDA: the allocator's high-water mark. CPU: torch's MemTracker, which
+    follows every tensor the step creates and frees (process RSS would also count the Python heap). Else None."""
     if device.type == "cuda":
         helpers.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         helpers.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    if device.type != "cpu":
-        return None
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError:  # a torch build without torch.distributed
+        return None
+    if device.type != "cpu":
         return None
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
@@ -807,61 +741,53 @@ def peak_memory_bytes(step: Callable[[], None], model: nn.Module, optimizer, dev
 
 
 def measure(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, repeats: int) -> dict:
-    """Forward latency (eval mode, no gradients), training-step latency (forward, cross-entropy, backward,
-    SGD-with-momentum update) and the training step's peak memory, all in fp32 at `input_shape`."""
+    """Median latency of a forward pass (eval mode, no gradients) and of a training step (forward, cross-entropy,
+    backward, SGD-with-momentum update), each after a warm-up, and the step's peak memory; fp32 at `input_shape`."""
     model.to(device)
     x = torch.randn(input_shape, device=device)
     labels = torch.zeros(input_shape[0], dtype=torch.long, device=device)
-    model.eval()
     with torch.no_grad():
-        model(x)  # warm-up: first calls pick algorithms and allocate
-        forward_s = best_seconds(lambda: model(x), repeats, device)
-    model.train()
+        forward_s = helpers.median_time(lambda: model.eval()(x), device, repeats)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), labels).backward()
+        F.cross_entropy(model.train()(x), labels).backward()
         optimizer.step()
 
-    train_step()  # warm-up, and it creates the momentum buffers that the memory measurement should count
+    train_s = helpers.median_time(train_step, device, repeats)  # its warm-up creates the momentum buffers
     peak = peak_memory_bytes(train_step, model, optimizer, device)
-    train_s = best_seconds(train_step, repeats, device)
     return {"forward_ms": 1000 * forward_s, "train_step_ms": 1000 * train_s, "peak_mb": peak and peak / 2**20}
 
 
 def variant_table(cfg, device: torch.device) -> list[dict]:
-    """Build every variant once: count its parameters, time it, then count its multiply-adds at its native
-    input size on the meta device (shapes only, no arithmetic, so 224x224 costs nothing)."""
+    """Every variant built once: its parameters, its multiply-adds at its native input size (counted on the meta
+    device: shapes only, so 224x224 costs nothing), and, with `measure_latency`, its latency and memory."""
     rows = []
     jobs = [(n, b, "CIFAR", 10, 32, cfg.cifar_timing_size) for n, b in CIFAR_VARIANTS.items()]
     jobs += [(n, b, "ImageNet", 1000, 224, cfg.imagenet_timing_size) for n, b in IMAGENET_VARIANTS.items()]
     for name, build, family, num_classes, native, timed in helpers.Progress(jobs, "timing variants"):
         torch.manual_seed(cfg.seed)
         model = build(num_classes=num_classes)
-        parameters = helpers.count_parameters(model)
-        timing = {"forward_ms": None, "train_step_ms": None, "peak_mb": None}
+        parameters, timing = (
+            helpers.count_parameters(model),
+            {"forward_ms": None, "train_step_ms": None, "peak_mb": None},
+        )
         if cfg.measure_latency:
             timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
         state_mb = 3 * parameters * 4 / 2**20  # fp32 weights, their gradients and SGD's momentum buffers
         timing["activation_mb"] = timing["peak_mb"] and timing["peak_mb"] - state_mb  # what the images cost
         macs = helpers.count_multiply_adds(model.to("meta"), (1, 3, native, native), device="meta")
-        paper_error, source = PAPER_ERRORS[name]
-        rows.append(
-            {
-                "model": name,
-                "data": family,
-                "params_M": parameters / 1e6,
-                "parameters": parameters,
-                "expected": EXPECTED_PARAMETERS.get(name),
-                "GMACs": macs / 1e9,
-                "timed_at": f"{cfg.timing_batch}x{timed}x{timed}",
-                **timing,
-                "paper_err_%": paper_error,
-                "source": source,
-            }
-        )
-        del model
+        rows.append({"model": name, "data": family, "params_M": parameters / 1e6, "parameters": parameters,
+                     "expected": EXPECTED_PARAMETERS.get(name), "GMACs": macs / 1e9,
+                     "timed_at": f"{cfg.timing_batch}x{timed}x{timed}", **timing,
+                     "paper_err_%": PAPER_ERRORS[name][0], "source": PAPER_ERRORS[name][1]})  # fmt: skip
+    deep = on_meta(preact_resnet, 1001)  # its cost, without building the deep network for real a second time
+    error, source = PAPER_ERRORS["preact_resnet1001"]
+    rows.insert(3, {"model": "preact_resnet1001", "data": "CIFAR", "params_M": helpers.count_parameters(deep) / 1e6,
+                    "parameters": helpers.count_parameters(deep), "expected": None, "timed_at": "see above",
+                    "GMACs": helpers.count_multiply_adds(deep, (1, 3, 32, 32), device="meta") / 1e9,
+                    "paper_err_%": error, "source": source})  # fmt: skip
     return rows
 
 
@@ -872,25 +798,22 @@ f"resnet8: {helpers.count_multiply_adds(cifar_resnet(8), (1, 3, 32, 32)) / 1e6:.
 
 # %% A 1001-layer pre-activation ResNet at initialisation
 def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device) -> dict:
-    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images, recording
-    for every unit the size of its input x_l and of the gradient dE/dx_l that reaches it.
+    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images, recording for every
+    unit the size of its input x_l and of the gradient dE/dx_l that reaches it.
 
-    He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity
-    path: across identity shortcuts the gradient at the deepest unit reaches the first one undiminished,
-    whatever the units do. Where a stage changes width, the shortcut is a projection and that guarantee
-    does not hold across it."""
+    He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity path: across
+    identity shortcuts the gradient at the deepest unit reaches the first one undiminished, whatever the units do.
+    Where a stage changes width, the shortcut is a projection and that guarantee does not hold across it."""
     torch.manual_seed(seed)
     model = preact_resnet(depth).to(device).train()
-    units = [m for m in model.modules() if isinstance(m, PreActBlock)]
-    unit_inputs = []
+    units, unit_inputs = [m for m in model.modules() if isinstance(m, PreActBlock)], []
 
     def keep_input(module, args):
         args[0].retain_grad()  # keep dE/dx_l of this non-leaf tensor after backward
         unit_inputs.append(args[0])
 
     handles = [unit.register_forward_pre_hook(keep_input) for unit in units]
-    images = torch.randn(batch, 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
+    images, labels = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     start = time.perf_counter()
     loss = F.cross_entropy(model(images), labels)
     loss.backward()
@@ -898,35 +821,19 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
     seconds = time.perf_counter() - start
     for handle in handles:
         handle.remove()
-    grad_norms = [x.grad.norm().item() / math.sqrt(x[0].numel()) for x in unit_inputs]  # RMS per image
-    signal_rms = [x.detach().pow(2).mean().sqrt().item() for x in unit_inputs]
+    grads = [x.grad.norm().item() / math.sqrt(x[0].numel()) for x in unit_inputs]  # RMS per image
+    signals = [x.detach().pow(2).mean().sqrt().item() for x in unit_inputs]
     weight_grads = [m.weight.grad.norm().item() for _, m in helpers.weighted_layers(model)]
-    per_stage = len(units) // 3
-    return {
-        "depth": depth,
-        "units": len(units),
-        "weighted_layers": len(helpers.weighted_layers(model)),
-        "parameters": helpers.count_parameters(model),
-        "batch": batch,
-        "seconds": seconds,
-        "loss": loss.item(),
-        "all_finite": all(math.isfinite(g) for g in grad_norms + weight_grads),
-        "grad_rms_first_unit": grad_norms[0],
-        "grad_rms_last_unit": grad_norms[-1],
-        "grad_rms_min": min(grad_norms),
-        "grad_rms_max": max(grad_norms),
-        "grad_ratio_first_to_last": grad_norms[0] / grad_norms[-1],
-        "signal_rms_first_unit": signal_rms[0],
-        "signal_rms_last_unit": signal_rms[-1],
-        "stage_ends": [
-            {"unit": i + 1, "grad_rms": grad_norms[i], "signal_rms": signal_rms[i]}
-            for i in (0, per_stage - 1, per_stage, 2 * per_stage - 1, 2 * per_stage, len(units) - 1)
-        ],
-        "weight_grad_norm_min": min(weight_grads),
-        "weight_grad_norm_max": max(weight_grads),
-        "grad_rms_per_unit": grad_norms,
-        "signal_rms_per_unit": signal_rms,
-    }
+    n = len(units) // 3
+    ends = (0, n - 1, n, 2 * n - 1, 2 * n, len(units) - 1)  # the first and last unit of each stage
+    stage_ends = [{"unit": i + 1, "grad_rms": grads[i], "signal_rms": signals[i]} for i in ends]
+    return {"depth": depth, "units": len(units), "weighted_layers": len(weight_grads), "batch": batch,
+            "parameters": helpers.count_parameters(model), "seconds": seconds, "loss": loss.item(),
+            "all_finite": all(math.isfinite(g) for g in grads + weight_grads), "grad_rms_first_unit": grads[0],
+            "grad_rms_last_unit": grads[-1], "grad_rms_min": min(grads), "grad_rms_max": max(grads),
+            "grad_ratio_first_to_last": grads[0] / grads[-1], "stage_ends": stage_ends,
+            "weight_grad_norm_min": min(weight_grads), "weight_grad_norm_max": max(weight_grads),
+            "grad_rms_per_unit": grads, "signal_rms_per_unit": signals}  # fmt: skip
 
 
 # The network the run checks at initialisation, built on the meta device (shapes only): its parameter count.
@@ -934,57 +841,31 @@ f"preact_resnet({DEEP_DEPTH}): {helpers.count_parameters(on_meta(preact_resnet, 
 
 
 # %% The equal-budget training comparison
-def compare_training(cfg, device: torch.device) -> tuple[list[dict], dict]:
-    """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the
-    same number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
-    data = helpers.load_data(cfg, test_size=cfg.test_size).to(device)
-    amp_dtype = helpers.autocast_dtype(device, cfg.precision)
+def compare_training(cfg, data: helpers.ImageData, device: torch.device) -> dict:
+    """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the same
+    number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
+    data, amp_dtype = data.to(device), helpers.autocast_dtype(device, cfg.precision)
     milestones = (cfg.train_steps // 2, cfg.train_steps * 3 // 4) if cfg.full else ()
     rows, curves = [], {}
     for name, build in SMALL_CIFAR_VARIANTS.items():
         generator = helpers.seed_everything(cfg.seed)  # same data order for every model
-        model = build(num_classes=data.num_classes)
-        start = time.perf_counter()
-        history = sgd_train(
-            model,
-            data,
-            steps=cfg.train_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            device=device,
-            generator=generator,
-            lr_milestones=milestones,
-            warmup_steps=cfg.warmup_steps,
-            amp_dtype=amp_dtype,
-            augment=cfg.augment,
-            desc=name,
-        )
+        model, start = build(num_classes=data.num_classes), time.perf_counter()
+        history = sgd_train(model, data, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
+                            generator=generator, lr_milestones=milestones, warmup_steps=cfg.warmup_steps,
+                            amp_dtype=amp_dtype, augment=cfg.augment, desc=name)  # fmt: skip
         train_s = time.perf_counter() - start
-        # Re-estimate BN statistics with the final weights (lesson 03 explains why), in the autocast dtype
-        calibration = helpers.training_batches(
-            data, cfg.bn_recalibration_batches, cfg.batch_size, device, torch.Generator().manual_seed(0)
-        )
-        helpers.recalibrate_batch_norm(model, calibration, helpers.autocast_dtype(device))
+        # Re-estimate BN statistics with the final weights (lesson 03 explains why), in the run's autocast dtype
+        order = torch.Generator().manual_seed(0)
+        calibration = helpers.training_batches(data, cfg.bn_recalibration_batches, cfg.batch_size, device, order)
+        helpers.recalibrate_batch_norm(model, calibration, amp_dtype)
         test = helpers.evaluate(model, data.test_x, data.test_y, data.mean, data.std, device, amp_dtype)
-        window = max(1, cfg.train_steps // 5)
-        rows.append(
-            {
-                "model": name,
-                "params_M": helpers.count_parameters(model) / 1e6,
-                "steps": cfg.train_steps,
-                "images_seen": cfg.train_steps * cfg.batch_size,
-                "train_s": train_s,
-                "last_train_loss": statistics.mean(h["loss"] for h in history[-window:]),
-                "test_err_%": 100 * test["error"],
-            }
-        )
+        tail = statistics.mean(h["loss"] for h in history[-max(1, cfg.train_steps // 5) :])
+        rows.append({"model": name, "params_M": helpers.count_parameters(model) / 1e6, "steps": cfg.train_steps,
+                     "images_seen": cfg.train_steps * cfg.batch_size, "train_s": train_s, "last_train_loss": tail,
+                     "test_err_%": 100 * test["error"]})  # fmt: skip
         curves[name] = [h["loss"] for h in history]
-    return rows, {
-        "dataset": data.name,
-        "train_images": len(data.train_x),
-        "test_images": len(data.test_x),
-        "curves": curves,
-    }
+    return {"dataset": data.name, "train_images": len(data.train_x), "test_images": len(data.test_x), "rows": rows,
+            "curves": curves}  # fmt: skip
 
 
 # The small members of each family that the equal-budget comparison trains.
@@ -1001,17 +882,12 @@ def grouped_equals_paths(seed: int) -> dict:
         norm.running_var.uniform_(0.5, 2.0)
         nn.init.normal_(norm.weight, 1.0, 0.3)
         nn.init.normal_(norm.bias, 0.0, 0.3)
-    block.eval()
     x = torch.randn(2, 256, 16, 16)
     with torch.no_grad():
-        grouped, paths = block.branch(x), aggregated_paths(block, x)
-    return {
-        "cardinality": block.conv2.groups,
-        "path_width": block.conv2.out_channels // block.conv2.groups,
-        "output_shape": list(grouped.shape),
-        "max_abs_difference": (grouped - paths).abs().max().item(),
-        "output_rms": grouped.pow(2).mean().sqrt().item(),
-    }
+        grouped, paths = block.eval().branch(x), aggregated_paths(block, x)
+    return {"cardinality": block.conv2.groups, "path_width": block.conv2.out_channels // block.conv2.groups,
+            "output_shape": list(grouped.shape), "max_abs_difference": (grouped - paths).abs().max().item(),
+            "output_rms": grouped.pow(2).mean().sqrt().item()}  # fmt: skip
 
 
 def se_effect(seed: int) -> dict:
@@ -1023,14 +899,9 @@ def se_effect(seed: int) -> dict:
         branch = Bottleneck.branch(block, x)  # F(x) without the SE module
         gates = block.se.scales(branch)  # (B, C)
         with_se, without_se = block(x), F.relu(branch + block.shortcut(x))
-    return {
-        "channels": gates.shape[1],
-        "hidden_units": block.se.fc1.out_features,
-        "gate_min": gates.min().item(),
-        "gate_max": gates.max().item(),
-        "gate_mean": gates.mean().item(),
-        "output_relative_change": ((with_se - without_se).norm() / without_se.norm()).item(),
-    }
+    return {"channels": gates.shape[1], "hidden_units": block.se.fc1.out_features, "gate_min": gates.min().item(),
+            "gate_max": gates.max().item(), "gate_mean": gates.mean().item(),
+            "output_relative_change": ((with_se - without_se).norm() / without_se.norm()).item()}  # fmt: skip
 
 
 # The grouped 3x3 convolution and the sum of its C separate paths give the same output.
@@ -1042,17 +913,17 @@ def plot(results: dict, path) -> None:
     helpers.use_headless_matplotlib()
     import matplotlib.pyplot as plt
 
-    fig, (ax_cost, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_cost, ax_loss) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     for family, marker in (("CIFAR", "o"), ("ImageNet", "s")):
         rows = [r for r in results["variants"] if r["data"] == family]
         ax_cost.scatter([r["GMACs"] for r in rows], [r["paper_err_%"] for r in rows], marker=marker, label=family)
-        for r in rows:
-            ax_cost.annotate(
-                r["model"], (r["GMACs"], r["paper_err_%"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
+        for r in rows:  # labels alternate above and below their point, so that close neighbours do not overlap
+            up = LABEL_ABOVE.get(r["model"], True)
+            ax_cost.annotate(r["model"], (r["GMACs"], r["paper_err_%"]), fontsize=7, xytext=(4, 4 if up else -10),
+                             textcoords="offset points", ha="right" if r["GMACs"] > 5 else "left")  # fmt: skip
     ax_cost.set(xscale="log", xlabel="multiply-adds per image (G, log scale)", ylabel="paper's test error (%)")
     ax_cost.set_title("Cost vs reported error (CIFAR-10 / ImageNet top-1)")
-    ax_cost.legend()
+    ax_cost.legend(loc="center right")
     window = max(1, results["config"]["train_steps"] // 10)
     for name, losses in results["training"]["curves"].items():
         ax_loss.plot(range(1, len(losses) + 1), helpers.smooth(losses, window), label=name)
@@ -1062,147 +933,69 @@ def plot(results: dict, path) -> None:
     helpers.save_figure(fig, path)
 
 
+LABEL_ABOVE = {"wrn_40_4": False, "wrn_16_8": False, "preact_resnet164": False}  # their neighbours' labels go above
+
+
 @helpers.constants_as_keywords
 def main(**overrides):
     """The five variants of "What you will learn", then all of them measured and trained on the same footing;
     saves results.json and variants.png in `out`."""
     cfg = helpers.config(globals(), overrides, FULL_OVERRIDES)
     per_unit = 9 if cfg.deep_depth >= 164 else 6  # preact_resnet's rule: bottleneck units from depth 164 on
-    helpers.require(
-        cfg.deep_depth > 2 and (cfg.deep_depth - 2) % per_unit == 0,
-        f"--deep-depth must be {per_unit}n+2 (bottleneck units from depth 164 on), e.g. 164 or 1001, not {cfg.deep_depth}",
-    )
-    for flag, batch, side in (
-        ("--timing-batch x --cifar-timing-size", cfg.timing_batch, cfg.cifar_timing_size),
-        ("--timing-batch x --imagenet-timing-size", cfg.timing_batch, cfg.imagenet_timing_size),
-    ):
-        helpers.require_memory(4 * 16 * 256 * batch * side**2, flag)  # a wide early activation, several times over
+    rule = f"{per_unit}n+2 (bottleneck units from depth 164 on), e.g. 164 or 1001, not {cfg.deep_depth}"
+    helpers.require(cfg.deep_depth > 2 and (cfg.deep_depth - 2) % per_unit == 0, f"--deep-depth must be {rule}")
+    for flag, side in (("cifar", cfg.cifar_timing_size), ("imagenet", cfg.imagenet_timing_size)):  # a wide activation
+        helpers.require_memory(4 * 16 * 256 * cfg.timing_batch * side**2, f"--timing-batch x --{flag}-timing-size")
     helpers.require_memory(4 * 256 * 32 * 32 * cfg.deep_batch * (cfg.deep_depth // 3), "--deep-depth x --deep-batch")
-    if cfg.dataset != "synthetic":
-        helpers.check_data_dir(cfg.data_dir)  # the data is loaded after a minute of timing: check it now
-    started = time.perf_counter()
-    device = helpers.pick_device(cfg.device)
+    started, device = time.perf_counter(), helpers.pick_device(cfg.device)
     out_dir = helpers.output_dir(cfg, "results.json", "variants.png")
+    data = helpers.load_data(cfg, test_size=cfg.test_size)  # before the timing, so that a data problem stops it now
     print(f"device: {helpers.device_name(device)}\n")
-    results = {
-        "deep_preact": preactivation_at_depth(cfg, device),  # pre-activation: 1001 layers, gradients intact
-        "grouped_conv_equivalence": resnext_as_paths(cfg),  # ResNeXt: one grouped convolution = C paths
-        "squeeze_excitation": squeeze_excitation_gates(cfg),  # SE: channel gates in (0, 1)
-    }
-    results["variants"], results["parameter_mismatches"] = every_variant_measured(cfg, device)  # wide, dense, ...
-    results["training"] = equal_budget_training(cfg, device)
+
+    # Pre-activation: a 1001-layer network, forward and backward at initialisation; nothing vanishes (Eq. 5)
+    deep = deep_gradient_check(cfg.deep_depth, cfg.deep_batch, cfg.seed, device)
+    print(f"Pre-activation ResNet-{deep['depth']} ({deep['units']} residual units, {deep['weighted_layers']} weighted "
+          f"layers, {deep['parameters'] / 1e6:.1f}M parameters), batch {deep['batch']}: forward + backward in "
+          f"{deep['seconds']:.1f} s, loss {deep['loss']:.2f}, all gradients finite: {deep['all_finite']}")  # fmt: skip
+    title = "RMS of each unit's input x_l and of dE/dx_l, at the first and last unit of each stage"
+    helpers.print_table(deep["stage_ends"], "unit:d signal_rms:.2f grad_rms:.2e", title)
+
+    # ResNeXt: the grouped convolution is C parallel paths, summed (Eq. 3)
+    paths = grouped_equals_paths(cfg.seed)
+    print(f"ResNeXt block, grouped form vs {paths['cardinality']} separate paths of width {paths['path_width']}: "
+          f"max |difference| = {paths['max_abs_difference']:.1e} (outputs of RMS {paths['output_rms']:.2f})")  # fmt: skip
+
+    # Squeeze-and-excitation: gates in (0, 1) that rescale the branch (Eqs. 2-4)
+    se = se_effect(cfg.seed)
+    print(f"SE gates of a {se['channels']}-channel block (r = 16, {se['hidden_units']} hidden units) at initialisation: "
+          f"{se['gate_min']:.3f} to {se['gate_max']:.3f}, mean {se['gate_mean']:.3f}; they change the block's output "
+          f"by {100 * se['output_relative_change']:.0f}% (relative L2)\n")  # fmt: skip
+
+    # Every variant on the same footing: parameters, multiply-adds, latency, memory
+    variants = variant_table(cfg, device)
+    title = (f"Residual variants on {helpers.device_name(device)}, fp32. MACs per image at the native size "
+             f"(32x32 CIFAR, 224x224 ImageNet); median latency of {cfg.timing_repeats} runs and peak memory "
+             f"at BxHxW = timed_at")  # fmt: skip
+    columns = (
+        "model data params_M:.2f GMACs:.3f timed_at forward_ms:.1f train_step_ms:.1f peak_mb:.0f activation_mb:.0f"
+    )
+    helpers.print_table(variants, columns + " paper_err_%:.2f source", title)
+    mismatched = [r["model"] for r in variants if r["expected"] is not None and r["parameters"] != r["expected"]]
+    print(f"parameter counts equal to the papers' / torchvision's: {mismatched or 'all'}\n")
+
+    # The small variants trained with the same budget of images, steps and schedule
+    training = compare_training(cfg, data, device)
+    title = (f"Equal budget on {training['dataset']}: {cfg.train_steps} steps of {cfg.batch_size} images each (test "
+             f"error on {training['test_images']} test images, after BN recalibration)")  # fmt: skip
+    columns = "model params_M:.3f steps:d images_seen:d train_s:.1f last_train_loss:.3f test_err_%:.1f"
+    helpers.print_table(training["rows"], columns, title)
+
+    results = {"deep_preact": deep, "grouped_conv_equivalence": paths, "squeeze_excitation": se, "variants": variants,
+               "parameter_mismatches": mismatched, "training": training}  # fmt: skip
     plot({"config": dict(cfg), **results}, out_dir / "variants.png")
     helpers.save_results(out_dir, results, cfg, device, started)
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'variants.png'} in {time.perf_counter() - started:.0f} s")
     return results
-
-
-def preactivation_at_depth(cfg, device: torch.device) -> dict:
-    """Pre-activation: a 1001-layer network, forward and backward at initialisation."""
-    deep = deep_gradient_check(cfg.deep_depth, cfg.deep_batch, cfg.seed, device)
-    print(
-        f"Pre-activation ResNet-{deep['depth']} ({deep['units']} residual units, {deep['weighted_layers']} "
-        f"weighted layers, {deep['parameters'] / 1e6:.1f}M parameters), batch {deep['batch']}: forward + backward "
-        f"in {deep['seconds']:.1f} s, loss {deep['loss']:.2f}, all gradients finite: {deep['all_finite']}"
-    )
-    helpers.print_table(
-        deep["stage_ends"],
-        [("unit", "d"), ("signal_rms", ".2f"), ("grad_rms", ".2e")],
-        title="RMS of each unit's input x_l and of dE/dx_l, at the first and last unit of each stage",
-    )
-
-    return deep
-
-
-def resnext_as_paths(cfg) -> dict:
-    """ResNeXt: the grouped convolution is C parallel paths, summed."""
-    equivalence = grouped_equals_paths(cfg.seed)
-    print(
-        f"ResNeXt block, grouped form vs {equivalence['cardinality']} separate paths of width "
-        f"{equivalence['path_width']}: max |difference| = {equivalence['max_abs_difference']:.1e} "
-        f"(outputs of RMS {equivalence['output_rms']:.2f})"
-    )
-    return equivalence
-
-
-def squeeze_excitation_gates(cfg) -> dict:
-    """Squeeze-and-excitation: gates in (0, 1) that rescale the branch."""
-    se = se_effect(cfg.seed)
-    print(
-        f"SE gates of a {se['channels']}-channel block (r = 16, {se['hidden_units']} hidden units) at "
-        f"initialisation: {se['gate_min']:.3f} to {se['gate_max']:.3f}, mean {se['gate_mean']:.3f}; they change "
-        f"the block's output by {100 * se['output_relative_change']:.0f}% (relative L2)\n"
-    )
-
-    return se
-
-
-def every_variant_measured(cfg, device: torch.device) -> tuple[list[dict], list[str]]:
-    """Every variant (wide and dense included) on the same footing: parameters, MACs, latency, memory."""
-    variants = variant_table(cfg, device)
-    with torch.device("meta"):  # the deep network's cost, without building it for real a second time
-        deep_model = preact_resnet(1001)
-    variants.insert(
-        3,
-        {
-            "model": "preact_resnet1001",
-            "data": "CIFAR",
-            "params_M": helpers.count_parameters(deep_model) / 1e6,
-            "parameters": helpers.count_parameters(deep_model),
-            "expected": None,
-            "GMACs": helpers.count_multiply_adds(deep_model, (1, 3, 32, 32), device="meta") / 1e9,
-            "timed_at": "see above",
-            "paper_err_%": PAPER_ERRORS["preact_resnet1001"][0],
-            "source": PAPER_ERRORS["preact_resnet1001"][1],
-        },
-    )
-    helpers.print_table(
-        variants,
-        [
-            ("model", ""),
-            ("data", ""),
-            ("params_M", ".2f"),
-            ("GMACs", ".3f"),
-            ("timed_at", ""),
-            ("forward_ms", ".1f"),
-            ("train_step_ms", ".1f"),
-            ("peak_mb", ".0f"),
-            ("activation_mb", ".0f"),
-            ("paper_err_%", ".2f"),
-            ("source", ""),
-        ],
-        title=(
-            f"Residual variants on {helpers.device_name(device)}, fp32. MACs per image at the native size "
-            f"(32x32 CIFAR, 224x224 ImageNet); latency and peak memory of a training step at B x H x W = timed_at"
-        ),
-    )
-    mismatched = [r["model"] for r in variants if r["expected"] is not None and r["parameters"] != r["expected"]]
-    print(f"parameter counts equal to the papers' / torchvision's: {mismatched or 'all'}\n")
-
-    return variants, mismatched
-
-
-def equal_budget_training(cfg, device: torch.device) -> dict:
-    """The small CIFAR variants trained with the same budget of images, steps and schedule."""
-    training_rows, training = compare_training(cfg, device)
-    helpers.print_table(
-        training_rows,
-        [
-            ("model", ""),
-            ("params_M", ".3f"),
-            ("steps", "d"),
-            ("images_seen", "d"),
-            ("train_s", ".1f"),
-            ("last_train_loss", ".3f"),
-            ("test_err_%", ".1f"),
-        ],
-        title=(
-            f"Equal budget on {training['dataset']}: {cfg.train_steps} steps of {cfg.batch_size} images each "
-            f"(test error on {training['test_images']} test images, after BN recalibration)"
-        ),
-    )
-
-    return {**training, "rows": training_rows}
 
 
 if __name__ == "__main__":

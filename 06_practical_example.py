@@ -102,9 +102,7 @@ FULL_OVERRIDES = {
     "warmup_epochs": 5.0,
 }
 SCHEDULES = ("onecycle", "cosine")
-MODELS = tuple(f"resnet{depth}" for depth in (8, 20, 32, 44, 56, 110)) + tuple(
-    f"cifar_resnet{depth}" for depth in (18, 34, 50, 101, 152)
-)
+MODELS = (*(f"resnet{d}" for d in (8, 20, 32, 44, 56, 110)), *(f"cifar_resnet{d}" for d in (18, 34, 50, 101, 152)))
 FIRST_LOSSES = 8  # losses of the run's first steps kept in results.json (to compare runs step by step)
 
 helpers.config(globals(), {}, FULL_OVERRIDES)  # the settings a run with no flags uses
@@ -145,19 +143,14 @@ f"{tuple(example.shape)} {example.dtype} -> {tuple(augmented.shape)} {augmented.
 
 # %% Optimiser and schedule
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution and linear weights only, none on batch norm's scale and shift or on biases.
-
-    A convolution followed by batch norm computes the same function at any scale of its weights, so decay there
-    mostly keeps ||W|| small, which raises the effective learning rate, about lr / ||W||^2 (van Laarhoven 2017).
-    Decaying BN's gamma would instead pull every residual branch towards zero. Exempting BN parameters and biases
-    is reported to help on ImageNet (Goyal et al. 2017; He et al. 2019), not measured here. One-dimensional
-    tensors are exactly the BN parameters and biases in these models."""
+    """Weight decay on convolution and linear weights only (the tensors with more than one dimension here), none on
+    batch norm's scale and shift or on biases. Before batch norm a weight's scale does not change the function, so
+    decay there raises the effective learning rate, about lr / ||W||^2 (van Laarhoven 2017); decaying BN's gamma
+    would pull every residual branch towards zero. Reported to help on ImageNet (Goyal et al. 2017), not measured."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "weights"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "bn_and_bias"},
-    ]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "weights"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "bn_and_bias"}]  # fmt: skip
 
 
 class LearningRateShape:
@@ -196,12 +189,11 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
     batches = list(helpers.epoch_batches(len(data.train_x), cfg.batch_size, order_generator))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     sums = torch.zeros(
-        2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
-    )  # loss, correct
+        2, device=device
+    )  # loss and correct answers since the last read-out: float32 (MPS has no float64)
     first_losses = run.setdefault("first_losses", [])
-    progress = helpers.Progress(
-        range(run["step"], len(batches)), f"epoch {run['epoch'] + 1}", unit="img", scale=cfg.batch_size
-    )
+    steps = range(run["step"], len(batches))
+    progress = helpers.Progress(steps, f"epoch {run['epoch'] + 1}", unit="img", scale=cfg.batch_size)
     model.train()
     for step in progress:
         index = batches[step].to(device)
@@ -218,9 +210,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
         sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()]).to(sums.dtype)
         run["step"], run["seen"] = step + 1, run["seen"] + cfg.batch_size  # seen: images of all processes
         if run["epoch"] == 0 and len(first_losses) < FIRST_LOSSES and run["step"] == len(first_losses) + 1:
-            first_losses.append(all_reduce(ddp, loss.detach().double().reshape(1)).item() / ddp.world)
+            first_losses.append(all_reduce(ddp, loss.detach().reshape(1)).item() / ddp.world)
         if run["step"] % cfg.check_every == 0 or run["step"] == len(batches) or (stop["requested"] and ddp.world == 1):
-            totals = all_reduce(ddp, torch.cat([sums, sums.new_tensor([float(stop["requested"])])]).double()).tolist()
+            totals = all_reduce(ddp, torch.cat([sums, sums.new_tensor([float(stop["requested"])])])).tolist()
             sums.zero_()
             run["loss_sum"], run["correct"] = run["loss_sum"] + totals[0], run["correct"] + int(totals[1])
             mean_loss = run["loss_sum"] / run["seen"]  # NaN and infinity are sticky in a sum
@@ -272,24 +264,14 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
     wrong = (predictions != data.test_y).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][: cfg.num_mistakes]
     results |= {"per_class_accuracy": dict(zip(data.classes, per_class)), "confusion_matrix": matrix}
-    results["most_confident_mistakes"] = [
-        {
-            "index": int(i),
-            "true": data.classes[int(data.test_y[i])],
-            "predicted": data.classes[int(predictions[i])],
-            "confidence": float(confidence[i]),
-        }
-        for i in worst
-    ]
-    rows = [
-        {"class": c, "test accuracy %": 100 * a, "images": int(n)}
-        for c, a, n in zip(data.classes, per_class, matrix.sum(1))
-    ]
+    results["most_confident_mistakes"] = [{"index": int(i), "true": data.classes[int(data.test_y[i])],
+                                           "predicted": data.classes[int(predictions[i])],
+                                           "confidence": float(confidence[i])} for i in worst]  # fmt: skip
+    counts = matrix.sum(1).tolist()
+    rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
     print()
     helpers.print_table(
-        rows,
-        [("class", ""), ("test accuracy %", ".1f"), ("images", "d")],
-        f"Per-class test accuracy, best epoch ({best_epoch})",
+        rows, "class test_accuracy_%:.1f images:d", f"Per-class test accuracy, best epoch ({best_epoch})"
     )
     return results, {"predictions": predictions, "confidence": confidence, "worst": worst}
 
@@ -312,28 +294,17 @@ def draw_figures(t: dict, cfg, data, matrix: torch.Tensor, mistakes: dict, out: 
     axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning-rate schedule")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
+    for ax in axes[:2]:
+        ax.legend()
     paths = [helpers.save_figure(fig, out / "curves.png")]
     fig, ax = plt.subplots(figsize=(8, 6.5))
-    sns.heatmap(
-        matrix.cpu().numpy(),
-        annot=True,
-        fmt="d",
-        cmap="Blues",
-        xticklabels=data.classes,
-        yticklabels=data.classes,
-        ax=ax,
-    )
+    names = {"xticklabels": data.classes, "yticklabels": data.classes}
+    sns.heatmap(matrix.cpu().numpy(), annot=True, fmt="d", cmap="Blues", ax=ax, **names)
     ax.set(xlabel="predicted class", ylabel="true class", title="test confusion matrix (best epoch)")
     paths.append(helpers.save_figure(fig, out / "confusion_matrix.png"))
     worst, columns = mistakes["worst"], 8
-    fig, axes = plt.subplots(
-        max(1, math.ceil(len(worst) / columns)),
-        columns,
-        figsize=(16, 2.3 * max(1, math.ceil(len(worst) / columns))),
-        squeeze=False,
-    )
+    rows = max(1, math.ceil(len(worst) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(16, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst.tolist()):
@@ -400,7 +371,7 @@ def main(**overrides):
                 summary["test accuracy with flip TTA %"] = 100 * results["test_accuracy_flip_tta"]
             summary["mean training img/s"] = results["mean_images_per_s"]
             rows = [{"measure": k, "value": v} for k, v in summary.items()]
-            helpers.print_table(rows, [("measure", ""), ("value", ".2f")], f"{cfg.model} on {data.name}")
+            helpers.print_table(rows, "measure value:.2f", f"{cfg.model} on {data.name}")
             results["figures"] = draw_figures(t, cfg, data, results["confusion_matrix"], mistakes, out)
         if ddp.rank == 0:
             helpers.save_results(out, results, cfg, device, started)
@@ -596,10 +567,8 @@ def restore(t: dict, state: dict, cfg, data) -> None:
             t["model"].load_state_dict(best_model)
             t["model"].load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
-        why = helpers.error_summary(error)
-        raise helpers.UserError(
-            f"checkpoint {cfg.resume} is damaged: {why} (pass a checkpoint of this lesson)"
-        ) from None
+        why = f"{helpers.error_summary(error)} (pass a checkpoint of this lesson)"
+        raise helpers.UserError(f"checkpoint {cfg.resume} is damaged: {why}") from None
     for group in t["optimizer"].param_groups:  # the checked settings rule, not numbers edited into the file
         decay = cfg.weight_decay if group["name"] == "weights" else 0.0
         group.update(momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=decay)
@@ -710,10 +679,8 @@ def distributed_context() -> Distributed:
     try:
         ddp = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     except (KeyError, ValueError):
-        raise helpers.UserError(
-            "WORLD_SIZE is set, but RANK is missing or WORLD_SIZE or RANK is not a number (launch with torchrun, or "
-            "unset them)"
-        ) from None
+        what = "WORLD_SIZE is set, but RANK is missing or WORLD_SIZE or RANK is not a number"
+        raise helpers.UserError(f"{what} (launch with torchrun, or unset them)") from None
     helpers.require(0 <= ddp.rank < ddp.world, f"RANK {ddp.rank} is outside 0..{ddp.world - 1} (launch with torchrun)")
     return ddp
 
@@ -738,21 +705,16 @@ def share_buffers_of_rank0(model: nn.Module, ddp) -> None:
 
 
 def distributed_device(device: torch.device, cfg, ddp) -> torch.device:
-    helpers.require(
-        device.type in ("cpu", "cuda"),
-        f"torchrun runs on CUDA or the CPU, not {device.type} (pass --device cuda or cpu)",
-    )
-    helpers.require(
-        cfg.batch_size % ddp.world == 0,
-        f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes",
-    )
+    """This process's device: the CPU, or the GPU numbered LOCAL_RANK."""
+    where = f"torchrun runs on CUDA or the CPU, not {device.type} (pass --device cuda or cpu)"
+    helpers.require(device.type in ("cpu", "cuda"), where)
+    uneven = f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes"
+    helpers.require(cfg.batch_size % ddp.world == 0, uneven)
     helpers.require(not cfg.sync_bn or device.type == "cuda", "--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only)")
     if device.type == "cpu":
         return device
-    helpers.require(
-        ddp.local_rank < torch.cuda.device_count(),
-        f"LOCAL_RANK {ddp.local_rank} has no GPU here (lower --nproc_per_node)",
-    )
+    no_gpu = f"LOCAL_RANK {ddp.local_rank} has no GPU here (lower --nproc_per_node)"
+    helpers.require(ddp.local_rank < torch.cuda.device_count(), no_gpu)
     torch.cuda.set_device(ddp.local_rank)
     return torch.device("cuda", ddp.local_rank)
 
@@ -846,9 +808,7 @@ class CifarStemResNet(nn.Module):
                 blocks.append(block(channels, width, 2 if b == 0 and index > 1 else 1, make_shortcut))
                 channels = width * block.expansion
             self.add_module(f"layer{index}", nn.Sequential(*blocks))
-        self.num_stages = len(widths)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.num_stages, self.avgpool, self.fc = len(widths), nn.AdaptiveAvgPool2d(1), nn.Linear(channels, num_classes)
         for module in self.modules():  # He et al.'s init, as torchvision applies it
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -867,13 +827,9 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarStemResNet:  # 6n + 
 IMAGENET_BLOCKS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
                    "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
                    "resnet152": (Bottleneck, [3, 8, 36, 3])}  # fmt: skip
-CIFAR_MODELS = {  # name -> builder(num_classes), as in lesson 02
-    **{f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (8, 20, 32, 44, 56, 110)},
-    **{
-        f"cifar_{name}": functools.partial(CifarStemResNet, *spec, (64, 128, 256, 512))
-        for name, spec in IMAGENET_BLOCKS.items()
-    },
-}
+CIFAR_MODELS = {f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (8, 20, 32, 44, 56, 110)}
+for name, (block, blocks_per_stage) in IMAGENET_BLOCKS.items():  # the 3x3-stem ImageNet ResNets
+    CIFAR_MODELS[f"cifar_{name}"] = functools.partial(CifarStemResNet, block, blocks_per_stage, (64, 128, 256, 512))
 
 
 # The quick demo's model and --full's: parameters and multiply-adds per 32x32 image.

@@ -1,10 +1,7 @@
 """Plumbing shared by the six lessons, and nothing else: every idea lives in a numbered lesson.
 
-The constants block between `# --- constants` and `# --- end constants` is a lesson's interface: one declaration per
-line, `NAME: type = value  # help [check]`. Each becomes a keyword of `main(**overrides)` and a flag (`BATCH_SIZE`
--> `--batch-size`), with the comment as help and the bracketed check (`[> 0]`, `[>= 0, < 1]`, `[a | b]`, `[in NAMES]`)
-applied alike to an edited constant, a keyword and a flag. Below: device and precision, tables, the output folder
-and atomic writes, the datasets as uint8 tensors, and batches, augmentation and evaluation.
+A lesson's constants block (`NAME: type = value  # help [check]`, one per line) becomes the keywords of
+`main(**overrides)` and its flags (`BATCH_SIZE` -> `--batch-size`), each checked against `[> 0]`, `[a | b]`, `[in NAMES]`.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ import platform
 import random
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,27 +54,18 @@ def require_number(flag: str, value: Any, low=None, high=None, *, low_open=False
             require(CHECKS[op](float(value), bound), f"{flag} must be {op} {bound:g}, not {value:g}")
 
 
-def require_positive(flag: str, value: Any) -> None:
-    require_number(flag, value, 0, low_open=True)
-
-
-SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit unsigned integers
-
-
-def require_seed(seed: Any) -> None:
-    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT
-    require(ok, f"--seed must be an integer from 0 to {SEED_LIMIT - 1}, not {seed}")
+def require_seed(seed: Any) -> None:  # NumPy takes 32-bit unsigned seeds
+    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
+    require(ok, f"--seed must be an integer from 0 to {2**32 - 1}, not {seed}")
 
 
 def require_memory(num_bytes: float, what: str) -> None:
-    """Refuse, before trying, a tensor larger than half this machine's memory (the allocator would fail with a long
-    message, or with overcommit the process would be killed later)."""
-    try:
+    """Refuse, before trying, a tensor over half this machine's memory: with overcommit the process would be killed
+    later, not refused."""
+    if hasattr(os, "sysconf"):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not POSIX: let the allocator decide
-        return
-    gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
-    require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
+        gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
+        require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
 
 
 def error_summary(error: BaseException) -> str:
@@ -115,20 +104,17 @@ def read_constants(module_globals: dict) -> list[Constant]:
         text = next((cell for cell in reversed(module_globals.get("_ih") or []) if MARKERS[0] in cell), "")
     block = text.split(MARKERS[0], 1)[-1].split(MARKERS[1], 1)[0] if MARKERS[1] in text else ""
     constants = []
-    for line in block.splitlines():
-        match = DECLARATION.match(line)
-        if match and line.count("(") != line.count(")"):
+    for match in map(DECLARATION.match, block.splitlines()):
+        if match and match[0].count("(") != match[0].count(")"):
             raise RuntimeError(f"{match['name']}: keep each constant's declaration on one line")
         if match and match["name"] in module_globals:
             comment = match["comment"] or ""
             check = re.search(r"\s*\[([^\[\]]*)\]\s*$", comment)
             helptext = (comment[: check.start()] if check else comment).strip()
-            constant = Constant(
-                match["name"], match["type"], module_globals[match["name"]], helptext, check[1] if check else ""
-            )
-            if constant.item_type not in TYPES:
-                raise RuntimeError(f"{constant.name}: unsupported type {constant.type!r}")
-            constants.append(constant)
+            value = module_globals[match["name"]]
+            constants.append(Constant(match["name"], match["type"], value, helptext, check[1] if check else ""))
+            if constants[-1].item_type not in TYPES:
+                raise RuntimeError(f"{match['name']}: unsupported type {match['type']!r}")
     return constants
 
 
@@ -149,30 +135,22 @@ def convert(constant: Constant, value: Any, module_globals: dict) -> Any:
         require(len(values) > 0, f"{flag} needs at least one value")
         item = Constant(constant.name, kind, None, check=constant.check)
         return tuple(convert(item, v, module_globals) for v in values)
-    ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-    }.get(kind, isinstance(value, (str, Path)))
-    require(ok, f"{flag} takes {'a path' if kind == 'Path' else kind + ' values'}, not {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"bool": isinstance(value, bool), "int": number and isinstance(value, int), "float": number}
+    what = "a path" if kind == "Path" else kind + " values"
+    require(ok.get(kind, isinstance(value, (str, Path))), f"{flag} takes {what}, not {value!r}")
     value = TYPES[kind](value)
     if kind == "float":
         require_number(flag, value)
-    if kind == "Path":
-        value = expand_path(value)
+    if kind == "Path" and value:  # as a shell would; "" stays "": not set
+        value = os.path.expanduser(os.path.expandvars(value))
     choices = choices_of(constant, module_globals)
     if choices is not None:
         require(value in choices, f"{flag} must be one of {', '.join(map(str, choices))} (got {value!r})")
     elif constant.check and kind in ("int", "float"):
-        for condition in constant.check.split(","):
-            op, _, bound = condition.strip().partition(" ")
+        for op, _, bound in (condition.strip().partition(" ") for condition in constant.check.split(",")):
             require(CHECKS[op](float(value), float(bound)), f"{flag} must be {op} {bound} (got {value})")
     return value
-
-
-def expand_path(text: str) -> str:
-    """`~` and $VARIABLES expanded, as a shell would ("" stays "": not set)."""
-    return os.path.expanduser(os.path.expandvars(text)) if text else text
 
 
 class Config(dict):
@@ -212,8 +190,9 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
 def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: list every keyword `main` accepts in its docstring, so that `help(main)` and `main?` show them."""
     lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
-    intro = (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n"
-    main.__doc__ = intro + "\n".join(lines)
+    main.__doc__ = (
+        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
+    )
     return main
 
 
@@ -303,31 +282,32 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 arithmetic instructions (AVX512-BF16 or AMX on x86, BF16 on Arm). Without them
-    bf16 autocast is emulated and slower than fp32, so it must be detected, never assumed."""
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2", "DEFAULT"
-    except AttributeError:
-        capability = ""
+    """True when this CPU has bf16 arithmetic instructions: AVX512-BF16 or AMX on x86, BF16 on Arm (Apple's from the
+    M2 on; the M1 has none). Without them bf16 autocast is emulated and slower than fp32: detect, never assume."""
+    if sys.platform == "darwin":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            answer = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, timeout=5)
+            return answer.stdout.strip() == b"1"
+        return False
     flags = ""
     with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
     if platform.machine() in ("arm64", "aarch64"):
-        return "bf16" in flags or sys.platform == "darwin"
+        return "bf16" in flags.split()
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", str)()  # e.g. "AVX512", "AVX2", "DEFAULT"
     return "AVX512" in capability and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The dtype to autocast to, or None for fp32. `auto`: bf16 where the hardware has it (CUDA compute capability
-    >= 8.0, CPUs with AVX512-BF16/AMX), fp16 on older CUDA GPUs (with a GradScaler), fp32 elsewhere (MPS too)."""
+    """The dtype to autocast to, or None for fp32. `auto`: bf16 where the hardware computes in it (CUDA compute
+    capability >= 8.0, CPUs with AVX512-BF16, AMX or Arm BF16); fp16 with a GradScaler on older CUDA GPUs (a T4 or a
+    V100, which would only emulate bf16); fp32 elsewhere, MPS included."""
     require(precision in PRECISIONS, f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
     if precision != "auto":
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -353,6 +333,21 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def median_time(run: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `run()` over `repeats` calls after `warmup` untimed ones, with the device
+    synchronised around each call, so that neither the warm-up's queued work nor a lone outlier counts."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 # --- Output: tables, progress, the output folder, results.json, figures ----------------------------------------------
 class Table(str):
     """A formatted table: it prints as itself, and a notebook cell that ends in one shows it as text."""
@@ -361,10 +356,13 @@ class Table(str):
         return str(self)
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str]] | None = None, title: str | None = None) -> Table:
-    """A fixed-width text table; `columns` is a list of (key, format), e.g. [("depth", "d"), ("ratio", ".2e")]."""
+def format_table(rows: list[dict], columns: str | list[tuple[str, str]] | None = None, title=None) -> Table:
+    """A fixed-width text table. `columns`: "depth:d ratio:.2e model" (key:format, space-separated) or a list of
+    (key, format) pairs; by default every key of the first row, unformatted."""
     if not rows:
         return Table(title or "")
+    if isinstance(columns, str):
+        columns = [tuple(f"{spec}:".split(":")[:2]) for spec in columns.split()]
     columns = columns or [(key, "") for key in rows[0]]
     cells = [[format(row[key], spec) if row.get(key) is not None else "-" for key, spec in columns] for row in rows]
     widths = [max(len(key), *(len(r[i]) for r in cells)) for i, (key, _) in enumerate(columns)]
@@ -391,10 +389,9 @@ def Progress(iterable, desc: str, total=None, unit: str = "it", scale: int = 1):
 
 
 # The output folder. A run never deletes a file, and it replaces only files that a lesson run wrote there and that
-# nobody changed since: each folder a lesson writes into keeps a list of them (MANIFEST, name -> SHA-256 of the
-# bytes written). A file of the user's with the same name, or a folder, a FIFO or a link in its place, stops the run
-# before any work with one line. `.lock` makes one run per folder, whichever lesson: the operating system drops
-# the lock when the process ends, however it ends.
+# nobody changed since: each folder a lesson writes into lists them (MANIFEST, name -> SHA-256 of the bytes
+# written). A file of the user's with the same name, or a folder or a link in its place, stops the run before any
+# work. `.lock` makes one run per folder, whichever lesson; the system drops the lock when the process ends.
 MANIFEST, LOCK = ".lesson-files.json", ".lock"
 _held_locks: dict[Path, Any] = {}  # folder -> open lock file, held until the process ends
 
@@ -419,7 +416,7 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        blocker = next((p for p in [path, *path.parents] if _is_file_in_the_way(p)), None)
+        blocker = next((p for p in [path, *path.parents] if os.path.isfile(p)), None)  # False on errors
         reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or type(error).__name__
         raise UserError(
             f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
@@ -427,36 +424,24 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def _is_file_in_the_way(path: Path) -> bool:
-    try:
-        return path.exists() and not path.is_dir()
-    except OSError:  # a name too long, say: the error itself says what is wrong
-        return False
-
-
 def lock_folder(out: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; one run per folder is then up to the user
-        return
+    """One run per folder: an exclusive advisory lock on `out/.lock`, which names the holder's process id. (Windows
+    has no such lock; there, one run per folder is up to the user.)"""
     path = out / LOCK
-    if out.resolve() in _held_locks:
+    if out.resolve() in _held_locks or os.name != "posix":
         return
+    import fcntl
+
     require(not path.exists() or path.is_file(), f"{path} is not a file (move it away, or pass another --out)")
     handle = path.open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
         handle.close()
-        raise UserError(
-            f"output folder {out} is in use by another run (process {owner}); wait for it, or pass another --out"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+        busy = f"output folder {out} is in use by another run (process {path.read_text().strip() or 'unknown'})"
+        raise UserError(f"{busy}; wait for it, or pass another --out") from None
+    os.ftruncate(handle.fileno(), 0)
+    os.pwrite(handle.fileno(), str(os.getpid()).encode(), 0)
     _held_locks[out.resolve()] = handle
 
 
@@ -467,11 +452,7 @@ def _manifest(folder: Path) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def may_replace(path: Path) -> None:
@@ -500,8 +481,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool 
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file 0600; give it what the user's umask allows
         if checked:  # record before the rename: a kill in between leaves a listed name, never an unlisted file of ours
-            manifest = _manifest(path.parent) | {path.name: _sha256(Path(tmp))}
-            text = json.dumps(manifest, indent=1)
+            text = json.dumps(_manifest(path.parent) | {path.name: _sha256(Path(tmp))}, indent=1)
             atomic_write(path.parent / MANIFEST, lambda m: m.write_text(text), checked=False)
         os.replace(tmp, path)
     except BaseException:
@@ -511,30 +491,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool 
     return path
 
 
-def snake_case(key: str) -> str:
-    """results.json's key style: `max |F(x)|` -> `max_f_x`, `ms@32` -> `ms_at_32`; hyphens stay (`resnet-20`)."""
-    key = key.replace("@", " at ").replace("/", " over ").replace(" - ", " minus ")
-    return re.sub(r"[^0-9a-z-]+", "_", key.lower()).strip("_")
-
-
 def _jsonable(value: Any) -> Any:
-    """A JSON-ready copy: snake_case keys, a column in percent (`test_err_%`: 8.75) saved as a fraction (0.0875)."""
+    """A JSON-ready copy. Keys in snake_case (`max |F(x)|` -> `max_f_x`, `ms@32` -> `ms_at_32`), and a column in
+    percent (`test_err_%`: 8.75) saved as a fraction (0.0875). JSON has no NaN: non-finite floats become strings."""
     if isinstance(value, dict):
         out = {}
-        for k, v in value.items():
-            k = str(k)
-            if k.endswith("%") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                k, v = k[:-1], v / 100
-            out[snake_case(k)] = _jsonable(v)
+        for key, v in ((str(k), v) for k, v in value.items()):
+            if key.endswith("%") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                key, v = key[:-1], v / 100
+            key = key.replace("@", " at ").replace("/", " over ").replace(" - ", " minus ")
+            out[re.sub(r"[^0-9a-z-]+", "_", key.lower()).strip("_")] = _jsonable(v)
         return out
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN or infinity
+        return str(value)
     return str(value) if isinstance(value, (Path, torch.device, torch.dtype)) else value
 
 
@@ -591,9 +564,8 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: 
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
-    model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(input_shape, device=device))
+        model.eval()(torch.zeros(input_shape, device=device))
     model.train(was_training)
     return counter.get_total_flops() // 2
 
@@ -636,90 +608,50 @@ class ImageData:
         return ImageData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
-def _unavailable(name: str, data_dir: Path, error: BaseException) -> DataUnavailableError:
-    how = "on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
-    if name != "fashion-mnist":
-        archive = f"cifar-{name[5:]}-python.tar.gz"
-        how = f"copy {archive} from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, or use --dataset fashion-mnist"
-        how += " (offline on Debian: apt-get install dataset-fashion-mnist) or --dataset synthetic"
-    why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
-    return DataUnavailableError(f"{why} (connect to the internet once, or {how})")
-
-
-def _check_idx(path: Path, dims: int, num_classes: int) -> None:
-    """An IDX file's magic number, declared size and (for labels) range, which torchvision does not check."""
-    data, corrupt, hint = (
-        path.read_bytes(),
-        f"{path} is corrupt:",
-        f"(delete {path.parent} to unpack or download again)",
-    )
-    require(len(data) >= 4 + 4 * dims, f"{corrupt} it is only {len(data)} bytes long {hint}")
-    magic, expected = int.from_bytes(data[:4], "big"), {1: 2049, 3: 2051}[dims]
-    require(magic == expected, f"{corrupt} wrong magic number {magic} (expected {expected}) {hint}")
-    shape, body = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)], len(data) - 4 - 4 * dims
-    require(body == math.prod(shape), f"{corrupt} it declares {tuple(shape)} bytes of data but holds {body} {hint}")
-    top = max(data[8:]) if dims == 1 and body else 0
-    require(top < num_classes, f"{corrupt} label {top} is outside 0..{num_classes - 1} {hint}")
-
-
-def check_data_dir(data_dir: str | Path) -> None:
-    """Cheap checks to run before long work: `--data-dir` is a folder (or absent); Fashion-MNIST's files are intact."""
-    data_dir, raw = Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"
-    what = "a file, not a folder (pass the folder that holds or will hold the datasets)"
-    require(not data_dir.exists() or data_dir.is_dir(), f"--data-dir {data_dir} is {what}")
-    for name in FASHION_MNIST_RAW_MD5 if all((raw / n).is_file() for n in FASHION_MNIST_RAW_MD5) else ():
-        _check_idx(raw / name, 3 if "images" in name else 1, len(FASHION_CLASSES))
-
-
 def _torchvision_dataset(name: str, data_dir: Path, download: bool):
-    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every file's MD5."""
+    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every download's MD5."""
     import torchvision
 
-    sets, fashion = torchvision.datasets, name == "fashion-mnist"
+    sets = torchvision.datasets
     cls = {"cifar10": sets.CIFAR10, "cifar100": sets.CIFAR100, "fashion-mnist": sets.FashionMNIST}[name]
-    try:
-        if fashion:  # Debian's copy, checked against the originals' MD5s, saves a download
-            _unpack_debian_fashion_mnist(data_dir / "FashionMNIST" / "raw")
-            check_data_dir(data_dir)
-        splits = [_torchvision_split(cls, name, data_dir, download, train) for train in (True, False)]
-    except PermissionError as error:
-        raise UserError(
-            f"cannot write the {name} files into --data-dir {data_dir}: {error.strerror} (pass a writable one)"
-        ) from None
-    (train_x, train_y, classes), (test_x, test_y, _) = splits
-    return train_x, train_y, test_x, test_y, FASHION_CLASSES if fashion else classes
-
-
-def _unpack_debian_fashion_mnist(raw: Path) -> None:
-    source = DEBIAN_FASHION_MNIST
-    if all((raw / n).exists() for n in FASHION_MNIST_RAW_MD5) or not all(
-        (source / f"{n}.gz").exists() for n in FASHION_MNIST_RAW_MD5
-    ):
-        return
-    for n, md5 in FASHION_MNIST_RAW_MD5.items():
-        data = gzip.decompress((source / f"{n}.gz").read_bytes())
-        require(
-            hashlib.md5(data).hexdigest() == md5,
-            f"{source / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)",
+    what = "a file, not a folder (pass the folder that holds or will hold the datasets)"
+    require(not data_dir.exists() or data_dir.is_dir(), f"--data-dir {data_dir} is {what}")
+    raw, debian = data_dir / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST
+    try:  # Debian's copy of Fashion-MNIST, checked against the originals' MD5s, saves a download
+        unpack = name == "fashion-mnist" and (debian / "t10k-labels-idx1-ubyte.gz").exists()
+        for n, md5 in FASHION_MNIST_RAW_MD5.items() if unpack and not any(raw.glob("*-ubyte")) else ():
+            data = gzip.decompress((debian / f"{n}.gz").read_bytes())
+            ok = hashlib.md5(data).hexdigest() == md5
+            require(ok, f"{debian / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)")
+            atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
+        (train_x, train_y, classes), (test_x, test_y, _) = (
+            _torchvision_split(cls, name, data_dir, download, train) for train in (True, False)
         )
-        atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
+    except PermissionError as error:
+        where = f"the {name} files into --data-dir {data_dir}"
+        raise UserError(f"cannot write {where}: {error.strerror} (pass a writable one)") from None
+    return train_x, train_y, test_x, test_y, FASHION_CLASSES if name == "fashion-mnist" else classes
 
 
 def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bool):
-    """(images (N, 3, 32, 32) uint8, labels (N,) int64, class names) of one split."""
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64, class names) of one split. Files that are there but cannot
+    be read are called corrupt; files that are not there, and cannot be downloaded, unavailable."""
+    folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
+    again = f"(delete {folder} and its archive to unpack or download them again)"
     try:
         with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
             ds = cls(root=str(data_dir), train=train, download=download)
     except PermissionError:
         raise
-    except (RuntimeError, OSError, ValueError) as error:  # not found, corrupt, or no network
-        folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
-        again = f"(delete {folder} and its archive to unpack or download them again)"
-        require(
-            name == "fashion-mnist" or not folder.exists(),
-            f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}",
-        )
-        raise _unavailable(name, data_dir, error) from None
+    except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, or no network
+        present = folder.exists() and (name != "fashion-mnist" or any((folder / "raw").glob("*-ubyte")))
+        require(not present, f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}")
+        how = "on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
+        if name != "fashion-mnist":
+            how = f"copy cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, or use"
+            how += " --dataset fashion-mnist (offline on Debian: apt-get install dataset-fashion-mnist) or synthetic"
+        why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
+        raise DataUnavailableError(f"{why} (connect to the internet once, or {how})") from None
     if name == "fashion-mnist":
         x = (
             F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
@@ -727,8 +659,9 @@ def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bo
     else:
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> NCHW
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
-    ok = x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and int(y.min()) >= 0 and int(y.max()) < len(ds.classes)
-    require(ok, f"{name} files in {data_dir} are corrupt: {tuple(x.shape)} images, {len(y)} labels (delete them)")
+    ok = x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and 0 <= int(y.min()) <= int(y.max()) < len(ds.classes)
+    labels = f"{len(y)} labels" + (f" in {int(y.min())}..{int(y.max())}" if len(y) else "")
+    require(ok, f"{name} files in {folder} are corrupt: {tuple(x.shape)} images, {labels} {again}")
     return x, y, tuple(ds.classes)
 
 
@@ -737,9 +670,7 @@ def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bo
 # holds a tilt and its mirror image, so crops, cutout and horizontal flips all keep the label's meaning.
 SYNTHETIC_TILTS = 5
 SYNTHETIC_BANDS = ((0.25, 0.40), (0.55, 0.80))  # spatial frequency in radians per pixel: coarse, fine
-SYNTHETIC_CLASSES = tuple(
-    f"{band}-{t * 90 / (SYNTHETIC_TILTS - 1):g}deg" for band in ("coarse", "fine") for t in range(SYNTHETIC_TILTS)
-)
+SYNTHETIC_CLASSES = tuple(f"{band}-{t * 22.5:g}deg" for band in ("coarse", "fine") for t in range(SYNTHETIC_TILTS))
 
 
 def synthetic_label(theta: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
@@ -762,15 +693,10 @@ def synthetic_parameters(n: int, g: torch.Generator, size: int = 32) -> dict[str
     tilt = torch.minimum(tilt, math.pi - tilt)
     theta = torch.where(torch.rand(n, generator=g) < 0.5, math.pi - tilt, tilt)  # a tilt or its mirror image
     low, high = (torch.tensor([b[i] for b in SYNTHETIC_BANDS])[band] for i in (0, 1))
-    return {
-        "theta": theta,
-        "freq": low + (high - low) * torch.rand(n, generator=g),
-        "phase": 2 * math.pi * torch.rand(n, generator=g),
-        "contrast": 0.3 + 0.7 * torch.rand(n, generator=g),
-        "colour": 0.3 + 0.7 * torch.rand(n, 3, generator=g),
-        "blob_centre": (torch.rand(n, 2, generator=g) - 0.5) * size,
-        "blob_radius": 3 + 6 * torch.rand(n, generator=g),
-    }
+    uniform = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    return {"theta": theta, "freq": low + (high - low) * uniform(n), "phase": 2 * math.pi * uniform(n),
+            "contrast": 0.3 + 0.7 * uniform(n), "colour": 0.3 + 0.7 * uniform(n, 3),
+            "blob_centre": (uniform(n, 2) - 0.5) * size, "blob_radius": 3 + 6 * uniform(n)}  # fmt: skip
 
 
 def render_gratings(p: dict[str, torch.Tensor], size: int = 32) -> torch.Tensor:
@@ -804,15 +730,10 @@ def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_siz
     try:
         if name == "synthetic":
             x, y = make_synthetic(synthetic_size + max(synthetic_size // 6, 1000), seed=12345)
-            train_x, train_y, test_x, test_y = (
-                x[:synthetic_size],
-                y[:synthetic_size],
-                x[synthetic_size:],
-                y[synthetic_size:],
-            )
+            train_x, test_x = x[:synthetic_size], x[synthetic_size:]
+            train_y, test_y = y[:synthetic_size], y[synthetic_size:]
             classes = SYNTHETIC_CLASSES
         else:
-            check_data_dir(data_dir)
             train_x, train_y, test_x, test_y, classes = _torchvision_dataset(name, data_dir, download)
     except DataUnavailableError as error:
         if not fallback:
@@ -822,9 +743,9 @@ def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_siz
             with contextlib.suppress(UserError):
                 _torchvision_dataset("fashion-mnist", data_dir, download=False)
                 substitute = "fashion-mnist"
-        bar = "!" * 100
-        print(f"\n{bar}\nNOTICE: {error}\nFalling back to the {substitute.upper()} dataset so that this quick run still works: its numbers are\n"
-              f"not {name} numbers. A --full run never falls back: it stops with the error above.\n{bar}\n", file=sys.stderr, flush=True)  # fmt: skip
+        bar, why = "!" * 100, "so that this quick run still works: its numbers are\nnot"
+        notice = f"NOTICE: {error}\nFalling back to the {substitute.upper()} dataset {why} {name} numbers."
+        print(f"\n{bar}\n{notice} A --full run never falls back: it stops with the error above.\n{bar}\n", file=sys.stderr, flush=True)  # fmt: skip
         return load_dataset(substitute, data_dir, val_size, train_size, test_size, seed, download=False)
     require(0 < val_size < len(train_x), f"--val-size must be between 1 and {len(train_x) - 1} for {name}")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
@@ -872,51 +793,39 @@ def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Genera
 
 
 def epoch_batches(
-    num_items: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
+    num_items: int, batch_size: int, generator: torch.Generator, drop_last=True
 ) -> Iterator[torch.Tensor]:
     """Shuffled index batches for one pass over the data (CPU indices)."""
     order = torch.randperm(num_items, generator=generator)
-    stop = num_items - num_items % batch_size if drop_last else num_items
-    for start in range(0, stop, batch_size):
-        yield order[start : start + batch_size]
+    yield from order[: num_items - num_items % batch_size if drop_last else num_items].split(batch_size)
 
 
 def endless_batches(num_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Index batches forever, reshuffled every epoch (for iteration-based schedules)."""
-    require(
-        batch_size <= num_items,
-        f"batch size {batch_size} is larger than the {num_items} training images (lower --batch-size)",
-    )
+    too_large = f"batch size {batch_size} is larger than the {num_items} training images (lower --batch-size)"
+    require(batch_size <= num_items, too_large)
     while True:
         yield from epoch_batches(num_items, batch_size, generator)
 
 
-def training_batches(
-    data: ImageData, count: int, batch_size: int, device: torch.device, generator: torch.Generator
-) -> list[torch.Tensor]:
+def training_batches(data: ImageData, count: int, batch_size: int, device, generator) -> list[torch.Tensor]:
     """`count` shuffled batches of normalised training images on `device`, not augmented."""
-    batches = endless_batches(len(data.train_x), batch_size, generator)
-    return [
-        normalize(data.train_x[i.to(data.train_x.device)].to(device), data.mean, data.std)
-        for _, i in zip(range(count), batches)
-    ]
+    batches = zip(range(count), endless_batches(len(data.train_x), batch_size, generator))
+    return [normalize(data.train_x[i.to(data.train_x.device)].to(device), data.mean, data.std) for _, i in batches]
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(
-    model: nn.Module, batches: list[torch.Tensor], amp_dtype=None, channels_last=False
-) -> nn.Module:
+def recalibrate_batch_norm(model: nn.Module, batches: list[torch.Tensor], amp_dtype=None, channels_last=False):
     """Replace every batch-norm layer's running mean and variance by their plain average over `batches` (train-mode
     forward passes, no weight change). Lesson 03 shows why: after a few hundred steps at a high learning rate the
     running averages still describe much earlier weights."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not batches or not norms:
         return model
-    momenta = [m.momentum for m in norms]
+    momenta, was_training = [m.momentum for m in norms], model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # None: a cumulative average, the plain mean over the batches seen
-    was_training = model.training
     model.train()
     for x in batches:
         with autocast(x.device, amp_dtype):
@@ -946,8 +855,5 @@ def evaluate(model, images, labels, mean, std, device, amp_dtype=None, batch_siz
 
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over `window` points (mini-batch curves are noisy)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0)
-        out.append(total / min(i + 1, window))
-    return out
+    total = np.cumsum([0.0, *values])
+    return [(total[i + 1] - total[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shutil
 import statistics
 import sys
@@ -279,7 +280,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the baseline")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument(
-        "--data-dir", default="data", type=helpers.expand_path, help="folder holding cifar-10-batches-py/"
+        "--data-dir",
+        default="data",
+        type=lambda path: os.path.expanduser(os.path.expandvars(path)),
+        help="folder holding cifar-10-batches-py/",
     )
     parser.add_argument(
         "--generated-if-missing", action="store_true",
@@ -314,7 +318,7 @@ def check_arguments(args) -> None:
     helpers.require(args.workers >= 0, f"--workers must be 0 or more DataLoader processes, not {args.workers}")
     for flag, value in (("--peak-gflops-fp32", args.peak_gflops_fp32), ("--peak-gflops-bf16", args.peak_gflops_bf16)):
         if value is not None:
-            helpers.require_positive(flag, value)
+            helpers.require_number(flag, value, 0, low_open=True)
     unknown = [m for m in args.models if m not in L06.CIFAR_MODELS]
     helpers.require(not unknown, f"unknown model(s) {', '.join(unknown)} (use: {', '.join(L06.CIFAR_MODELS)})")
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import REPO
 
 import helpers
@@ -137,7 +138,7 @@ def test_paths_expand_home_and_variables(tmp_path, monkeypatch):
     assert helpers.config(module_globals, {"data_dir": "$LESSON_DATA/x"}).data_dir == str(tmp_path / "elsewhere/x")
     done = run(path, "--data-dir", "~/other", env={**os.environ})
     assert f"('data_dir', '{tmp_path / 'home' / 'other'}')" in done.stdout
-    assert helpers.expand_path("") == ""  # empty stays empty: "not set"
+    assert helpers.config(module_globals, {"data_dir": ""}).data_dir == ""  # empty stays empty: "not set"
 
 
 def test_main_docstring_lists_its_keywords(tiny_lesson):
@@ -265,3 +266,40 @@ def test_a_full_disk_or_a_bad_path_is_one_line_and_exit_1(error, line, monkeypat
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {line}")
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_auto_precision_on_cuda_follows_compute_capability(capability, expected, monkeypatch):
+    """A T4 (7.5) or V100 (7.0) only emulates bf16, although `torch.cuda.is_bf16_supported()` says True there: auto
+    must pick fp16 with gradient scaling below 8.0, and bf16 from the A100 (8.0) on. The GPU is faked."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert helpers.autocast_dtype(torch.device("cuda"), "auto") == expected
+    assert helpers.autocast_dtype(torch.device("cuda"), "fp32") is None  # an explicit choice is kept
+    assert helpers.autocast_dtype(torch.device("mps"), "auto") is None
+
+
+@pytest.mark.parametrize(("answer", "expected"), [(b"1\n", True), (b"0\n", False), (b"", False)])
+def test_apple_silicon_bf16_is_read_from_sysctl(answer, expected, monkeypatch):
+    """The M1 has no BF16 instructions (FEAT_BF16 = 0); the M2 and later have them. Faked macOS."""
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=answer, stderr=b"")
+
+    monkeypatch.setattr(helpers.sys, "platform", "darwin")
+    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    assert helpers.cpu_has_native_bf16() is expected
+    assert calls == [["sysctl", "-n", "hw.optional.arm.FEAT_BF16"]]
+    assert (helpers.autocast_dtype(torch.device("cpu"), "auto") == torch.bfloat16) is expected
+
+
+def test_x86_without_avx512_bf16_runs_fp32(monkeypatch):
+    monkeypatch.setattr(helpers.sys, "platform", "linux")
+    monkeypatch.setattr(helpers.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert helpers.autocast_dtype(torch.device("cpu"), "auto") is None
