@@ -82,7 +82,7 @@ PRECISION: str = "auto"  # autocast dtype of the comparison training [auto | fp3
 BN_RECALIBRATION_BATCHES: int = 20  # train-mode batches that re-estimate BN statistics before evaluation [>= 0]
 MEASURE_LATENCY: bool = True  # time every variant's forward pass and training step (the slowest part of the run)
 TIMING_BATCH: int = 1  # images per batch when timing every variant [> 0]
-TIMING_REPEATS: int = 1  # timed repetitions per measurement (the fastest is reported), after one warm-up [> 0]
+TIMING_REPEATS: int = 5  # timed repetitions per measurement (the median is reported), after one warm-up [> 0]
 CIFAR_TIMING_SIZE: int = 32  # input height and width (pixels) for timing the CIFAR variants [>= 32]
 IMAGENET_TIMING_SIZE: int = 64  # input side (pixels) for timing ImageNet variants (MACs: at 224) [>= 64]
 DEEP_DEPTH: int = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2) [>= 11]
@@ -913,27 +913,32 @@ def plot(results: dict, path) -> None:
     helpers.use_headless_matplotlib()
     import matplotlib.pyplot as plt
 
-    fig, (ax_cost, ax_loss) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    for family, marker in (("CIFAR", "o"), ("ImageNet", "s")):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
+    for ax, family in zip(axes, ("CIFAR", "ImageNet")):  # one panel each: their errors lie 15 points apart
         rows = [r for r in results["variants"] if r["data"] == family]
-        ax_cost.scatter([r["GMACs"] for r in rows], [r["paper_err_%"] for r in rows], marker=marker, label=family)
-        for r in rows:  # labels alternate above and below their point, so that close neighbours do not overlap
-            up = LABEL_ABOVE.get(r["model"], True)
-            ax_cost.annotate(r["model"], (r["GMACs"], r["paper_err_%"]), fontsize=7, xytext=(4, 4 if up else -10),
-                             textcoords="offset points", ha="right" if r["GMACs"] > 5 else "left")  # fmt: skip
-    ax_cost.set(xscale="log", xlabel="multiply-adds per image (G, log scale)", ylabel="paper's test error (%)")
-    ax_cost.set_title("Cost vs reported error (CIFAR-10 / ImageNet top-1)")
-    ax_cost.legend(loc="center right")
+        ax.scatter(
+            [r["GMACs"] for r in rows], [r["paper_err_%"] for r in rows], color="C0" if family == "CIFAR" else "C1"
+        )
+        for r in rows:  # each label placed by hand beside its point, clear of its close neighbours
+            dx, dy = LABEL_OFFSETS.get(r["model"], (5, 3))
+            ax.annotate(r["model"], (r["GMACs"], r["paper_err_%"]), xytext=(dx, dy), textcoords="offset points",
+                        fontsize=8, ha="right" if dx < 0 else "left", va="top" if dy < 0 else "bottom")  # fmt: skip
+        ax.set(xscale="log", xlabel="multiply-adds per image (G, log scale)", ylabel="paper's test error (%)")
+        ax.set_title("CIFAR-10 test error (cited)" if family == "CIFAR" else "ImageNet top-1 error (cited)")
+        ax.margins(x=0.2, y=0.12)
     window = max(1, results["config"]["train_steps"] // 10)
     for name, losses in results["training"]["curves"].items():
-        ax_loss.plot(range(1, len(losses) + 1), helpers.smooth(losses, window), label=name)
-    ax_loss.set(xlabel="SGD step", ylabel=f"training loss (moving average of {window})")
-    ax_loss.set_title(f"Equal budget on {results['training']['dataset']}")
-    ax_loss.legend(fontsize=8)
+        axes[2].plot(range(1, len(losses) + 1), helpers.smooth(losses, window), label=name)
+    axes[2].set(xlabel="SGD step", ylabel=f"training loss (moving average of {window})")
+    axes[2].set_title(f"Equal budget on {results['training']['dataset']} (measured)")
+    axes[2].legend(fontsize=8)
     helpers.save_figure(fig, path)
 
 
-LABEL_ABOVE = {"wrn_40_4": False, "wrn_16_8": False, "preact_resnet164": False}  # their neighbours' labels go above
+LABEL_OFFSETS = {  # points right and up of the marker; negative: left or below
+    "preact_resnet164": (-5, 3), "densenet_bc_100_12": (5, -3), "wrn_40_4": (-5, 3), "wrn_16_8": (-5, -3),
+    "wrn_28_10": (-5, 3), "resnext29_8x64d": (-5, -3), "resnet50": (-6, 2), "se_resnet50": (-6, -2),
+    "resnext50_32x4d": (-6, -3), "wide_resnet50_2": (-6, 3)}  # fmt: skip
 
 
 @helpers.constants_as_keywords

@@ -366,7 +366,7 @@ def format_table(rows: list[dict], columns: str | list[tuple[str, str]] | None =
     columns = columns or [(key, "") for key in rows[0]]
     cells = [[format(row[key], spec) if row.get(key) is not None else "-" for key, spec in columns] for row in rows]
     widths = [max(len(key), *(len(r[i]) for r in cells)) for i, (key, _) in enumerate(columns)]
-    numeric = [all(isinstance(row.get(key), (int, float)) for row in rows) for key, _ in columns]
+    numeric = [all(isinstance(row.get(key), (int, float, type(None))) for row in rows) for key, _ in columns]
 
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
