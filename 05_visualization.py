@@ -106,7 +106,8 @@ LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
-# %% Lesson 02's blocks and CIFAR ResNet and lesson 03's training recipe, repeated here in compact form so that this lesson stands alone;
+# %% Lesson 02's blocks and CIFAR ResNet and lesson 03's training recipe, repeated here in compact form so that this
+# lesson stands alone;
 # tests/test_standalone.py proves each copy equal to its original.
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
@@ -230,52 +231,38 @@ def cifar_resnet(depth: int, num_classes=10, shortcut="A", plain=False, zero_ini
     return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
 
 
-# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here so that this lesson stands alone.
-def sgd_train(model, data, *, steps, batch_size, lr, device, generator, momentum=0.9, weight_decay=1e-4,
-              lr_milestones=(), warmup_steps=0, warmup_lr=None, amp_dtype=None, augment=False, channels_last=False,
-              on_backward=None, desc="train") -> list[dict]:  # fmt: skip
-    """SGD with momentum and weight decay for `steps` mini-batches, the learning rate divided by 10 at each milestone
-    (a constant `warmup_lr` or a linear ramp for the first `warmup_steps`). One record per step: loss, error, lr."""
-    helpers.require(steps > 0, "the number of training steps must be positive (raise --iterations or --epochs)")
+# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here without the options this lesson does not use
+# (channels-last, gradient hooks, a constant warm-up rate), so that this lesson stands alone.
+def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_milestones=(), warmup_steps=0,
+              amp_dtype=None, augment=False, desc="train") -> list[dict]:  # fmt: skip
+    """SGD (momentum 0.9, weight decay 1e-4) for `steps` mini-batches: a linear warm-up over `warmup_steps`, then the
+    learning rate divided by 10 at each milestone. One record per step: loss, error and learning rate."""
     model.to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    batches = helpers.endless_batches(len(data.train_x), batch_size, generator)
-    history, started = [], time.perf_counter()
-    progress = helpers.Progress(range(steps), desc, unit="img", scale=batch_size)
-    for step in progress:
-        if step < warmup_steps:
-            rate = warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup_steps
-        else:
-            rate = lr * 0.1 ** sum(step >= m for m in lr_milestones)
+    batches, history = helpers.endless_batches(len(data.train_x), batch_size, generator), []
+    for step in (progress := helpers.Progress(range(steps), desc, unit="img", scale=batch_size)):
+        warm = step < warmup_steps
+        rate = lr * (step + 1) / warmup_steps if warm else lr * 0.1 ** sum(step >= m for m in lr_milestones)
         for group in optimizer.param_groups:
             group["lr"] = rate
         index = next(batches).to(data.train_x.device)
         images, labels = data.train_x[index].to(device), data.train_y[index].to(device)
         if augment:
             images = helpers.random_crop_flip(images, generator=generator)
-        x = helpers.normalize(images, data.mean, data.std)
         with helpers.autocast(device, amp_dtype):
-            logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            logits = model(helpers.normalize(images, data.mean, data.std))
             loss = F.cross_entropy(logits.float(), labels)
         helpers.require(
             torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
         )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if on_backward is not None:
-            scaler.unscale_(optimizer)
-            on_backward(step, model)
         scaler.step(optimizer)
         scaler.update()
         error = (logits.argmax(1) != labels).float().mean().item()
-        history.append(
-            {"step": step + 1, "loss": loss.item(), "error": error, "lr": rate, "time_s": time.perf_counter() - started}
-        )
+        history.append({"step": step + 1, "loss": loss.item(), "error": error, "lr": rate})
         progress.set_postfix_str(f"loss {loss.item():.3f} err {error:.1%}")
-    helpers.synchronize(device)
     return history
 
 
@@ -317,7 +304,7 @@ def gradient_flow(depths, images: torch.Tensor, labels: torch.Tensor, seed: int)
         for batch_norm in (True, False):
             for plain in (True, False):
                 torch.manual_seed(seed)  # the same initial weights for plain and residual
-                model = cifar_resnet(depth, plain=plain)
+                model = cifar_resnet(depth, plain=plain).to(images.device)  # where the images are: CPU, GPU or MPS
                 if not batch_norm:
                     without_batch_norm(model)
                 layers = layer_gradients(model, images, labels)
@@ -330,18 +317,9 @@ def gradient_table(runs: list[dict]) -> list[dict]:
     for run in runs:
         grads = [layer["grad_rms"] for layer in run["layers"]]
         first, last = grads[0], grads[-2]  # first and last convolution (grads[-1] is the classifier)
-        rows.append(
-            {
-                "depth": run["depth"],
-                "net": "plain" if run["plain"] else "residual",
-                "BN": "yes" if run["batch_norm"] else "no",
-                "first_conv": first,
-                "last_conv": last,
-                "first/last": first / last if last > 0 else float("inf"),
-                "min": min(grads),
-                "max": max(grads),
-            }
-        )
+        rows.append({"depth": run["depth"], "net": "plain" if run["plain"] else "residual",
+                     "BN": "yes" if run["batch_norm"] else "no", "first_conv": first, "last_conv": last,
+                     "first/last": first / last if last > 0 else float("inf"), "min": min(grads), "max": max(grads)})  # fmt: skip
     return rows
 
 
@@ -509,10 +487,8 @@ def load_weights(model: nn.Module, path: str) -> None:
             "(pass weights of the same depth and kind, or leave the flag empty to train)"
         ) from None
     bad = [name for name, x in model.state_dict().items() if x.is_floating_point() and not torch.isfinite(x).all()]
-    helpers.require(
-        not bad,
-        f"{path} holds NaN or infinity in {len(bad)} tensors, e.g. {bad[0] if bad else ''} (pass weights of a run that did not diverge)",
-    )
+    diverged = f"{path} holds NaN or infinity in {len(bad)} tensors, e.g. {bad[0] if bad else ''}"
+    helpers.require(not bad, f"{diverged} (pass weights of a run that did not diverge)")
 
 
 def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dtype) -> tuple[nn.Module, dict]:
@@ -526,21 +502,10 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
             "final_train_loss": float("nan"),
             "final_train_error": float("nan"),
         }
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history = sgd_train(
-        model,
-        data,
-        steps=cfg.train_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        lr_milestones=(cfg.train_steps // 2, cfg.train_steps * 3 // 4),
-        device=device,
-        generator=generator,
-        amp_dtype=amp_dtype,
-        augment=cfg.full,
-        desc="plain" if plain else "residual",
-    )
+    history = sgd_train(model, data, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                        warmup_steps=cfg.warmup_steps, lr_milestones=(cfg.train_steps // 2, cfg.train_steps * 3 // 4),
+                        device=device, generator=torch.Generator().manual_seed(cfg.seed), amp_dtype=amp_dtype,
+                        augment=cfg.full, desc="plain" if plain else "residual")  # fmt: skip
     tail = max(1, len(history) // 10)
     return model, {
         "source": f"trained here for {cfg.train_steps} steps",
@@ -841,18 +806,11 @@ def main(**overrides):
         helpers.require((depth - 2) % 6 == 0, f"depth {depth} is not 6n+2 (use 8, 20, 32, 56, 110)")
     helpers.require(cfg.grid_points % 2 == 1, "--grid-points must be odd (the trained weights sit at the centre)")
     step = 2 * cfg.grid_radius / (cfg.grid_points - 1)
-    helpers.require(
-        step <= cfg.summary_radius <= cfg.grid_radius - step,
-        f"--summary-radius must lie between one grid step ({step:g}) and the radius minus one step",
-    )
-    for flag, path, plain in (
-        ("--residual-checkpoint", cfg.residual_checkpoint, False),
-        ("--plain-checkpoint", cfg.plain_checkpoint, True),
-    ):
-        helpers.require(
-            not path or Path(path).is_file(),
-            f"{flag} {path} is not a file (check the path, or leave it empty to train)",
-        )
+    between = f"between one grid step ({step:g}) and the radius minus one step"
+    helpers.require(step <= cfg.summary_radius <= cfg.grid_radius - step, f"--summary-radius must lie {between}")
+    for flag, path, plain in (("residual", cfg.residual_checkpoint, False), ("plain", cfg.plain_checkpoint, True)):
+        missing = f"--{flag}-checkpoint {path} is not a file (check the path, or leave it empty to train)"
+        helpers.require(not path or Path(path).is_file(), missing)
         if path:  # loaded once now, so that a file that does not fit fails before the minutes of work
             load_weights(cifar_resnet(cfg.landscape_depth, 100 if cfg.dataset == "cifar100" else 10, plain=plain), path)
     helpers.require_memory(4 * 16 * 16 * 32 * 32 * cfg.loss_images, "--loss-images")  # one batch of activations
@@ -881,17 +839,9 @@ def gradients_across_layers(cfg, data: helpers.ImageData, generator: torch.Gener
     images = helpers.normalize(data.train_x[index], data.mean, data.std)
     runs = gradient_flow(cfg.gradient_depths, images, data.train_y[index], cfg.seed)
     table = gradient_table(runs)
-    print()
-    print(
-        helpers.format_table(
-            table,
-            [("depth", "d"), ("net", ""), ("BN", ""), ("first_conv", ".2e"), ("last_conv", ".2e")]
-            + [("first/last", ".2e"), ("min", ".2e"), ("max", ".2e")],
-            title="Gradient RMS per layer at initialisation (one batch)",
-        )
-    )
+    columns = "depth:d net BN first_conv:.2e last_conv:.2e first/last:.2e min:.2e max:.2e"
+    print("\n" + helpers.format_table(table, columns, "Gradient RMS per layer at initialisation (one batch)"))
     plot_gradient_flow(runs, out / "gradient_flow.png")
-
     return {"summary": table, "runs": runs}
 
 
@@ -915,44 +865,21 @@ def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) ->
         direction_generator = torch.Generator().manual_seed(cfg.seed + 1)  # same seed for both networks
         shares = []
         for pair in range(cfg.direction_pairs):  # pair 0 is the one drawn; the others test the share's noise
-            directions = (
-                filter_normalized_direction(model, direction_generator),
-                filter_normalized_direction(model, direction_generator),
-            )
+            directions = [filter_normalized_direction(model, direction_generator) for _ in range(2)]
             surface = loss_surface(model, directions, coords, loss_batches)
             shares.append(upward_curving_share(coords, surface))
             if pair == 0:
                 surfaces[name] = surface
-        summaries[name] = {
-            **summarize_surface(coords, surfaces[name], cfg.summary_radius),
-            "radius": cfg.summary_radius,
-            "upward_curving_shares": shares,
-        }
+        summaries[name] = summarize_surface(coords, surfaces[name], cfg.summary_radius)
+        summaries[name] |= {"radius": cfg.summary_radius, "upward_curving_shares": shares}
         networks[name], models[name] = info, model
-    print()
-    print(
-        helpers.format_table(
-            [{"net": name, **networks[name]} for name in networks],
-            [
-                ("net", ""),
-                ("source", ""),
-                ("final_train_loss", ".3f"),
-                ("eval_loss_stored_bn", ".3f"),
-                ("eval_loss_recalibrated_bn", ".3f"),
-            ],
-            title="Landscape networks (loss on the landscape's training images, eval mode)",
-        )
-    )
-    print()
-    print(
-        helpers.format_table(
-            [{"net": name, **s} for name, s in summaries.items()],
-            [("net", ""), ("centre_loss", ".3f"), ("min_loss", ".3f"), ("rise_at_radius", ".3f")]
-            + [("max_rise", ".3f"), ("upward_curving_share", ".2f")],
-            title=f"Loss landscape on a {cfg.grid_points}x{cfg.grid_points} grid over [-{cfg.grid_radius:g}, "
-            f"{cfg.grid_radius:g}]^2 (rise: mean loss on the circle r={cfg.summary_radius:g} minus centre loss)",
-        )
-    )
+    title = "Landscape networks (loss on the landscape's training images, eval mode)"
+    columns = "net source final_train_loss:.3f eval_loss_stored_bn:.3f eval_loss_recalibrated_bn:.3f"
+    print("\n" + helpers.format_table([{"net": name, **info} for name, info in networks.items()], columns, title))
+    title = (f"Loss landscape on a {cfg.grid_points}x{cfg.grid_points} grid over [-{cfg.grid_radius:g}, "
+             f"{cfg.grid_radius:g}]^2 (rise: mean loss on the circle r={cfg.summary_radius:g} minus centre loss)")  # fmt: skip
+    columns = "net centre_loss:.3f min_loss:.3f rise_at_radius:.3f max_rise:.3f upward_curving_share:.2f"
+    print("\n" + helpers.format_table([{"net": name, **s} for name, s in summaries.items()], columns, title))
     plain_name, residual_name = (f"{kind}-{cfg.landscape_depth}" for kind in ("plain", "residual"))
     plain_summary, residual_summary = summaries[plain_name], summaries[residual_name]
     for key, text in (("rise_at_radius", f"rise at r={cfg.summary_radius:g}"), ("max_rise", "highest rise")):
@@ -981,7 +908,6 @@ def block_diagrams(out: Path) -> list[dict]:
         shapes = " -> ".join(shape for _, shape in spec["branch"])
         print(f"{spec['title'].splitlines()[0]}: input {spec['input']}, branch {shapes}")
     plot_architecture(specs, out / "architecture.png")
-
     return specs
 
 
@@ -990,18 +916,10 @@ def feature_maps(cfg, data: helpers.ImageData, residual: nn.Module, out: Path) -
     image = helpers.normalize(data.val_x[:1], data.mean, data.std)
     features = stage_features(residual, image)
     rows = feature_table(features)
-    print()
     label = data.classes[int(data.val_y[0])]
-    print(
-        helpers.format_table(
-            rows,
-            [("stage", ""), ("channels", "d"), ("size", ""), ("mean", ".3f"), ("zero_share", ".2f")]
-            + [("dead_channels", "d")],
-            title=f"Feature maps of one validation image (class {label}) in the trained residual network",
-        )
-    )
+    title = f"Feature maps of one validation image (class {label}) in the trained residual network"
+    print("\n" + helpers.format_table(rows, "stage channels:d size mean:.3f zero_share:.2f dead_channels:d", title))
     plot_features(features, cfg.feature_channels, data.mean, data.std, out / "feature_evolution.png")
-
     return {"label": label, "stages": rows}
 
 
