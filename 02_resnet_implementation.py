@@ -338,13 +338,10 @@ class ResNet(nn.Module):
         return self.fc(x)  # (B, 512e) -> (B, num_classes)
 
 
-IMAGENET_BLOCKS = {  # He et al. 2015, Table 1
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3]),
-    "resnet152": (Bottleneck, [3, 8, 36, 3]),
-}
+# He et al. 2015, Table 1: the block and the blocks per stage of each ImageNet ResNet.
+IMAGENET_BLOCKS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+                   "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+                   "resnet152": (Bottleneck, [3, 8, 36, 3])}  # fmt: skip
 
 
 def _imagenet_resnet(name: str, num_classes: int, zero_init_residual: bool, bottleneck_stride: str) -> ResNet:
@@ -372,13 +369,8 @@ def resnet152(num_classes: int = 1000, zero_init_residual: bool = False, bottlen
     return _imagenet_resnet("resnet152", num_classes, zero_init_residual, bottleneck_stride)
 
 
-IMAGENET_MODELS = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "resnet152": resnet152,
-}
+IMAGENET_MODELS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101,
+                   "resnet152": resnet152}  # fmt: skip
 
 
 # Parameters of each ImageNet ResNet (built on the meta device: shapes only, no memory, no time).
@@ -398,14 +390,7 @@ class CifarResNet(nn.Module):
     stages of n blocks with 16, 32, 64 filters on 32x32, 16x16, 8x8 maps, global average pooling and a
     fully connected layer: 6n + 2 weighted layers."""
 
-    def __init__(
-        self,
-        depth: int,
-        num_classes: int = 10,
-        shortcut: str = "A",
-        plain: bool = False,
-        zero_init_residual: bool = False,
-    ):
+    def __init__(self, depth: int, num_classes=10, shortcut: str = "A", plain=False, zero_init_residual=False):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56, 110, ...), not {depth}")
@@ -413,12 +398,8 @@ class CifarResNet(nn.Module):
             raise ValueError(f"shortcut must be 'A' (zero-padding) or 'B' (projection), not {shortcut!r}")
         self.depth, self.shortcut_option, self.plain = depth, shortcut, plain
         blocks_per_stage = (depth - 2) // 6
-        if plain:
-            make_block = PlainBlock  # the same layers with every shortcut removed
-        else:
-            make_block = functools.partial(
-                BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut
-            )
+        make_block = functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
+        make_block = PlainBlock if plain else make_block  # plain: the same layers with every shortcut removed
         self.conv1 = conv3x3(3, 16)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = make_stage(make_block, 16, 16, blocks_per_stage, stride=1)
@@ -603,32 +584,21 @@ def imagenet_table(cfg, device: torch.device) -> list[dict]:
     rows = []
     for name, build in IMAGENET_MODELS.items():
         model = on_meta(build)
-        row = {
-            "model": name,
-            "blocks/stage": blocks_per_stage(model),
-            "layers": layers_on_main_path(model),
-            "params": helpers.count_parameters(model),
-            "GMACs": multiply_adds(model, (1, 3, cfg.image_size, cfg.image_size)) / 1e9,
-            "published": torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"],
-        }
-        if cfg.image_size != 224:  # published figures are for 224x224
-            row["published"] = None
+        published = torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"] if cfg.image_size == 224 else None
+        row = {"model": name, "blocks/stage": blocks_per_stage(model), "layers": layers_on_main_path(model),
+               "params": helpers.count_parameters(model), "published": published,  # published: for 224x224 only
+               "GMACs": multiply_adds(model, (1, 3, cfg.image_size, cfg.image_size)) / 1e9}  # fmt: skip
         row["off %"] = None if row["published"] is None else 100 * (row["GMACs"] / row["published"] - 1)
         add_latency(row, build, cfg.image_size, device, cfg)
         rows.append(row)
     timed = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
-    helpers.print_table(
-        rows,
-        [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("GMACs", ".3f")]
-        + [("published", ".3f"), ("off %", "+.2f"), *timed],
-        f"ImageNet ResNets at {cfg.image_size}x{cfg.image_size} (published: torchvision's weights metadata; "
-        f"ms@B: median forward time at batch B on {helpers.device_name(device)})",
-    )
+    columns = [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("GMACs", ".3f")]
+    title = (f"ImageNet ResNets at {cfg.image_size}x{cfg.image_size} (published: torchvision's weights metadata; "
+             f"ms@B: median forward time at batch B on {helpers.device_name(device)})")  # fmt: skip
+    helpers.print_table(rows, [*columns, ("published", ".3f"), ("off %", "+.2f"), *timed], title)
     if cfg.measure_latency:
-        repeats = ", ".join(
-            f"batch {b}: {min(r[f'repeats@{b}'] for r in rows)}-{max(r[f'repeats@{b}'] for r in rows)}"
-            for b in cfg.latency_batch_sizes
-        )
+        spans = [(b, [r[f"repeats@{b}"] for r in rows]) for b in cfg.latency_batch_sizes]
+        repeats = ", ".join(f"batch {b}: {min(counts)}-{max(counts)}" for b, counts in spans)
         print(f"latency = median over repeated passes ({repeats} passes per model; raise --latency-seconds for more)\n")
     return rows
 
@@ -640,27 +610,18 @@ def cifar_table(cfg, device: torch.device) -> list[dict]:
         if not name.startswith("cifar-"):
             continue
         model = on_meta(build)
-        row = {
-            "model": name,
-            "blocks/stage": blocks_per_stage(model),
-            "layers": layers_on_main_path(model),
-            "params": helpers.count_parameters(model),
-            "params (B)": None,
-            "MMACs": multiply_adds(model, (1, 3, side, side)) / 1e6,
-        }
+        row = {"model": name, "blocks/stage": blocks_per_stage(model), "layers": layers_on_main_path(model),
+               "params": helpers.count_parameters(model), "params (B)": None,
+               "MMACs": multiply_adds(model, (1, 3, side, side)) / 1e6}  # fmt: skip
         if isinstance(model, CifarResNet):
             row["params (B)"] = helpers.count_parameters(on_meta(cifar_resnet, model.depth, shortcut="B"))
         if name != "cifar-resnet1202":  # at batch 32 it alone would take seconds on a laptop CPU
             add_latency(row, build, side, device, cfg)
         rows.append(row)
     timed = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
-    helpers.print_table(
-        rows,
-        [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("params (B)", ",d")]
-        + [("MMACs", ".1f"), *timed],
-        "CIFAR ResNets at 32x32, 10 classes (params: option A shortcuts; params (B): projection shortcuts; "
-        "ResNet-1202 is not timed)",
-    )
+    columns = [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("params (B)", ",d")]
+    title = "CIFAR ResNets at 32x32, 10 classes (params: option A shortcuts; params (B): projection shortcuts; "
+    helpers.print_table(rows, [*columns, ("MMACs", ".1f"), *timed], title + "ResNet-1202 is not timed)")
     return rows
 
 
@@ -673,14 +634,12 @@ def stride_table(cfg) -> dict:
         rows.append({"model": name, "v1": v1, "v1.5": v15, "v1.5 - v1": v15 - v1, "paper": PAPER_TABLE1_GFLOPS[name]})
     # The only difference is the first 1x1 of the first block of stages 2-4: v1.5 runs it on the block's
     # input resolution (H x W), v1 on a quarter of it, so v1.5 costs C_in * w * H * W * 3/4 more per stage.
-    predicted = sum(
-        c_in * width * side * side * 3 / 4 for c_in, width, side in ((256, 128, 56), (512, 256, 28), (1024, 512, 14))
-    )
+    stages = ((256, 128, 56), (512, 256, 28), (1024, 512, 14))  # (C_in, w, H) of each stage's first block
+    predicted = sum(c_in * width * side * side * 3 / 4 for c_in, width, side in stages)
+    title = ("Bottleneck stride on the first 1x1 (v1) or the 3x3 (v1.5), GMACs at 224x224; paper: He et al. 2015, "
+             f"Table 1; predicted v1.5 - v1 = {predicted / 1e9:.3f}")  # fmt: skip
     helpers.print_table(
-        rows,
-        [("model", ""), ("v1", ".3f"), ("v1.5", ".3f"), ("v1.5 - v1", ".3f"), ("paper", ".1f")],
-        "Bottleneck stride on the first 1x1 (v1) or the 3x3 (v1.5), GMACs at 224x224; paper: He et al. 2015, "
-        f"Table 1; predicted v1.5 - v1 = {predicted / 1e9:.3f}",
+        rows, [("model", ""), ("v1", ".3f"), ("v1.5", ".3f"), ("v1.5 - v1", ".3f"), ("paper", ".1f")], title
     )
     return {"rows": rows, "predicted_difference_gmacs": predicted / 1e9}
 
@@ -689,23 +648,13 @@ def block_table() -> list[dict]:
     """BasicBlock vs Bottleneck on a 56x56 map: the same 3x3 width (He et al. 2015, Fig. 5), and the same
     number of channels carried between blocks."""
     side = 56
-    blocks = {
-        "basic 64->64, 3x3 width 64": on_meta(BasicBlock, 64, 64),
-        "bottleneck 256->256, 3x3 width 64": on_meta(Bottleneck, 256, 64),
-        "basic 256->256, 3x3 width 256": on_meta(BasicBlock, 256, 256),
-    }
-    rows = [
-        {
-            "block": label,
-            "layers": len(helpers.weighted_layers(block)),
-            "params": helpers.count_parameters(block),
-            "MMACs": multiply_adds(block, (1, block.conv1.in_channels, side, side)) / 1e6,
-        }
-        for label, block in blocks.items()
-    ]
-    helpers.print_table(
-        rows, [("block", ""), ("layers", "d"), ("params", ",d"), ("MMACs", ".1f")], f"One block on a {side}x{side} map"
-    )
+    blocks = {"basic 64->64, 3x3 width 64": on_meta(BasicBlock, 64, 64),
+              "bottleneck 256->256, 3x3 width 64": on_meta(Bottleneck, 256, 64),
+              "basic 256->256, 3x3 width 256": on_meta(BasicBlock, 256, 256)}  # fmt: skip
+    rows = [{"block": label, "layers": len(helpers.weighted_layers(block)), "params": helpers.count_parameters(block),
+             "MMACs": multiply_adds(block, (1, block.conv1.in_channels, side, side)) / 1e6}
+            for label, block in blocks.items()]  # fmt: skip
+    helpers.print_table(rows, "block layers:d params:,d MMACs:.1f", f"One block on a {side}x{side} map")
     return rows
 
 
@@ -718,69 +667,45 @@ def zero_init_table(cfg) -> list[dict]:
         torch.manual_seed(cfg.seed)
         model = resnet50(zero_init_residual=zero_init).train()
         changes = []
-        hooks = [
-            block.register_forward_hook(
-                lambda _block, args, out, changes=changes: changes.append(
-                    ((out - args[0]).norm() / args[0].norm()).item()
-                )
-            )
-            for block in model.modules()
-            if isinstance(block, Bottleneck) and block.downsample is None
-        ]
+
+        def record(_block, args, out, changes=changes):  # |y - x| / |x| of one block
+            changes.append(((out - args[0]).norm() / args[0].norm()).item())
+
+        blocks = [m for m in model.modules() if isinstance(m, Bottleneck) and m.downsample is None]
+        hooks = [block.register_forward_hook(record) for block in blocks]
         with torch.no_grad():
             model(x)
         for hook in hooks:
             hook.remove()
-        rows.append(
-            {
-                "zero_init_residual": str(zero_init),
-                "blocks": len(changes),
-                "exact identities": sum(change == 0 for change in changes),
-                "mean |y-x|/|x|": sum(changes) / len(changes),
-            }
-        )
-    helpers.print_table(
-        rows,
-        [("zero_init_residual", ""), ("blocks", "d"), ("exact identities", "d"), ("mean |y-x|/|x|", ".3f")],
-        "ResNet-50 at initialisation, the 12 blocks without a projection, 4 images of 64x64 (train mode)",
-    )
+        rows.append({"zero_init_residual": str(zero_init), "blocks": len(changes),
+                     "exact identities": sum(change == 0 for change in changes),
+                     "mean |y-x|/|x|": sum(changes) / len(changes)})  # fmt: skip
+    columns = [("zero_init_residual", ""), ("blocks", "d"), ("exact identities", "d"), ("mean |y-x|/|x|", ".3f")]
+    title = "ResNet-50 at initialisation, the 12 blocks without a projection, 4 images of 64x64 (train mode)"
+    helpers.print_table(rows, columns, title)
     return rows
 
 
 def stem_table() -> list[dict]:
     """ResNet-18 on 32x32 images with the ImageNet stem and with the CIFAR stem."""
     rows = []
-    for label, model in (
-        ("ImageNet stem: 7x7/2 conv + max-pool", on_meta(resnet18, num_classes=10)),
-        ("CIFAR stem: 3x3/1 conv", on_meta(cifar_resnet18)),
-    ):
+    stems = {"ImageNet stem: 7x7/2 conv + max-pool": on_meta(resnet18, num_classes=10),
+             "CIFAR stem: 3x3/1 conv": on_meta(cifar_resnet18)}  # fmt: skip
+    for label, model in stems.items():
         shapes = {r["module"]: r["output shape"] for r in stage_shapes(model, 32)}
         layer4_side = int(shapes["layer4"].split("x")[-1])
-        rows.append(
-            {
-                "stem": label,
-                "layer1 map": shapes["layer1"].split("x", 2)[-1],
-                "layer4 map": shapes["layer4"].split("x", 2)[-1],
-                "layer4 taps on data": fraction_of_taps_on_data(layer4_side, layer4_side),
-                "params": helpers.count_parameters(model),
-                "MMACs": multiply_adds(model, (1, 3, 32, 32)) / 1e6,
-            }
-        )
-    helpers.print_table(
-        rows,
-        [("stem", ""), ("layer1 map", ""), ("layer4 map", ""), ("layer4 taps on data", ".3f")]
-        + [("params", ",d"), ("MMACs", ".1f")],
-        "ResNet-18 on a 32x32 image, 10 classes (taps on data: share of layer4's 3x3 taps that read the map, "
-        "not the zero padding)",
-    )
+        rows.append({"stem": label, "layer1 map": shapes["layer1"].split("x", 2)[-1],
+                     "layer4 map": shapes["layer4"].split("x", 2)[-1],
+                     "layer4 taps on data": fraction_of_taps_on_data(layer4_side, layer4_side),
+                     "params": helpers.count_parameters(model), "MMACs": multiply_adds(model, (1, 3, 32, 32)) / 1e6})  # fmt: skip
+    columns = [("stem", ""), ("layer1 map", ""), ("layer4 map", ""), ("layer4 taps on data", ".3f"), ("params", ",d")]
+    title = "ResNet-18 on a 32x32 image, 10 classes (taps on data: share of layer4's 3x3 taps that read the map, "
+    helpers.print_table(rows, [*columns, ("MMACs", ".1f")], title + "not the zero padding)")
     return rows
 
 
 # Share of a 3x3 kernel's taps that read data rather than zero padding, by map side (the stem table's last column).
-helpers.format_table(
-    [{"map": f"{n}x{n}", "taps on data": fraction_of_taps_on_data(n, n)} for n in (1, 2, 4, 8, 32)],
-    [("map", ""), ("taps on data", ".3f")],
-)
+helpers.format_table([{"map": f"{n}x{n}", "taps_on_data": fraction_of_taps_on_data(n, n)} for n in (1, 2, 4, 8, 32)])
 
 
 # %% Loading torchvision's ImageNet weights (optional, needs the network once)
@@ -801,11 +726,8 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
                 torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=expected, progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         reason = helpers.error_summary(getattr(error, "reason", None) or error)
-        print(
-            f"NOTICE: --pretrained skipped: torchvision's {model_name} {weights.name} weights could not be loaded from "
-            f"the torch cache or the network ({reason}); everything above ran without them.",
-            flush=True,
-        )
+        print(f"NOTICE: --pretrained skipped: torchvision's {model_name} {weights.name} weights could not be loaded from "
+              f"the torch cache or the network ({reason}); everything above ran without them.", flush=True)  # fmt: skip
         return {"loaded": False, "weights": f"{model_name}.{weights.name}", "reason": reason}
     check_cached_weights(model_name, cached, expected)  # checked like a download, before it is unpickled
     model = IMAGENET_MODELS[model_name]()
@@ -813,9 +735,8 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
         state = torch.load(cached, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)  # every name and shape matches, or this raises
     except Exception as error:  # noqa: BLE001 - a damaged file, whatever its damage, is one line
-        raise helpers.UserError(
-            f"cannot load {cached}: {helpers.error_summary(error)} (delete it to download it again)"
-        ) from None
+        why = f"{helpers.error_summary(error)} (delete it to download it again)"
+        raise helpers.UserError(f"cannot load {cached}: {why}") from None
     reference = torchvision.models.get_model(model_name)
     reference.load_state_dict(state)
     image = torchvision.io.read_image(image_path, mode=torchvision.io.ImageReadMode.RGB)  # (3, H, W) uint8
@@ -825,20 +746,13 @@ def classify_with_pretrained(model_name: str, image_path: str) -> dict:
         probs = model(batch).softmax(1)[0]
         reference_probs = reference(batch).softmax(1)[0]
     top = probs.topk(5)
-    rows = [
-        {"rank": i + 1, "class": weights.meta["categories"][k], "probability": p}
-        for i, (p, k) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
-    ]
-    helpers.print_table(rows, [("rank", "d"), ("class", ""), ("probability", ".3f")], f"{model_name} on {image_path}")
+    ranked = enumerate(zip(top.values.tolist(), top.indices.tolist()))
+    rows = [{"rank": i + 1, "class": weights.meta["categories"][k], "probability": p} for i, (p, k) in ranked]
+    helpers.print_table(rows, "rank:d class probability:.3f", f"{model_name} on {image_path}")
     difference = (probs - reference_probs).abs().max().item()
     print(f"largest probability difference to torchvision's own {model_name}: {difference:.2e}\n")
-    return {
-        "loaded": True,
-        "weights": f"{model_name}.{weights.name}",
-        "image": image_path,
-        "top5": rows,
-        "max_prob_difference_vs_torchvision": difference,
-    }
+    return {"loaded": True, "weights": f"{model_name}.{weights.name}", "image": image_path, "top5": rows,
+            "max_prob_difference_vs_torchvision": difference}  # fmt: skip
 
 
 def cached_weights(model_name: str):
