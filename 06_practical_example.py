@@ -190,7 +190,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     sums = torch.zeros(
         2, device=device
-    )  # loss and correct answers since the last read-out: float32 (MPS has no float64)
+    )  # loss and correct answers since the last read-out (float32: MPS has no float64)
     first_losses = run.setdefault("first_losses", [])
     steps = range(run["step"], len(batches))
     progress = helpers.Progress(steps, f"epoch {run['epoch'] + 1}", unit="img", scale=cfg.batch_size)
@@ -204,9 +204,11 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
         loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # scaled only for fp16, whose small gradients would underflow
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # fp16: skipped when the gradients overflowed, and the scale is lowered
         scaler.update()
-        scheduler.step()
+        with warnings.catch_warnings():  # the schedule counts every step, skipped or not; torch warns about a skip
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+            scheduler.step()
         sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()]).to(sums.dtype)
         run["step"], run["seen"] = step + 1, run["seen"] + cfg.batch_size  # seen: images of all processes
         if run["epoch"] == 0 and len(first_losses) < FIRST_LOSSES and run["step"] == len(first_losses) + 1:
@@ -243,7 +245,7 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 def per_class_accuracy(matrix: torch.Tensor) -> list[float]:
-    return (matrix.diagonal().double() / matrix.sum(1).double()).tolist()  # nan for an absent class
+    return (matrix.diagonal() / matrix.sum(1)).tolist()  # float32; nan for an absent class
 
 
 def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -> tuple[dict, dict]:
@@ -342,6 +344,8 @@ def main(**overrides):
         data = data.to(device)  # the whole dataset on the training device, as uint8
         sizes = f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images"
         how = f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
+        if amp_dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            print("note: this GPU has no bf16 arithmetic and emulates it slowly (--precision auto picks fp16 here)")
         processes = f", {ddp.world} processes" if ddp.world > 1 else ""
         print(f"{cfg.model} ({helpers.count_parameters(t['model']) / 1e6:.2f}M parameters) on {data.name}: {sizes}, "
               f"{device}, {how}{processes}")  # fmt: skip
