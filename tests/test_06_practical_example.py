@@ -387,6 +387,9 @@ def test_quick_demo_shows_what_the_lesson_card_claims(tmp_path):
     assert val[0] < val[1] < val[2]  # card: 76.0, 86.1, 91.0%
     assert saved["test_accuracy"] >= 0.90
     assert abs(saved["test_accuracy_flip_tta"] - saved["test_accuracy"]) < 0.01  # flips keep Fashion-MNIST's labels
+    weakest = saved["weakest_class"]  # card: shirt, mostly called t-shirt, coat or pullover
+    assert weakest["class"] == "shirt" and set(weakest["called"]) <= {"t-shirt", "coat", "pullover", "dress"}
+    assert "weakest class shirt: of its 1000 test images, called" in result.stdout
     if quiet:
         budget = 180 if saved["autocast_dtype"] == "torch.bfloat16" else 240
         assert wall_s < budget, f"the quick demo took {wall_s:.0f} s ({saved['autocast_dtype']})"
