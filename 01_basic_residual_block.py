@@ -17,7 +17,7 @@ Paper
     with F(x) = BN(W_2 * relu(BN(W_1 * x))) and a ReLU after the addition (Fig. 2).
 
 Run
-    python 01_basic_residual_block.py            # about 10 s on 2 CPU cores, fp32 (no training, so bf16 plays no part)
+    python 01_basic_residual_block.py            # 8-12 s on 2 CPU cores, fp32 (no training: bf16 plays no part)
     python 01_basic_residual_block.py --help     # every constant below is a flag
 
 What you should see (seed 0; tests/test_01_basic_residual_block.py keeps these true)
@@ -30,7 +30,7 @@ What you should see (seed 0; tests/test_01_basic_residual_block.py keeps these t
           He init, no BN:       plain 1e-3 at N=64; residual 7e9 at N=64 (each block adds a branch as big as x)
           batch norm:           plain GROWS, about 1e8 to 1e9 at N=64; residual about 50 at N=64
       Batch norm does not give a plain stack healthy gradients at initialisation: it turns vanishing into
-      explosion. The identity keeps the residual stack within a factor of about 50. depth_sweep.png plots it.
+      explosion. With batch norm the identity keeps the residual stack within a factor of about 50. depth_sweep.png plots it.
     * Jacobian: d(F(x) + x)/dx = dF/dx + I exactly (max difference 0.0 in float64); with the branch's last BN scale
       set to zero the block returns its input exactly (max |y - x| = 0).
 

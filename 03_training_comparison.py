@@ -83,8 +83,8 @@ LR_MILESTONES: tuple[int, ...] = (32000, 48000)  # iterations where the lr is di
 WARMUP_ITERATIONS: int = 30  # warm-up length for every net at least WARMUP_DEPTH deep (paper: 400) [>= 0]
 WARMUP_DEPTH: int = 0  # nets at least this deep are warmed up (0: every net; paper: only the 110-layer net) [>= 0]
 WARMUP_LR: float = 0.0  # constant warm-up lr (0: linear ramp from LR/WARMUP_ITERATIONS up to LR; paper: 0.01) [>= 0]
-TRAIN_SIZE: int = 10000  # training images kept (the quick run sees each about 1.7 times) [> 0]
-VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 5000 of 50000) [> 0]
+TRAIN_SIZE: int = 10000  # training images kept (the quick run sees 8,960 draws from them) [> 0]
+VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 5000 of 50000, to tune) [> 0]
 AUGMENT: bool = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
 PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16) [auto | fp32 | bf16 | fp16]
 CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)

@@ -9,13 +9,14 @@ What you will learn
     * DenseNet (Huang et al. 2017): concatenate instead of add, x_l = H_l([x_0, ..., x_{l-1}]) (Eq. 2).
     * Squeeze-and-Excitation (Hu et al. 2018): gate each channel of the branch by
       s = sigmoid(W2 relu(W1 mean_{H,W}(u))) (Eqs. 2-4) before the addition.
-    ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet with one change each; the tests load
-    torchvision's weights into them.
+    ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet with one change each; the tests prove the first
+    two equal to torchvision's (SE-ResNet-50 has no torchvision counterpart).
 
 Run
     python 04_residual_variants.py            # the checks, the table of 14 variants and a 40-step comparison
     python 04_residual_variants.py --full     # a longer comparison; meant for a GPU
-    Runtime on 2 quiet CPU cores: 55-86 s with bf16 (AVX512-BF16), 114-141 s in fp32 (an AMD EPYC without bf16).
+    Runtime on 2 quiet CPU cores: 109-111 s in fp32 (an AMD EPYC without bf16; every timing the median of 5).
+    With bf16 (AVX512-BF16) 55-86 s when each timing was one pass; not yet measured with the median of 5.
 
 What you should see (seed 0, CPU)
     1. The grouped convolution and the 8 separate paths of a ResNeXt-29 block agree (printed: 0 to 6e-7).
@@ -23,12 +24,13 @@ What you should see (seed 0, CPU)
     3. A 1001-layer pre-activation ResNet (10.3M parameters) runs forward and backward on 2 images, every
        gradient finite. dE/dx_l does not vanish: it is smallest next to the loss (RMS 4.9e-5 at unit 333) and
        grows on its way back (36.5 at unit 1), fastest where x_l is small (each branch's BN divides by it).
-    4. One table of all 14 variants. Parameter counts equal the papers' and torchvision's (WRN-28-10 36,479,194;
-       ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024), with multiply-adds, one training
-       step's time and peak memory, and each paper's reported error (cited, not measured).
+    4. One table of all 14 variants: parameter counts equal to torchvision's and to the papers' rounded figures
+       (WRN-28-10 36,479,194 for "36.5M"; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024;
+       pre-act-1001 10.33M where the paper says 10.2M), multiply-adds, the median forward and training-step time
+       and peak memory, and each paper's reported error (cited, not measured).
     5. The equal-budget comparison: 40 steps of 32 images for five small variants, the same order and schedule.
-       It shows that every variant trains with the same recipe and what a step costs; after under 3% of an epoch,
-       on one seed, it cannot rank their accuracy.
+       It shows that every variant trains with the same recipe and what a step costs; after 1,280 images (16% of
+       the 8,000 it draws from), on one seed, it cannot rank their accuracy.
 
 When to use which (the README's "Results measured here" has the table these rest on)
     * Deeper than ~100 layers: pre-activation (He et al. 2016, Table 3: 7.61% -> 4.92% at 1001 layers; cited).
@@ -426,7 +428,7 @@ def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
 
 
-# Parameters of two wide CIFAR networks (Zagoruyko and Komodakis 2016, Table 1: 11.0M and 36.5M).
+# Parameters of two wide CIFAR networks (Zagoruyko and Komodakis 2016, Tables 4-5: 11.0M and 36.5M).
 {f"WRN-{d}-{k}": f"{helpers.count_parameters(on_meta(wide_resnet, d, k)):,}" for d, k in ((16, 8), (28, 10))}
 
 
@@ -681,7 +683,7 @@ SMALL_CIFAR_VARIANTS = {  # the equal-budget comparison: small members of each f
 }
 # Parameter counts the issue and torchvision give (CIFAR nets with 10 classes, ImageNet nets with 1000).
 EXPECTED_PARAMETERS = {
-    "preact_resnet164": 1_703_258,  # "about 1.7M" (He et al. 2016, Table 3)
+    "preact_resnet164": 1_703_258,  # "1.7M" (He et al. 2016, Table 4)
     "wrn_16_8": 10_961_370,  # "11.0M" (Zagoruyko and Komodakis 2016)
     "wrn_40_4": 8_949_210,
     "wrn_28_10": 36_479_194,
@@ -757,7 +759,7 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], device: torch.device
 
     train_s = helpers.median_time(train_step, device, repeats)  # its warm-up creates the momentum buffers
     peak = peak_memory_bytes(train_step, model, optimizer, device)
-    return {"forward_ms": 1000 * forward_s, "train_step_ms": 1000 * train_s, "peak_mb": peak and peak / 2**20}
+    return {"forward_ms": 1000 * forward_s, "train_step_ms": 1000 * train_s, "peak_mb": peak and peak / 1e6}
 
 
 def variant_table(cfg, device: torch.device) -> list[dict]:
@@ -775,7 +777,7 @@ def variant_table(cfg, device: torch.device) -> list[dict]:
         )
         if cfg.measure_latency:
             timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
-        state_mb = 3 * parameters * 4 / 2**20  # fp32 weights, their gradients and SGD's momentum buffers
+        state_mb = 3 * parameters * 4 / 1e6  # fp32 weights, their gradients and SGD's momentum buffers, in MB
         timing["activation_mb"] = timing["peak_mb"] and timing["peak_mb"] - state_mb  # what the images cost
         macs = helpers.count_multiply_adds(model.to("meta"), (1, 3, native, native), device="meta")
         rows.append({"model": name, "data": family, "params_M": parameters / 1e6, "parameters": parameters,
@@ -801,9 +803,10 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
     """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images, recording for every
     unit the size of its input x_l and of the gradient dE/dx_l that reaches it.
 
-    He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity path: across
-    identity shortcuts the gradient at the deepest unit reaches the first one undiminished, whatever the units do.
-    Where a stage changes width, the shortcut is a projection and that guarantee does not hold across it."""
+    He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity path: it
+    carries dE/dx_L to every earlier unit directly, so the gradient is unlikely to be cancelled out, since the sum
+    is not -1 for all samples of a mini-batch (the paper's argument). Where a stage changes width the shortcut is a
+    projection, and the argument does not reach across it. This run measures what happens."""
     torch.manual_seed(seed)
     model = preact_resnet(depth).to(device).train()
     units, unit_inputs = [m for m in model.modules() if isinstance(m, PreActBlock)], []
@@ -814,6 +817,7 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
 
     handles = [unit.register_forward_pre_hook(keep_input) for unit in units]
     images, labels = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    helpers.synchronize(device)  # a GPU may still be copying the weights: wait, so that the timing is the pass alone
     start = time.perf_counter()
     loss = F.cross_entropy(model(images), labels)
     loss.backward()

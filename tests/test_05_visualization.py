@@ -177,7 +177,7 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     assert rows[(110, "plain", "yes")]["first_over_last"] > 1e5
     for depth in (20, 56, 110):
         residual = rows[(depth, "residual", "yes")]
-        assert residual["max"] / residual["min"] < 600
+        assert residual["max"] / residual["min"] < 300  # card: "less than 300x at every depth" (measured 90-278)
         assert rows[(depth, "plain", "no")]["first_over_last"] < 20  # He init keeps a plain net without BN level
     assert rows[(110, "residual", "no")]["last_conv"] > 1e5 * rows[(20, "residual", "no")]["last_conv"]
 

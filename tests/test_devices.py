@@ -139,6 +139,20 @@ def test_lesson06_resumes_in_fp16_a_run_saved_without_gradient_scaling(tmp_path)
     assert results["status"] == "finished" and results["autocast_dtype"] == torch.float16
 
 
+def test_lesson06_resumes_a_checkpoint_from_a_machine_with_more_gpus(tmp_path):
+    """A checkpoint written on a 2-GPU machine (simulated: one CUDA random state per visible GPU added to the saved
+    state, as an older version wrote them) resumes on a machine with one GPU or none: the run's random numbers come
+    from its own CPU generators, and per-GPU states are not restored."""
+    lesson = load_lesson(6)
+    lesson.main(dataset="synthetic", device="cpu", out=str(tmp_path / "run"), precision="fp32", **TINY[6])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    state["rng"]["cuda"] = [torch.get_rng_state(), torch.get_rng_state()]  # two visible GPUs
+    edited = tmp_path / "two_gpus.pt"
+    torch.save(state, edited)
+    results = lesson.main(resume=str(edited), device="cpu", out=str(tmp_path / "resumed"))
+    assert results["status"] == "finished"
+
+
 def test_lesson06_fp16_skipped_steps_keep_the_schedule_and_raise_no_warning(tmp_path, monkeypatch, recwarn):
     """With fp16, GradScaler skips the optimizer step whenever the scaled gradients overflow; the schedule still
     counts that step (so a resumed run lands on the same learning rate), and torch's warning about a scheduler step
