@@ -21,8 +21,8 @@ speed-up is computed within each round (this round's pipeline over this round's 
 Share of peak: achieved FLOP/s = images/s x 3 x 2 x multiply-adds of one forward pass (the backward pass costs
 about twice the forward), divided by the best rate this device's own kernels reach in the dtype the pipeline
 computes in, measured here: the faster of a square GEMM (torch.mm) and a large 3x3 convolution. A nominal
-clock x FLOP-per-cycle figure is not used: CPUs boost above their nominal clock and it overstated nothing less
-than 100% of peak. Override with --peak-gflops-fp32 / --peak-gflops-bf16.
+clock x FLOP-per-cycle figure is not used: CPUs boost above their nominal clock, so against such a figure a
+pipeline could seem to run above 100% of peak. Override with --peak-gflops-fp32 / --peak-gflops-bf16.
 """
 
 from __future__ import annotations
