@@ -424,3 +424,18 @@ def test_default_run_shows_what_the_card_states(tmp_path, monkeypatch):
     assert results["zero_init_residual"][0]["mean_y-x_over_x"] == pytest.approx(0.64, abs=0.01)
     assert [r["layer4_map"] for r in results["stem_on_32x32"]] == ["1x1", "4x4"]
     assert [round(r["mmacs"], 1) for r in results["stem_on_32x32"]] == [37.0, 555.4]
+
+
+@pytest.mark.slow
+def test_latency_tables_agree_with_themselves(tmp_path):
+    """The default run's timings (medians over repeated passes): within each family the deeper net is slower, at
+    every batch size. Two default runs on the 2-core AMD EPYC gave the same order."""
+    result = run_script("02_resnet_implementation.py", "--out", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    for family, names in (("imagenet_models", list(IMAGENET_PARAMS)),
+                          ("cifar_models", [f"cifar-resnet{d}" for d in (20, 32, 44, 56, 110)])):  # fmt: skip
+        rows = {r["model"]: r for r in results[family]}
+        for batch in results["config"]["latency_batch_sizes"]:
+            times = [rows[name][f"ms_at_{batch}"] for name in names]
+            assert times == sorted(times), (family, batch, times)

@@ -208,8 +208,10 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     mac_ratio = rows["wrn_16_8"]["gmacs"] / rows["preact_resnet164"]["gmacs"]
     assert rows["wrn_16_8"]["train_step_ms"] / rows["preact_resnet164"]["train_step_ms"] < mac_ratio / 2
     assert rows["resnext50_32x4d"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
-    # card: SE costs a few percent per step (one timed pass at batch 1, so allow for noise)
-    assert rows["se_resnet50"]["train_step_ms"] > 0.97 * rows["resnet50"]["train_step_ms"]
+    # README: SE's step is slower than ResNet-50's (6% and 17% in two runs; medians of 5 at batch 1)
+    assert rows["se_resnet50"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
+    for r in rows.values():  # the table agrees with itself: a forward pass is faster than a training step
+        assert r["forward_ms"] is None or r["forward_ms"] < r["train_step_ms"]
     assert abs(rows["se_resnet50"]["gmacs"] / rows["resnet50"]["gmacs"] - 1) < 0.002
     training = {r["model"]: r for r in results["training"]["rows"]}
     assert set(training) == {
