@@ -41,8 +41,8 @@ Try this
     * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Do the rise and the share now separate?
     * --grid-radius 0.5 --grid-points 21: zoom in. Where are the points that curve downward?
     * --gradient-depths 20 56 110 218: how does the plain+BN first/last ratio grow with depth?
-    * Replace filter_normalized_direction by a plain Gaussian and compare: the weights' scale, not the geometry,
-      now decides the picture.
+    * Replace filter_normalized_direction by a plain Gaussian and compare: does the weights' scale, rather than
+      the geometry, now decide the picture (Li et al. 2018, section 4)?
 """
 
 # %%

@@ -32,7 +32,7 @@ What you should see (quick demo, seed 0, Fashion-MNIST; tests/test_06_practical_
     pullover 45 (of 1,000). The schedule ends at learning rate 0.
 
 Try this
-    * `--precision fp32 --no-channels-last`: the img/s column drops.
+    * `--precision fp32 --no-channels-last`: how much does the img/s column change on your machine?
     * `--label-smoothing 0`, or `--schedule cosine`: compare the test accuracy with the default run's.
     * Press Ctrl-C during an epoch, then `--resume outputs/06_practical_example/checkpoints/last.pt`: the run
       continues from the same image of the same epoch and ends with the same numbers.
