@@ -30,6 +30,8 @@ def meta_numbers(monkeypatch):
             name,
             lambda self, original=original, placeholder=placeholder: placeholder if self.is_meta else original(self),
         )
+    equal = torch.equal  # no meta kernel: equal where both are meta (the devices are what is checked)
+    monkeypatch.setattr(torch, "equal", lambda a, b: (a.is_meta and b.is_meta) or equal(a, b))
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(
         torch.Tensor, "tolist", lambda self: torch.zeros(self.shape).tolist() if self.is_meta else tolist(self)
@@ -182,3 +184,18 @@ def test_lesson04_recalibrates_batch_norm_in_the_runs_precision(data, monkeypatc
     overrides = {"train_steps": 1, "batch_size": 8, "bn_recalibration_batches": 1, "warmup_steps": 0}
     lesson.compare_training(helpers.config(vars(lesson), overrides | {"precision": "fp32"}), data, torch.device("cpu"))
     assert seen and set(seen) == {None}
+
+
+def test_lessons_01_and_02_measure_on_the_chosen_device(meta_numbers):
+    """Lessons 01 and 02 train nothing, but they build blocks and nets and time them on `--device`."""
+    lesson01 = load_lesson(1)
+    cfg = helpers.config(vars(lesson01), {"sweep_depths": (1, 2), "sweep_repeats": 1, "sweep_inits": ("he",)})
+    assert lesson01.block_shapes(cfg, META)
+    assert lesson01.fully_connected_gradients(cfg, META)
+    assert lesson01.depth_sweep(cfg, META)
+    assert lesson01.zero_init_check(cfg, META)
+    lesson02 = load_lesson(2)
+    cfg = helpers.config(vars(lesson02), {"latency_batch_sizes": (1, 2), "latency_seconds": 0.01})
+    row = {}
+    lesson02.add_latency(row, lambda: lesson02.cifar_resnet(8), 32, META, cfg)  # builds, moves and times the net
+    assert row["repeats@1"] >= 1 and row["repeats@2"] >= 1
