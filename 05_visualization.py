@@ -898,6 +898,7 @@ def loss_landscapes(cfg, data, generator: torch.Generator, device, out: Path) ->
     plot_landscapes(coords, surfaces, summaries, out / "loss_landscape.png")
 
     landscape = {"coords": coords, "networks": networks, "summaries": summaries, "surfaces": surfaces}
+    landscape["training_precision"] = str(amp_dtype) if amp_dtype else "fp32"
     landscape["upward_curving_comparison"] = comparison
     return landscape, models[f"residual-{cfg.landscape_depth}"]
 

@@ -165,9 +165,16 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     summaries = saved["landscape"]["summaries"]
     assert set(summaries) == {"plain-20", "residual-20"}
-    plain, residual = summaries["plain-20"], summaries["residual-20"]  # measured: 1.18/1.10, 695/69, 41%/49%
-    assert 0.7 < plain["rise_at_radius"] / residual["rise_at_radius"] < 1.5  # alike near the centre
-    assert plain["max_rise"] > 3 * residual["max_rise"]  # the plain net climbs far higher at the edge
+    plain, residual = summaries["plain-20"], summaries["residual-20"]
+    # the card's table, at the precision the nets were trained in: centre loss, rise at r=0.5, highest rise
+    fp32 = saved["landscape"]["training_precision"] == "fp32"
+    card = {"plain-20": (0.90, 1.67, 549), "residual-20": (0.96, 0.52, 51)} if fp32 else {
+        "plain-20": (0.93, 1.18, 695), "residual-20": (0.96, 1.10, 69)}  # fmt: skip
+    for name, (centre, rise, highest) in card.items():
+        assert summaries[name]["centre_loss"] == pytest.approx(centre, abs=0.02)
+        assert summaries[name]["rise_at_radius"] == pytest.approx(rise, rel=0.1)
+        assert summaries[name]["max_rise"] == pytest.approx(highest, rel=0.1)
+    assert plain["max_rise"] > 3 * residual["max_rise"]  # the plain net climbs far higher at the edge, in both
     assert 0.25 < plain["upward_curving_share"] < 0.75 and 0.25 < residual["upward_curving_share"] < 0.75
     for net in saved["landscape"]["networks"].values():  # stored BN statistics had caught up (< 3%)
         assert abs(net["eval_loss_stored_bn"] / net["eval_loss_recalibrated_bn"] - 1) < 0.03
