@@ -451,8 +451,12 @@ def _manifest(folder: Path) -> dict:
     return {}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(path: Path) -> str:  # in 1 MiB chunks: a checkpoint can be hundreds of MB
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def may_replace(path: Path) -> None:
