@@ -208,9 +208,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
         scaler.scale(loss).backward()  # scaled only for fp16, whose small gradients would underflow
         scaler.step(optimizer)  # fp16: skipped when the gradients overflowed, and the scale is lowered
         scaler.update()
-        with warnings.catch_warnings():  # the schedule counts every step, skipped or not; torch warns about a skip
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
-            scheduler.step()
+        scheduler.step()  # every step counts, even one the scaler skipped
         sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()]).to(sums.dtype)
         run["step"], run["seen"] = step + 1, run["seen"] + cfg.batch_size  # seen: images of all processes
         if run["epoch"] == 0 and len(first_losses) < FIRST_LOSSES and run["step"] == len(first_losses) + 1:
@@ -346,6 +344,8 @@ def main(**overrides):
         if ddp.rank != 0:  # process 0 prints for the run; errors (stderr) still come from every process
             held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
         held.enter_context(process_group(ddp, device))
+        held.enter_context(warnings.catch_warnings())  # for this run only: a step the fp16 scaler skips
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # makes torch warn about the schedule
         data = load_training_data(cfg, ddp, state)
         t = build_training(cfg, data, device, amp_dtype, ddp, state)
         data = data.to(device)  # the whole dataset on the training device, as uint8

@@ -62,10 +62,12 @@ def require_seed(seed: Any) -> None:  # NumPy takes 32-bit unsigned seeds
 def require_memory(num_bytes: float, what: str) -> None:
     """Refuse, before trying, a tensor over half this machine's memory: with overcommit the process would be killed
     later, not refused."""
-    if hasattr(os, "sysconf"):
+    try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
-        require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or the name unknown here: the allocator decides
+        return
+    gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
+    require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
 
 
 def error_summary(error: BaseException) -> str:
@@ -416,7 +418,7 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        blocker = next((p for p in [path, *path.parents] if os.path.isfile(p)), None)  # False on errors
+        blocker = next((p for p in [path, *path.parents] if os.path.exists(p) and not os.path.isdir(p)), None)
         reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or type(error).__name__
         raise UserError(
             f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
