@@ -34,14 +34,14 @@ What you should see (seed 0; tests/test_01_basic_residual_block.py keeps these t
     * Jacobian: d(F(x) + x)/dx = dF/dx + I exactly (max difference 0.0 in float64); with the branch's last BN scale
       set to zero the block returns its input exactly (max |y - x| = 0).
 
-Try this
-    1. `--trace-stride 1 --trace-out-channels 64`: the trace shows "shortcut = x", no projection (Eq. 1).
-    2. `--mlp-sizes 64 64 64 64 64 1`: 4 of the 5 shortcuts now fire in the "when-shapes-match" version.
+Try this (`--exercise N` runs number N; answers/01_basic_residual_block.md answers each, with numbers)
+    1. `--trace-stride 1 --trace-out-channels 64`: which shortcut does the trace show now, Eq. 1's or Eq. 2's?
+    2. `--mlp-sizes 64 64 64 64 64 1`: how many of the 5 shortcuts fire in the "when-shapes-match" version?
     3. `--sweep-depths 64 128 256 --sweep-inits he --sweep-repeats 1`: which settings overflow or underflow
        float32 (inf, nan or 0)? Which grows slowest, and how fast?
-    4. In `make_stack`, zero the last BN scale of every residual block (as `zero_init_check` does) and rerun: the
-       residual + BN ratio is the same at every depth. Why is it near sqrt(1/2) = 0.71? (Which ReLU zeroes a gradient?)
-    5. Delete the ReLU after the addition in ResidualBlock.forward (half of lesson 04's pre-activation idea):
+    4. In `make_stack`, zero the last BN scale of every residual block (`nn.init.zeros_(block.bn2.weight)` before
+       `blocks.append(block)`, as `zero_init_check` does): why is the residual + BN ratio now near sqrt(1/2)?
+    5. Delete the ReLU after the addition in `ResidualBlock.forward` (half of lesson 04's pre-activation idea):
        which residual rows of the depth sweep change? (Undo it afterwards.)
 """
 
@@ -78,6 +78,14 @@ SWEEP_REPEATS: int = 2  # random stacks per setting; the table shows their geome
 JACOBIAN_CHANNELS: int = 3  # channels of the small block whose Jacobian is computed [> 0]
 JACOBIAN_SIDE: int = 4  # height and width of its input (the Jacobian is (C*side*side)^2 entries) [> 0]
 # --- end constants -----------------------------------------------------------------------------------
+
+EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
+    1: {"trace_stride": 1, "trace_out_channels": 64},
+    2: {"mlp_sizes": (64, 64, 64, 64, 64, 1)},
+    3: {"sweep_depths": (64, 128, 256), "sweep_inits": ("he",), "sweep_repeats": 1},
+    4: "in make_stack, add `nn.init.zeros_(block.bn2.weight)` for residual BN blocks, before blocks.append(block)",
+    5: "in ResidualBlock.forward, return `self.branch(x) + self.shortcut(x)` (no ReLU after the addition)",
+}
 
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
@@ -165,8 +173,10 @@ def trace_block(block: ResidualBlock, x: torch.Tensor) -> list[dict]:
         shortcut = step("shortcut conv", f"1x1, stride {conv.stride[0]}", conv(x))
         shortcut = step("shortcut bn = W_s x", "projection (Eq. 2)", norm(shortcut))
     total = step("add F(x) + shortcut", "elementwise", branch + shortcut)
-    y = step("relu = y", "block output", F.relu(total))
-    if not torch.equal(y, block(x)):
+    y = block(x)
+    if torch.equal(y, F.relu(total)):
+        step("relu = y", "block output", y)
+    elif not torch.equal(y, total):  # equal to the sum: a forward edited to drop the last ReLU (Try this, 5)
         raise RuntimeError("trace_block no longer matches ResidualBlock.forward")
     return rows
 

@@ -36,13 +36,14 @@ What you should see (seed 0; tests/test_02_resnet_implementation.py checks every
     * Forward latency grows with multiply-adds but not in proportion (ResNet-50: 12% more than ResNet-34, and in
       two runs 35-60% slower at batch 1); the times are the machine's, the counts are not.
 
-Try this
-    * `--shape-model cifar-resnet56`: maps go 32 -> 16 -> 8 while channels go 16 -> 32 -> 64, so each stage costs
-      about the same; then `--shape-model cifar-resnet18` and compare with resnet18.
-    * `--image-size 448`: multiply-adds grow 4x, parameters do not move (convolutions plus global pooling).
-    * `m = resnet50(bottleneck_stride="1x1")`; `m.layer2[0].conv1` reads one pixel in four. torchvision's weights
-      load strictly into it, yet the outputs differ: equal shapes alone prove nothing.
-    * `--pretrained --image your_photo.jpg` with network access; then `--pretrained-model resnet18`.
+Try this (`--exercise N` runs number N; answers/02_resnet_implementation.md answers each, with numbers)
+    1. `--shape-model cifar-resnet56 --no-measure-latency`: maps go 32 -> 16 -> 8 while channels go 16 -> 32 -> 64.
+       What does that do to each stage's share of the multiply-adds?
+    2. `--shape-model cifar-resnet18 --no-measure-latency`: compare its stages with resnet18's (the default table).
+    3. `--image-size 448 --no-measure-latency`: which column grows 4x, and which does not move?
+    4. `--shape-model resnet18 --image-size 32 --no-measure-latency`: what is left of a 32x32 image at layer4?
+    5. In Python: `m = resnet50(bottleneck_stride="1x1")`; load torchvision's `resnet50()` weights into it with
+       `strict=True` and compare the outputs on one image. What do equal shapes prove?
 """
 
 # %%
@@ -73,6 +74,14 @@ PRETRAINED: bool = False  # load torchvision's ImageNet weights (network needed 
 PRETRAINED_MODEL: str = "resnet50"  # which ImageNet ResNet --pretrained loads [in IMAGENET_MODELS]
 IMAGE: Path = ""  # image file for --pretrained (empty: matplotlib's sample photo grace_hopper.jpg)
 # --- end constants -----------------------------------------------------------------------------------
+
+EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
+    1: {"shape_model": "cifar-resnet56", "measure_latency": False},
+    2: {"shape_model": "cifar-resnet18", "measure_latency": False},
+    3: {"image_size": 448, "measure_latency": False},
+    4: {"shape_model": "resnet18", "image_size": 32, "measure_latency": False},
+    5: "in Python, not flags: see answers/02_resnet_implementation.md, exercise 5",
+}
 
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 

@@ -42,12 +42,12 @@ What you should see (seed 0, Fashion-MNIST fallback, fp32; the slow test in test
     * With BN's running statistics as training left them, held-out error is up to 16 points higher; re-estimated
       over 20 batches, it sits within 3 points of the training error for every model.
 
-Try this
-    * --depths 20 32 44 56: the run judges, family by family, whether training error rises with depth.
-    * --iterations 600: does ResNet-56 overtake ResNet-20, and does plain-56 catch up?
-    * --lr 0.1 --warmup-iterations 0: the paper's start. Which half of the claim survives 70 iterations?
-    * --bn-recalibration-batches 1, then 5: how many batches does the re-estimation need?
-    * --precision fp32 --no-channels-last: the same curves within noise, and how much longer?
+Try this (`--exercise N` runs number N; answers/03_training_comparison.md answers each, with numbers)
+    1. `--depths 8 20` (about 90 s): does the plain net already degrade between 8 and 20 layers? Try seeds 1, 2.
+    2. `--lr 0.1 --warmup-iterations 0`: the paper's start. Which half of the claim survives 70 iterations?
+    3. `--depths 20 --bn-recalibration-batches 1`: how far is one batch from the default 20 (held-out error)?
+    4. `--depths 20 --precision fp32`, then 5. the same with `--no-channels-last`: the same curves, and how
+       much slower?
 """
 
 # %%
@@ -95,6 +95,14 @@ NOISE_Z: float = 2.0  # standard errors a difference of end errors must exceed t
 SMOOTHING: int = 20  # iterations in the moving average of the plotted training error [> 0]
 EVAL_TEST: bool = False  # also report test-set error (never used to choose anything)
 # --- end constants -----------------------------------------------------------------------------------
+
+EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
+    1: {"depths": (8, 20)},
+    2: {"lr": 0.1, "warmup_iterations": 0},
+    3: {"depths": (20,), "bn_recalibration_batches": 1},
+    4: {"depths": (20,), "precision": "fp32"},
+    5: {"depths": (20,), "precision": "fp32", "channels_last": False},
+}
 
 FULL_OVERRIDES = {
     "depths": (20, 32, 44, 56, 110),

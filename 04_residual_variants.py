@@ -39,12 +39,13 @@ When to use which (the README's "Results measured here" has the table these rest
     * Fewest parameters for the accuracy: DenseNet-BC, at the price of activation memory.
     * A cheap add-on to an existing ResNet: SE (+10% parameters, +0.1% multiply-adds).
 
-Try this
-    * `--deep-depth 164`, then `--deep-depth 2000`: does the first-to-last gradient ratio grow with depth? Then make
-      `PreActBlock.forward` return `F.relu(identity + out)` (a ReLU on the identity path) and rerun.
-    * `--imagenet-timing-size 224 --timing-batch 8` on a GPU: do ResNeXt-50's and SE-ResNet-50's latency ratios
-      to ResNet-50 shrink when the convolutions are large?
-    * Set `SEBottleneck.reduction = 4` and count the parameters SE adds (2C^2/r per block).
+Try this (`--exercise N` runs number N; answers/04_residual_variants.md answers each, with numbers)
+    1. `--deep-depth 164 --no-measure-latency`, then 2. `--deep-depth 2000 --no-measure-latency`: does the
+       gradient RMS from the last unit to the first shrink or grow with depth?
+    3. Make `PreActBottleneck.forward` return `F.relu(identity + out)` (a ReLU after the addition, as in lesson
+       02's blocks) and rerun exercise 1: what happens to the signal and the gradient along the stages?
+    4. Set `SEBottleneck.reduction = 4` and run with `--no-measure-latency`: how many parameters does SE add
+       now (2C^2/r per block)?
 """
 
 # %%
@@ -90,6 +91,13 @@ IMAGENET_TIMING_SIZE: int = 64  # input side (pixels) for timing ImageNet varian
 DEEP_DEPTH: int = 1001  # depth of the very deep pre-activation network checked at initialisation (9n+2) [>= 11]
 DEEP_BATCH: int = 2  # images in the very deep network's forward and backward pass [>= 2]
 # --- end constants -----------------------------------------------------------------------------------
+
+EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
+    1: {"deep_depth": 164, "measure_latency": False},
+    2: {"deep_depth": 2000, "measure_latency": False},
+    3: "in PreActBottleneck.forward, return `F.relu(identity + out)`; then run --exercise 1",
+    4: "set `SEBottleneck.reduction = 4`; then run --no-measure-latency",
+}
 
 FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "augment": True, "warmup_steps": 200}
 

@@ -37,12 +37,13 @@ What you should see (seed 0, Fashion-MNIST fallback; one batch of 32 training im
       the share of points that curve upward, the two runs disagree with each other; the run judges each difference
       against its own direction pairs and calls it within noise both times.
 
-Try this
-    * --landscape-depth 56 --train-steps 400: Li et al.'s Fig. 5 pair. Do the rise and the share now separate?
-    * --grid-radius 0.5 --grid-points 21: zoom in. Where are the points that curve downward?
-    * --gradient-depths 20 56 110 218: how does the plain+BN first/last ratio grow with depth?
-    * Replace filter_normalized_direction by a plain Gaussian and compare: does the weights' scale, rather than
-      the geometry, now decide the picture (Li et al. 2018, section 4)?
+Try this (`--exercise N` runs number N; answers/05_visualization.md answers each, with numbers)
+    1. `--gradient-depths 20 56 110 218`: how does the plain+BN first/last ratio grow with depth?
+    2. `--grid-radius 0.5 --grid-points 17`: zoom in. Where are the points that curve downward, and does the
+       residual net still have the larger upward-curving share?
+    3. `--landscape-depth 32`: do the rise and the share separate more between plain and residual?
+    4. In `filter_normalized_direction`, delete the line `d = d * scale.view(...)` (a plain Gaussian direction):
+       does the weights' scale, rather than the geometry, now decide the picture (Li et al. 2018, section 4)?
 """
 
 # %%
@@ -88,6 +89,13 @@ FEATURE_CHANNELS: int = 4  # feature maps shown per stage [> 0]
 RESIDUAL_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH) to use instead of training
 PLAIN_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCAPE_DEPTH, plain=True)
 # --- end constants -----------------------------------------------------------------------------------
+
+EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
+    1: {"gradient_depths": (20, 56, 110, 218)},
+    2: {"grid_radius": 0.5, "grid_points": 17},
+    3: {"landscape_depth": 32},
+    4: "in filter_normalized_direction, delete the line `d = d * scale.view(...)`; then run with no flags",
+}
 
 FULL_OVERRIDES = {
     "train_size": 45000,

@@ -31,14 +31,18 @@ What you should see (quick demo, seed 0, Fashion-MNIST; tests/test_06_practical_
     The run prints what the weakest class is taken for: in fp32, shirts are called t-shirt 106 times, coat 88 and
     pullover 45 (of 1,000). The schedule ends at learning rate 0.
 
-Try this
-    * `--precision fp32 --no-channels-last`: how much does the img/s column change on your machine?
-    * `--label-smoothing 0`, or `--schedule cosine`: compare the test accuracy with the default run's.
-    * Press Ctrl-C during an epoch, then `--resume outputs/06_practical_example/checkpoints/last.pt`: the run
-      continues from the same image of the same epoch and ends with the same numbers.
-    * `--model resnet20 --epochs 2 --batch-size 128 --lr 0.2`: 3.3x the arithmetic per image of ResNet-8.
-    * `torchrun --standalone --nproc_per_node 2 06_practical_example.py --device cpu --precision fp32`, then the
-      same with `python`: results.json's `first_step_losses` are close, not equal (per-process batch norm).
+Try this (`--exercise N` runs number N; answers/06_practical_example.md answers each, with numbers)
+    1. `--train-size 10000 --val-size 1000 --test-size 2000` (about 40 s): how much does a fifth of the data cost?
+    2. Exercise 1 with `--label-smoothing 0`, and 3. with `--schedule cosine`: is the change larger than the
+       spread over seeds 0, 1, 2?
+    4. Exercise 1 with `--precision fp32 --no-channels-last`: how much does img/s change (against exercise 1 in
+       fp32)?
+    5. Exercise 1 with `--model resnet20`: 3.3x the arithmetic per image of ResNet-8. How much slower, how much
+       better?
+    6. Press Ctrl-C during epoch 2 of exercise 1, then `--resume outputs/06_practical_example/checkpoints/last.pt`:
+       the run continues from the same image of the same epoch and ends with the same numbers.
+    7. `torchrun --standalone --nproc_per_node 2 06_practical_example.py --exercise 7`, then the same with
+       `python`: results.json's `first_step_losses` are close, not equal (per-process batch norm).
 """
 
 # %%
@@ -94,6 +98,17 @@ NUM_MISTAKES: int = 16  # most confidently misclassified test images shown in th
 EVAL_BATCH_SIZE: int = 500  # images per evaluation batch [> 0]
 CHECK_EVERY: int = 25  # steps between loss read-outs (each waits for the GPU; NaN is checked there) [> 0]
 # --- end constants -----------------------------------------------------------------------------------
+
+SMALL = {"train_size": 10000, "val_size": 1000, "test_size": 2000}  # exercise 1: a fifth of the training images
+EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
+    1: SMALL,
+    2: {**SMALL, "label_smoothing": 0.0},
+    3: {**SMALL, "schedule": "cosine"},
+    4: {**SMALL, "precision": "fp32", "channels_last": False},
+    5: {**SMALL, "model": "resnet20"},
+    6: "press Ctrl-C during epoch 2 of --exercise 1, then add --resume outputs/06_practical_example/checkpoints/last.pt",
+    7: {**SMALL, "device": "cpu", "precision": "fp32", "epochs": 1},
+}
 
 FULL_OVERRIDES = {
     "model": "cifar_resnet18",

@@ -219,7 +219,23 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
         text = f"{c.help} (default: {c.default!r}" + (f"; --full: {full[c.key]!r})" if c.key in full else ")")
         text += f" [{c.check}]" if c.check and not choices else ""
         parser.add_argument(c.flag, dest=c.key, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs)
+    if module_globals.get("EXERCISES"):
+        numbers = ",".join(map(str, module_globals["EXERCISES"]))
+        text = "run exercise N of Try this (its flags first, then yours); answers in answers/"
+        parser.add_argument("--exercise", type=int, choices=list(module_globals["EXERCISES"]), metavar=f"{{{numbers}}}",
+                            default=argparse.SUPPRESS, help=text)  # fmt: skip
     return parser
+
+
+def exercise_flags(exercise: dict) -> str:
+    """An exercise's overrides as the command-line flags that do the same: {"depths": (8, 20)} -> --depths 8 20."""
+    def flag(key, value):
+        name = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            return name if value else "--no-" + name[2:]
+        return " ".join([name, *map(str, value if isinstance(value, (tuple, list)) else [value])])
+
+    return " ".join(flag(key, value) for key, value in exercise.items())
 
 
 def in_notebook() -> bool:
@@ -238,7 +254,13 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
     try:
         if not command_line:
             return main()
-        main(**vars(build_parser(module_globals, module_globals.get("FULL_OVERRIDES")).parse_args()))
+        flags = vars(build_parser(module_globals, module_globals.get("FULL_OVERRIDES")).parse_args())
+        if "exercise" in flags:  # Try this, exercise N: a dict of flags, or the edit to make (a string)
+            number, exercise = flags["exercise"], module_globals["EXERCISES"][flags.pop("exercise")]
+            require(isinstance(exercise, dict), f"exercise {number} is an edit to the code: {exercise}")
+            print(f"exercise {number}: {exercise_flags(exercise)} {exercise_flags(flags)}".rstrip())
+            flags = {**exercise, **flags}
+        main(**flags)
         return None
     except UserError as error:
         message = str(error)
