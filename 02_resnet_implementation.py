@@ -39,9 +39,9 @@ What you should see (seed 0; tests/test_02_resnet_implementation.py checks every
 Try this (`--exercise N` runs number N; answers/02_resnet_implementation.md answers each, with numbers)
     1. `--shape-model cifar-resnet56 --no-measure-latency`: maps go 32 -> 16 -> 8 while channels go 16 -> 32 -> 64.
        What does that do to each stage's share of the multiply-adds?
-    2. `--shape-model cifar-resnet18 --no-measure-latency`: compare its stages with resnet18's (the default table).
-    3. `--image-size 448 --no-measure-latency`: which column grows 4x, and which does not move?
-    4. `--shape-model resnet18 --image-size 32 --no-measure-latency`: what is left of a 32x32 image at layer4?
+    2. `--shape-model resnet18 --image-size 32 --no-measure-latency`: what is left of a 32x32 image at layer4?
+    3. `--shape-model cifar-resnet18 --no-measure-latency`: the same image through the 3x3 stem. Compare with 2.
+    4. `--image-size 448 --no-measure-latency`: which column grows 4x, and which does not move?
     5. In Python: `m = resnet50(bottleneck_stride="1x1")`; load torchvision's `resnet50()` weights into it with
        `strict=True` and compare the outputs on one image. What do equal shapes prove?
 """
@@ -77,9 +77,9 @@ IMAGE: Path = ""  # image file for --pretrained (empty: matplotlib's sample phot
 
 EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
     1: {"shape_model": "cifar-resnet56", "measure_latency": False},
-    2: {"shape_model": "cifar-resnet18", "measure_latency": False},
-    3: {"image_size": 448, "measure_latency": False},
-    4: {"shape_model": "resnet18", "image_size": 32, "measure_latency": False},
+    2: {"shape_model": "resnet18", "image_size": 32, "measure_latency": False},
+    3: {"shape_model": "cifar-resnet18", "measure_latency": False},
+    4: {"image_size": 448, "measure_latency": False},
     5: "in Python, not flags: see answers/02_resnet_implementation.md, exercise 5",
 }
 

@@ -23,7 +23,7 @@ What you should see (seed 0, CPU)
     2. The SE gates of a fresh SE-ResNet-50 block lie between 0.46 and 0.54 and already change its output by 5%.
     3. A 1001-layer pre-activation ResNet (10.3M parameters) runs forward and backward on 2 images, every
        gradient finite. dE/dx_l does not vanish: it is smallest next to the loss (RMS 4.9e-5 at unit 333) and
-       grows on its way back (36.5 at unit 1), fastest where x_l is small (each branch's BN divides by it).
+       grows on its way back (3.6e+1 at unit 1), fastest where x_l is small (each branch's BN divides by it).
     4. One table of all 14 variants: parameter counts equal to torchvision's and to the papers' rounded figures
        (WRN-28-10 36,479,194 for "36.5M"; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024;
        pre-act-1001 10.33M where the paper says 10.2M), multiply-adds, the median forward and training-step time
@@ -993,9 +993,9 @@ def main(**overrides):
     title = (f"Residual variants on {helpers.device_name(device)}, fp32. MACs per image at the native size "
              f"(32x32 CIFAR, 224x224 ImageNet); median latency of {cfg.timing_repeats} runs and peak memory "
              f"at BxHxW = timed_at")  # fmt: skip
-    columns = (
-        "model data params_M:.2f GMACs:.3f timed_at forward_ms:.1f train_step_ms:.1f peak_mb:.0f activation_mb:.0f"
-    )
+    columns = "model data params_M:.2f GMACs:.3f"
+    if cfg.measure_latency:
+        columns += " timed_at forward_ms:.1f train_step_ms:.1f peak_mb:.0f activation_mb:.0f"
     helpers.print_table(variants, columns + " paper_err_%:.2f source", title)
     mismatched = [r["model"] for r in variants if r["expected"] is not None and r["parameters"] != r["expected"]]
     print(f"parameter counts equal to the papers' / torchvision's: {mismatched or 'all'}\n")

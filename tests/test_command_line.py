@@ -62,3 +62,41 @@ def test_editing_lesson03s_lr_to_an_int_keeps_a_float_flag(tmp_path):
     cfg = helpers.config(namespace, args)
     assert cfg.lr == 0.05 and helpers.config(namespace, {}).lr == 1.0
     assert cfg.data_dir == str(Path("~/datasets").expanduser())  # never a folder named "~"
+
+
+def test_every_exercise_is_valid_flags_or_an_edit():
+    """Each lesson's EXERCISES entry is either keywords that `main` accepts and that pass its checks, or the
+    description of an edit; `helpers.exercise_flags` writes the flags a learner could type instead."""
+    import helpers
+
+    for number in range(1, 7):
+        lesson = load_lesson(number)
+        assert list(lesson.EXERCISES) == list(range(1, len(lesson.EXERCISES) + 1)), number
+        for exercise in lesson.EXERCISES.values():
+            if isinstance(exercise, str):
+                continue
+            helpers.config(vars(lesson), exercise)  # an unknown key or a failed check raises here
+            flags = helpers.exercise_flags(exercise).split()
+            parsed = vars(helpers.build_parser(vars(lesson)).parse_args(flags))
+            assert helpers.config(vars(lesson), parsed) == helpers.config(vars(lesson), exercise), (number, flags)
+
+
+def test_exercise_flag_runs_its_flags_and_the_users_win(monkeypatch, capsys):
+    """`--exercise N`: the exercise's flags, then the user's on top; an edit-exercise is one `error:` line."""
+    import helpers
+
+    lesson = load_lesson(3)
+    seen = {}
+    monkeypatch.setattr(sys, "argv", [lesson.__file__, "--exercise", "3", "--bn-recalibration-batches", "5"])
+    helpers.run_cli(lambda **flags: seen.update(flags), vars(lesson))
+    assert seen == {"depths": (20,), "bn_recalibration_batches": 5}
+    assert (
+        capsys.readouterr().out == "exercise 3: --depths 20 --bn-recalibration-batches 1 --bn-recalibration-batches 5\n"
+    )
+    lesson01 = load_lesson(1)
+    monkeypatch.setattr(sys, "argv", [lesson01.__file__, "--exercise", "4"])
+    try:
+        helpers.run_cli(lambda **flags: None, vars(lesson01))
+    except SystemExit as done:
+        assert done.code == 1
+    assert capsys.readouterr().err.startswith("error: exercise 4 is an edit to the code: in make_stack")
