@@ -398,6 +398,7 @@ def main(**overrides):
             summary["mean training img/s"] = results["mean_images_per_s"]
             rows = [{"measure": k, "value": v} for k, v in summary.items()]
             helpers.print_table(rows, "measure value:.2f", f"{cfg.model} on {data.name}")
+            print("losses of the first steps:", " ".join(f"{loss:.4f}" for loss in results["first_step_losses"]))
             results["figures"] = draw_figures(t, cfg, data, results["confusion_matrix"], mistakes, out)
         if ddp.rank == 0:
             helpers.save_results(out, results, cfg, device, started)

@@ -258,7 +258,8 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
         if "exercise" in flags:  # Try this, exercise N: a dict of flags, or the edit to make (a string)
             number, exercise = flags["exercise"], module_globals["EXERCISES"][flags.pop("exercise")]
             require(isinstance(exercise, dict), f"exercise {number} is an edit to the code: {exercise}")
-            print(f"exercise {number}: {exercise_flags(exercise)} {exercise_flags(flags)}".rstrip())
+            if os.environ.get("RANK", "0") == "0":  # once under torchrun
+                print(f"exercise {number}: {exercise_flags(exercise)} {exercise_flags(flags)}".rstrip())
             flags = {**exercise, **flags}
         main(**flags)
         return None
