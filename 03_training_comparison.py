@@ -87,7 +87,7 @@ TRAIN_SIZE: int = 10000  # training images kept (the quick run sees 8,960 draws 
 VAL_SIZE: int = 1000  # training images held out for the held-out error (paper: 5000 of 50000, to tune) [> 0]
 AUGMENT: bool = False  # pad-4 random crop and horizontal flip (paper: yes; too few iterations here to matter)
 PRECISION: str = "auto"  # autocast dtype (auto: bf16 where native, else fp32/fp16) [auto | fp32 | bf16 | fp16]
-CHANNELS_LAST: bool = True  # NHWC memory layout (faster convolutions on this CPU, see the note in main)
+CHANNELS_LAST: bool = True  # NHWC memory layout (faster on AVX-512 CPUs, see the README; Try this, 5)
 GRAD_CHECKPOINTS: int = 4  # evenly spaced times at which every layer's gradient is recorded [> 0]
 BN_RECALIBRATION_BATCHES: int = 20  # training batches that re-estimate batch-norm statistics before evaluation [>= 0]
 END_FRACTION: float = 0.2  # the verdict compares mean training error over this final fraction (20%) [> 0, <= 1]
