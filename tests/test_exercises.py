@@ -5,7 +5,7 @@ An answer (`answers/0N_*.md`) shows each run as a ```text block: its first line 
 the other lines are copied from what that run printed. The test runs the command in an empty folder holding only
 the lesson and helpers.py (an edit the exercise asks for, shown as a ```diff block, is made to that copy), then finds every
 copied line in the new output: same words, same numbers to the printed precision (a number written `~12` is a
-timing and only has to be within a factor of 3). A ```python block is run as it is, and the ```text block after
+time or a speed, which depend on the machine and its load, and is not compared). A ```python block is run as it is, and the ```text block after
 it (no `$` line) is checked against its output. So when a lesson changes, a stale answer fails here.
 """
 
@@ -28,7 +28,7 @@ ANSWERS = REPO / "answers"
 LESSONS = {int(path.name[:2]): path for path in REPO.glob("0[1-6]_*.py")}
 NUMBER = re.compile(r"~?[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:e[-+]?\d+)?")
 
-FAST = {1: {0, 1, 2, 3, 4, 5}, 2: {0, 1, 2, 3, 4, 5}}  # the rest take 30 s to 4 min each: marked slow
+FAST = {1: {0, 1, 2, 3, 4, 5}, 2: {5}}  # about 10 s each; the rest take 15 s to 5 min each: marked slow
 
 
 def sections(lesson: int) -> dict[int, str]:
@@ -49,14 +49,14 @@ def tokens(line: str) -> list[str]:
 
 def numbers_match(quoted: str, printed: str) -> bool:
     """`quoted` from the answer and `printed` from the run: the same text around the same numbers. A number
-    matches to the precision the answer printed it with; one written ~N (a timing) within a factor of 3."""
+    matches to the precision the answer printed it with; one written ~N (a time or a speed) is not compared."""
     if NUMBER.sub("#", quoted).replace("~", "") != NUMBER.sub("#", printed):
         return False
     for q, p in zip(NUMBER.findall(quoted), NUMBER.findall(printed)):
         loose, q = q.startswith("~"), q.lstrip("~")
         qv, pv = (float(v.replace(",", "")) for v in (q, p))
-        if loose:
-            if not (qv == pv == 0 or (qv > 0 and pv > 0 and 1 / 3 <= pv / qv <= 3)):
+        if loose:  # a time or a speed: the machine's, not the lesson's (a busy machine can be 10x slower)
+            if (qv > 0) != (pv > 0):
                 return False
         elif q != p:
             return False
