@@ -39,7 +39,7 @@ What you should see (seed 0, Fashion-MNIST fallback; one batch of 32 training im
 
 Try this (`--exercise N` runs number N; answers/05_visualization.md answers each, with numbers)
     1. `--gradient-depths 20 56 110 218`: how does the plain+BN first/last ratio grow with depth?
-    2. `--grid-radius 0.5 --grid-points 17 --summary-radius 0.25`: zoom in. Does the residual net still have the
+    2. `--grid-radius 0.5 --grid-points 11 --summary-radius 0.25`: zoom in. Does the residual net still have the
        larger upward-curving share, and where do the slices curve downward?
     3. `--landscape-depth 32` (about 5 minutes): do the rise and the share separate more than at 20 layers?
     4. In `filter_normalized_direction`, delete the line `d = d * scale.view(...)` (a plain Gaussian direction):
@@ -92,7 +92,7 @@ PLAIN_CHECKPOINT: Path = ""  # optional state_dict (.pt) of cifar_resnet(LANDSCA
 
 EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a string) the edit it asks for
     1: {"gradient_depths": (20, 56, 110, 218)},
-    2: {"grid_radius": 0.5, "grid_points": 17, "summary_radius": 0.25},
+    2: {"grid_radius": 0.5, "grid_points": 11, "summary_radius": 0.25},
     3: {"landscape_depth": 32},
     4: "in filter_normalized_direction, delete the line `d = d * scale.view(...)`; then run with no flags",
 }
