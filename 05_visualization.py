@@ -765,7 +765,8 @@ def plot_landscapes(coords: np.ndarray, surfaces: dict[str, np.ndarray], summari
         ax3d = fig.add_subplot(len(surfaces), 2, 2 * row + 2, projection="3d")
         ax3d.plot_surface(alpha, beta, clipped, cmap="viridis", norm=norm, linewidth=0, antialiased=True)
         ax3d.set_zlim(low, high)
-        ax3d.set(xticks=[-1, 0, 1], yticks=[-1, 0, 1])  # few ticks, so that the axis names stay clear of them
+        edge = float(coords[-1])  # the grid's radius: few ticks, so that the axis names stay clear of them
+        ax3d.set(xticks=[-edge, 0, edge], yticks=[-edge, 0, edge])
         ax3d.set_xlabel("alpha")
         ax3d.set_ylabel("beta")
         ax3d.set_zlabel("loss")
