@@ -229,6 +229,7 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
 
 def exercise_flags(exercise: dict) -> str:
     """An exercise's overrides as the command-line flags that do the same: {"depths": (8, 20)} -> --depths 8 20."""
+
     def flag(key, value):
         name = "--" + key.replace("_", "-")
         if isinstance(value, bool):
