@@ -257,7 +257,8 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
             return main()
         flags = vars(build_parser(module_globals, module_globals.get("FULL_OVERRIDES")).parse_args())
         if "exercise" in flags:  # Try this, exercise N: a dict of flags, or the edit to make (a string)
-            number, exercise = flags["exercise"], module_globals["EXERCISES"][flags.pop("exercise")]
+            number = flags.pop("exercise")
+            exercise = module_globals["EXERCISES"][number]
             require(isinstance(exercise, dict), f"exercise {number} is an edit to the code: {exercise}")
             if os.environ.get("RANK", "0") == "0":  # once under torchrun
                 print(f"exercise {number}: {exercise_flags(exercise)} {exercise_flags(flags)}".rstrip())
