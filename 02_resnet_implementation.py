@@ -409,13 +409,11 @@ class CifarResNet(nn.Module):
         blocks_per_stage = (depth - 2) // 6
         make_block = functools.partial(BasicBlock, make_shortcut=ShortcutA if shortcut == "A" else projection_shortcut)
         make_block = PlainBlock if plain else make_block  # plain: the same layers with every shortcut removed
-        self.conv1 = conv3x3(3, 16)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1, self.bn1 = conv3x3(3, 16), nn.BatchNorm2d(16)
         self.layer1 = make_stage(make_block, 16, 16, blocks_per_stage, stride=1)
         self.layer2 = make_stage(make_block, 16, 32, blocks_per_stage, stride=2)
         self.layer3 = make_stage(make_block, 32, 64, blocks_per_stage, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(64, num_classes)
         init_like_torchvision(self, zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -429,9 +427,7 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # (B, 64) -> (B, num_classes)
 
 
-def cifar_resnet(
-    depth: int, num_classes: int = 10, shortcut: str = "A", plain: bool = False, zero_init_residual: bool = False
-) -> CifarResNet:
+def cifar_resnet(depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False) -> CifarResNet:
     """ResNet-`depth` for 32x32 images (depth = 6n+2); `plain=True` removes every shortcut."""
     return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
 
@@ -493,10 +489,8 @@ def blocks_per_stage(model: nn.Module) -> str:
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, seconds: float) -> dict:
-    """Median forward time in milliseconds (inference mode, eval, fp32), repeated until `seconds` are spent
-    and at least once. A warm-up pass at batch 1 pays the one-time costs (allocation, kernel choice); a
-    second warm-up at the full batch runs only if it is cheaper than `seconds`, because on a CPU a large
-    first pass costs about what the next one does and repeating it would blow the run's time budget."""
+    """Median forward time in ms (inference mode, eval, fp32), repeated until `seconds` are spent. A warm-up at
+    batch 1 pays the one-time costs; one at the full batch only when cheaper than `seconds` (the time budget)."""
     model.eval()
     with torch.inference_mode():
         single = torch.randn((1, *input_shape[1:]), device=device)
@@ -534,10 +528,8 @@ def stage_shapes(model: nn.Module, side: int) -> list[dict]:
     """Output shape, parameters and multiply-adds of each top-level module for one side x side image, from
     a forward pass with hooks (on the meta device when the model lives there)."""
     inputs_outputs = {}
-    hooks = [
-        child.register_forward_hook(lambda _m, args, out, name=name: inputs_outputs.update({name: (args[0], out)}))
-        for name, child in model.named_children()
-    ]
+    hooks = [child.register_forward_hook(lambda _m, args, out, name=name: inputs_outputs.update({name: (args[0], out)}))
+             for name, child in model.named_children()]  # fmt: skip
     model.eval()
     with torch.no_grad():
         model(torch.zeros(1, 3, side, side, device=next(model.parameters()).device))
@@ -546,15 +538,10 @@ def stage_shapes(model: nn.Module, side: int) -> list[dict]:
     rows = []
     for name, child in model.named_children():
         x, out = inputs_outputs[name]
-        rows.append(
-            {
-                "module": name,
-                "blocks": len(child) if isinstance(child, nn.Sequential) else None,
-                "output shape": "x".join(str(d) for d in out.shape),  # B x C x H x W
-                "params": helpers.count_parameters(child),
-                "MMACs": helpers.count_multiply_adds(child, tuple(x.shape), device=x.device) / 1e6,
-            }
-        )
+        rows.append({"module": name, "blocks": len(child) if isinstance(child, nn.Sequential) else None,
+                     "output shape": "x".join(str(d) for d in out.shape),  # B x C x H x W
+                     "params": helpers.count_parameters(child),
+                     "MMACs": helpers.count_multiply_adds(child, tuple(x.shape), device=x.device) / 1e6})  # fmt: skip
     return rows
 
 

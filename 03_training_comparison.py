@@ -354,9 +354,8 @@ def sgd_train(
         with helpers.autocast(device, amp_dtype):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), labels)
-        helpers.require(
-            torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
-        )
+        diverged = f"the training loss became {loss.item()} at step {step} (lower --lr)"
+        helpers.require(torch.isfinite(loss).item(), diverged)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if on_backward is not None:

@@ -32,13 +32,6 @@ What you should see (seed 0, CPU)
        It shows that every variant trains with the same recipe and what a step costs; after 1,280 images (16% of
        the 8,000 it draws from), on one seed, it cannot rank their accuracy.
 
-When to use which (the README's "Results measured here" has the table these rest on)
-    * Deeper than ~100 layers: pre-activation (He et al. 2016, Table 3: 7.61% -> 4.92% at 1001 layers; cited).
-    * Accuracy per second on parallel hardware: wide (WRN-16-8 matches pre-act-1001's size with 16 layers).
-    * ResNet-50's budget, better accuracy: ResNeXt-50 (cited 22.2% vs 23.9% top-1).
-    * Fewest parameters for the accuracy: DenseNet-BC, at the price of activation memory.
-    * A cheap add-on to an existing ResNet: SE (+10% parameters, +0.1% multiply-adds).
-
 Try this (`--exercise N` runs number N; answers/04_residual_variants.md answers each, with numbers)
     1. `--deep-depth 164 --no-measure-latency`, then 2. `--deep-depth 2000 --no-measure-latency`: does the
        gradient RMS from the last unit to the first shrink or grow with depth?
@@ -105,53 +98,37 @@ FULL_OVERRIDES = {"train_size": 45000, "train_steps": 8000, "batch_size": 128, "
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
-# %% Lesson 02's blocks and ResNets and lesson 03's training recipe, repeated here in compact form so that this
-# lesson stands alone; tests/test_standalone.py proves each copy equal to its original.
+# %% Lesson 02's blocks and ResNets and lesson 03's training recipe, repeated here in compact form (only what this
+# lesson uses) so that it stands alone; tests/test_standalone.py proves each copy equal to its original.
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
-
-
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return conv(in_channels, out_channels, 3, stride)
 
 
 def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # W_s x (Eq. 2), option B
     return nn.Sequential(conv(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels))
 
 
-class ShortcutA(nn.Module):
-    """Option A: subsample, then zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
-
+class ShortcutA(nn.Module):  # option A: subsample, then zero-pad the new channels; no parameters
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.new_channels, self.stride = out_channels - in_channels, stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.new_channels))
 
 
-class PlainBlock(nn.Module):
+class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
         super().__init__()
         self.conv1, self.bn1 = conv(in_channels, width, 3, stride), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = conv(width, width, 3), nn.BatchNorm2d(width)
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:  # F(x) = BN(W2 * relu(BN(W1 * x)))
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # (B, C_in, H, W) -> (B, w, H/s, W/s)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x))
-
-
-class BasicBlock(PlainBlock):
-    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
-        super().__init__(in_channels, width, stride)
         changes = stride != 1 or in_channels != width
         self.downsample = make_shortcut(in_channels, width, stride) if changes else None
 
-    last_bn = property(lambda self: self.bn2)
+    def branch(self, x: torch.Tensor) -> torch.Tensor:  # F(x) = BN(W2 * relu(BN(W1 * x)))
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # (B, C_in, H, W) -> (B, w, H/s, W/s)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
@@ -174,8 +151,6 @@ class Bottleneck(BasicBlock):
         changes = stride != 1 or in_channels != out_channels
         self.downsample = make_shortcut(in_channels, out_channels, stride) if changes else None
 
-    last_bn = property(lambda self: self.bn3)
-
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))  # (B, C_in, H, W) -> (B, w, H/s, W/s)
         return self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
@@ -189,44 +164,38 @@ def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride
     return nn.Sequential(*blocks)
 
 
-def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
+def init_like_torchvision(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-    for module in model.modules() if zero_init_residual else ():  # after the loop above, which sets every scale to 1
-        if hasattr(module, "last_bn"):
-            nn.init.zeros_(module.last_bn.weight)
     return model
 
 
 class CifarResNet(nn.Module):
-    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
-    global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
+    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters
+    (option A shortcuts), global average pooling and a linear layer: 6n + 2 weighted layers."""
 
-    def __init__(self, depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False):
+    def __init__(self, depth: int, num_classes: int = 10):
         super().__init__()
-        n, shortcut_of = (depth - 2) // 6, ShortcutA if shortcut == "A" else projection_shortcut
-        make_block = PlainBlock if plain else functools.partial(BasicBlock, make_shortcut=shortcut_of)
+        n, make_block = (depth - 2) // 6, functools.partial(BasicBlock, make_shortcut=ShortcutA)
         self.conv1, self.bn1 = conv(3, 16, 3), nn.BatchNorm2d(16)
         self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
         self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
         self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(64, num_classes)
-        init_like_torchvision(self, zero_init_residual)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
-        return self.layer3(self.layer2(self.layer1(x)))  # -> (B, 64, 8, 8)
+        init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
+        x = self.layer3(self.layer2(self.layer1(x)))  # -> (B, 64, 8, 8)
+        return self.fc(self.avgpool(x).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
 
 
-def cifar_resnet(depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False) -> CifarResNet:
-    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
+def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(depth, num_classes)
 
 
 class ResNet(nn.Module):
@@ -241,10 +210,8 @@ class ResNet(nn.Module):
         if block is Bottleneck:
             make_block = functools.partial(Bottleneck, groups=groups, base_width=width_per_group)
         channels = 64
-        for index, (width, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage), start=1):
-            self.add_module(
-                f"layer{index}", make_stage(make_block, channels, width, num_blocks, 1 if index == 1 else 2)
-            )
+        for index, (width, count) in enumerate(zip((64, 128, 256, 512), blocks_per_stage), start=1):
+            self.add_module(f"layer{index}", make_stage(make_block, channels, width, count, 1 if index == 1 else 2))
             channels = width * block.expansion
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(channels, num_classes)
         init_like_torchvision(self)
@@ -257,10 +224,6 @@ class ResNet(nn.Module):
 
 def resnet50(num_classes: int = 1000) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
-
-
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return conv(in_channels, out_channels, 1, stride)
 
 
 def on_meta(build, *args, **kwargs) -> nn.Module:
@@ -294,9 +257,8 @@ def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_miles
         with helpers.autocast(device, amp_dtype):
             logits = model(helpers.normalize(images, data.mean, data.std))
             loss = F.cross_entropy(logits.float(), labels)
-        helpers.require(
-            torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
-        )
+        diverged = f"the training loss became {loss.item()} at step {step} (lower --lr)"
+        helpers.require(torch.isfinite(loss).item(), diverged)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -312,27 +274,22 @@ def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_miles
 
 
 # %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")
-
-
 class PreActBlock(nn.Module):
-    """The basic pre-activation unit: x_{l+1} = x_l + F(x_l), F = conv(relu(BN(conv(relu(BN(x)))))).
-
-    Moving BN and ReLU in front of each convolution leaves the identity path bare: nothing is applied to x
-    after the addition, so the signal and its gradient travel from any unit to any other unchanged (He et
-    al. 2016, Eqs. 4 and 5). Where the shape changes, the 1x1 projection reads the pre-activated input, as
-    in the paper's code, so the first unit of a stage also normalises what its shortcut sees. `dropout`
-    between the convolutions is Wide ResNet's option (Zagoruyko and Komodakis 2016)."""
+    """The basic pre-activation unit: x_{l+1} = x_l + F(x_l), F = conv(relu(BN(conv(relu(BN(x)))))). Nothing is
+    applied to x after the addition, so the identity path is bare (He et al. 2016, Eqs. 4-5). Where the shape
+    changes, the 1x1 projection reads the pre-activated input, as in the paper's code. `dropout` between the
+    convolutions is Wide ResNet's option."""
 
     expansion = 1
 
     def __init__(self, in_channels: int, width: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         out_channels = width * self.expansion
-        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv3x3(in_channels, width, stride)
-        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, out_channels)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, width, 3, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv(width, out_channels, 3)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         shape_changes = stride != 1 or in_channels != out_channels
-        self.shortcut = conv1x1(in_channels, out_channels, stride) if shape_changes else None
+        self.shortcut = conv(in_channels, out_channels, 1, stride) if shape_changes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))  # (B, C_in, H, W), the pre-activation
@@ -343,20 +300,19 @@ class PreActBlock(nn.Module):
 
 
 class PreActBottleneck(PreActBlock):
-    """The pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3 (stride here, as torchvision places it;
-    the paper's code strides the first 1x1), BN-ReLU-1x1 expanding to 4x the width."""
+    """BN-ReLU-1x1, BN-ReLU-3x3 (the stride here, as torchvision; the paper's code strides the 1x1), BN-ReLU-1x1 to 4w."""
 
     expansion = 4
 
     def __init__(self, in_channels: int, width: int, stride: int = 1, dropout: float = 0.0):
         nn.Module.__init__(self)
         out_channels = width * self.expansion
-        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv1x1(in_channels, width)
-        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride)
-        self.bn3, self.conv3 = nn.BatchNorm2d(width), conv1x1(width, out_channels)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, width, 1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv(width, width, 3, stride)
+        self.bn3, self.conv3 = nn.BatchNorm2d(width), conv(width, out_channels, 1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         shape_changes = stride != 1 or in_channels != out_channels
-        self.shortcut = conv1x1(in_channels, out_channels, stride) if shape_changes else None
+        self.shortcut = conv(in_channels, out_channels, 1, stride) if shape_changes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))  # (B, C_in, H, W)
@@ -368,16 +324,12 @@ class PreActBottleneck(PreActBlock):
 
 
 class PreActResNet(nn.Module):
-    """CIFAR pre-activation ResNet: a 3x3 stem, three stages of `blocks_per_stage` units at 32x32, 16x16
-    and 8x8, then the BN-ReLU that the last unit leaves out, global average pooling and a linear layer.
+    """CIFAR pre-activation ResNet: a 3x3 stem, three stages of units at 32x32, 16x16 and 8x8 of inner `widths`
+    (16, 32, 64 for He et al.; times k for a Wide ResNet), the BN-ReLU the last unit leaves out, pooling, linear."""
 
-    `widths` are the units' inner widths (16, 32, 64 for He et al.; times k for a Wide ResNet)."""
-
-    def __init__(
-        self, block: type[PreActBlock], blocks_per_stage: int, widths=(16, 32, 64), num_classes=10, dropout=0.0
-    ):
+    def __init__(self, block, blocks_per_stage: int, widths=(16, 32, 64), num_classes=10, dropout=0.0):
         super().__init__()
-        self.conv1 = conv3x3(3, 16)
+        self.conv1 = conv(3, 16, 3)
         stages, channels = [], 16
         for index, width in enumerate(widths):
             units = []
@@ -419,11 +371,8 @@ PreActBlock(16, 32, stride=2)
 
 # %% Wide ResNet (Zagoruyko and Komodakis 2016): fewer, wider pre-activation units
 def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0) -> PreActResNet:
-    """WRN-d-k: the pre-activation basic unit with k times the width (16k, 32k, 64k channels) and
-    n = (d - 4) / 6 units per stage. With k > 1 every stage changes the width in its first unit (stage 1
-    goes from the stem's 16 channels to 16k), so all three stages open with a 1x1 projection shortcut, and
-    the paper's d counts the stem, the 6n convolutions of the units and those three projections:
-    1 + 6n + 3 = 6n + 4. Its dropout (0.3 on CIFAR) sits between the two convolutions of each unit."""
+    """WRN-d-k: pre-activation basic units k times wider (16k, 32k, 64k channels), n = (d - 4) / 6 per stage. All
+    three stages open with a 1x1 projection, and d counts the stem, the 6n convolutions and those three: 6n + 4."""
     helpers.require((depth - 4) % 6 == 0 and depth > 4, f"a Wide ResNet has depth 6n+4, e.g. 16, 28, 40 (got {depth})")
     helpers.require(widen_factor >= 1, f"the widening factor k must be at least 1 (got {widen_factor})")
     widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
@@ -431,8 +380,7 @@ def wide_resnet(depth: int, widen_factor: int, num_classes: int = 10, dropout: f
 
 
 def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
-    """ImageNet WRN-50-2-bottleneck: lesson 02's ResNet-50 with the bottleneck's inner width doubled
-    (the 1x1 reduction and the 3x3 convolution); the blocks' output widths stay those of ResNet-50."""
+    """ImageNet WRN-50-2: ResNet-50 with the bottleneck's inner width doubled; output widths unchanged."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
 
 
@@ -441,16 +389,12 @@ def wide_resnet50_2(num_classes: int = 1000) -> nn.Module:
 
 
 # %% ResNeXt (Xie et al. 2017): a bottleneck whose 3x3 convolution is split into C groups
-# The ResNeXt block is lesson 02's Bottleneck with its 3x3 convolution split into `groups` independent groups
-# (the cardinality C) of `base_width` channels per 64 of the stage's width (d): Xie et al. 2017, Fig. 3c.
-# It computes y = relu(x + sum_{i=1}^{C} T_i(x)) (Eq. 3): each group is one narrow path T_i (1x1 reduce to d,
-# 3x3, 1x1 expand), and the last 1x1 convolution adds the C paths up, because a 1x1 convolution over
-# concatenated groups is the sum of 1x1 convolutions over each group (`aggregated_paths` checks this
-# numerically). With groups=1 and a larger base width it is the Wide ResNet bottleneck. The arguments and the
-# layer names are torchvision's, so a model built from a seed equals torchvision's built from the same seed.
+# The ResNeXt block is lesson 02's Bottleneck with its 3x3 convolution split into C = `groups` groups of d channels
+# (Xie et al. 2017, Fig. 3c). It computes y = relu(x + sum_{i=1}^{C} T_i(x)) (Eq. 3): each group is one narrow path
+# T_i (1x1 reduce to d, 3x3, 1x1 expand), and the last 1x1 convolution sums the C paths, since a 1x1 convolution
+# over concatenated groups is the sum of 1x1 convolutions over each (`aggregated_paths` checks this numerically).
 def resnext50_32x4d(num_classes: int = 1000) -> nn.Module:
-    """ResNeXt-50 (32x4d): lesson 02's ResNet-50 built from bottlenecks with 32 groups of 4 channels per 64
-    of width (128 channels inside the first stage's blocks, twice ResNet-50's 64, at about the same cost)."""
+    """ResNeXt-50 (32x4d): ResNet-50 with 32 groups of 4 channels per 64 of width in each bottleneck."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, groups=32, width_per_group=4)
 
 
@@ -484,7 +428,7 @@ class CifarResNeXt(nn.Module):
         helpers.require((depth - 2) % 9 == 0 and depth > 2, f"a CIFAR ResNeXt has depth 9n+2, e.g. 29 (got {depth})")
         blocks_per_stage = (depth - 2) // 9
         make_block = functools.partial(Bottleneck, groups=cardinality, base_width=base_width)
-        self.conv1, self.bn1 = conv3x3(3, 64), nn.BatchNorm2d(64)
+        self.conv1, self.bn1 = conv(3, 64, 3), nn.BatchNorm2d(64)
         self.layer1 = make_stage(make_block, 64, 64, blocks_per_stage, stride=1)
         self.layer2 = make_stage(make_block, 256, 128, blocks_per_stage, stride=2)
         self.layer3 = make_stage(make_block, 512, 256, blocks_per_stage, stride=2)
@@ -509,8 +453,8 @@ class DenseLayer(nn.Module):
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int = 4):
         super().__init__()
-        self.norm1, self.conv1 = nn.BatchNorm2d(in_channels), conv1x1(in_channels, bn_size * growth_rate)
-        self.norm2, self.conv2 = nn.BatchNorm2d(bn_size * growth_rate), conv3x3(bn_size * growth_rate, growth_rate)
+        self.norm1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, bn_size * growth_rate, 1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(bn_size * growth_rate), conv(bn_size * growth_rate, growth_rate, 3)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(features, dim=1)  # [x_0, x_1, ..., x_{l-1}]: (B, C_0 + (l-1) k, H, W)
@@ -534,26 +478,24 @@ class DenseBlock(nn.ModuleDict):
 
 
 class Transition(nn.Module):
-    """Between dense blocks: BN-ReLU-1x1 conv keeping a fraction theta of the channels (compression,
-    DenseNet-C), then 2x2 average pooling. (B, C, H, W) -> (B, floor(theta C), H/2, W/2)"""
+    """BN-ReLU-1x1 conv to theta C channels (compression), 2x2 average pool: (B, C, H, W) -> (B, theta C, H/2, W/2)"""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm, self.conv = nn.BatchNorm2d(in_channels), conv1x1(in_channels, out_channels)
+        self.norm, self.conv = nn.BatchNorm2d(in_channels), conv(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
 
 
 class DenseNet(nn.Module):
-    """DenseNet-BC with torchvision's module names (`features.denseblock1.denselayer1.conv1`, ...), so that
-    torchvision's state_dicts load into it. `cifar=True` swaps the ImageNet stem (7x7/2 conv, max pool)
-    for one 3x3 convolution to 2k channels, as the paper does for its CIFAR nets."""
+    """DenseNet-BC with torchvision's module names, so that its state_dicts load. `cifar=True`: the paper's CIFAR
+    stem, one 3x3 convolution to 2k channels, instead of the 7x7/2 conv and max pool."""
 
     def __init__(self, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
                  compression=0.5, num_classes=1000, cifar=False):  # fmt: skip
         super().__init__()
-        stem = [("conv0", conv3x3(3, num_init_features))]
+        stem = [("conv0", conv(3, num_init_features, 3))]
         if not cifar:
             stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
                     ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
@@ -586,8 +528,7 @@ def densenet121(num_classes: int = 1000) -> DenseNet:
 
 
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10) -> DenseNet:
-    """CIFAR DenseNet-BC with L = depth: three dense blocks of (L - 4) / 6 bottleneck layers (2 convolutions
-    each), 2k stem channels, compression 0.5."""
+    """CIFAR DenseNet-BC: three dense blocks of (depth - 4) / 6 bottleneck layers, 2k stem channels, theta 0.5."""
     helpers.require((depth - 4) % 6 == 0 and depth > 4, f"a CIFAR DenseNet-BC has depth 6n+4 (got {depth})")
     n = (depth - 4) // 6
     return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, cifar=True)
@@ -599,8 +540,7 @@ DenseLayer(64, 12)
 
 # %% Squeeze-and-Excitation (Hu et al. 2018): rescale the branch's channels by a gate computed from itself
 class SqueezeExcitation(nn.Module):
-    """Squeeze (global average pool), excite (a two-layer bottleneck MLP with reduction r and a sigmoid),
-    scale (multiply each channel by its gate in (0, 1))."""
+    """Squeeze (global average pool), excite (an MLP with C / r hidden units and a sigmoid), scale each channel."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
@@ -616,8 +556,7 @@ class SqueezeExcitation(nn.Module):
 
 
 class SEBottleneck(Bottleneck):
-    """Lesson 02's bottleneck with an SE module at the end of the residual branch, before the addition
-    (Hu et al. 2018, Fig. 3): y = relu(x + SE(F(x))). The identity path is left alone."""
+    """Lesson 02's bottleneck with SE at the end of the branch: y = relu(x + SE(F(x))) (Hu et al. 2018, Fig. 3)."""
 
     reduction = 16  # r: the excitation MLP's hidden layer has C / r units
 
@@ -646,7 +585,7 @@ class SECifarResNet(CifarResNet):
     """Lesson 02's CIFAR ResNet (option A shortcuts) with SE basic blocks in its three stages."""
 
     def __init__(self, depth: int, num_classes: int = 10):
-        super().__init__(depth, num_classes, shortcut="A")
+        super().__init__(depth, num_classes)  # then its stages are replaced (kept so for the seeds' numbers)
         n = (depth - 2) // 6
         self.layer1 = make_stage(SEBasicBlock, 16, 16, n, stride=1)
         self.layer2 = make_stage(SEBasicBlock, 16, 32, n, stride=2)
@@ -666,60 +605,43 @@ SqueezeExcitation(256)
 # %% Every variant by name, with what its paper reports
 _cifar = functools.partial  # a CIFAR builder with its arguments fixed: builder(num_classes)
 CIFAR_VARIANTS = {  # name -> builder(num_classes): the CIFAR networks of the papers, 32x32 inputs
-    "resnet20": CIFAR_MODELS["resnet20"],
-    "resnet110": CIFAR_MODELS["resnet110"],
-    "preact_resnet164": _cifar(preact_resnet, 164),
-    "wrn_16_8": _cifar(wide_resnet, 16, 8),
-    "wrn_40_4": _cifar(wide_resnet, 40, 4),
-    "wrn_28_10": _cifar(wide_resnet, 28, 10),
+    "resnet20": CIFAR_MODELS["resnet20"], "resnet110": CIFAR_MODELS["resnet110"],
+    "preact_resnet164": _cifar(preact_resnet, 164), "wrn_16_8": _cifar(wide_resnet, 16, 8),
+    "wrn_40_4": _cifar(wide_resnet, 40, 4), "wrn_28_10": _cifar(wide_resnet, 28, 10),
     "resnext29_8x64d": lambda num_classes=10: CifarResNeXt(8, 64, 29, num_classes),
     "densenet_bc_100_12": _cifar(densenet_bc, 100, 12),
-}
+}  # fmt: skip
 IMAGENET_VARIANTS = {  # name -> builder(num_classes): 224x224 inputs
-    "resnet50": resnet50,
-    "wide_resnet50_2": wide_resnet50_2,
-    "resnext50_32x4d": resnext50_32x4d,
-    "densenet121": densenet121,
-    "se_resnet50": se_resnet50,
-}
+    "resnet50": resnet50, "wide_resnet50_2": wide_resnet50_2, "resnext50_32x4d": resnext50_32x4d,
+    "densenet121": densenet121, "se_resnet50": se_resnet50,
+}  # fmt: skip
 SMALL_CIFAR_VARIANTS = {  # the equal-budget comparison: small members of each family
-    "resnet20": CIFAR_MODELS["resnet20"],
-    "preact_resnet20": _cifar(preact_resnet, 20),
-    "se_resnet20": _cifar(SECifarResNet, 20),
-    "wrn_16_2": _cifar(wide_resnet, 16, 2),
+    "resnet20": CIFAR_MODELS["resnet20"], "preact_resnet20": _cifar(preact_resnet, 20),
+    "se_resnet20": _cifar(SECifarResNet, 20), "wrn_16_2": _cifar(wide_resnet, 16, 2),
     "densenet_bc_40_12": _cifar(densenet_bc, 40, 12),
-}
-# Parameter counts the issue and torchvision give (CIFAR nets with 10 classes, ImageNet nets with 1000).
+}  # fmt: skip
+# Parameter counts the papers and torchvision give (CIFAR nets with 10 classes, ImageNet nets with 1000):
+# He et al. 2016 Table 4 "1.7M"; Zagoruyko and Komodakis 2016 "11.0M" and "36.5M"; Xie et al. 2017 Table 7
+# "34.4M"; Huang et al. 2017 Table 2 "0.8M"; torchvision; SE-ResNet-50 = ResNet-50's 25,557,032 + 2,530,992 in SE.
 EXPECTED_PARAMETERS = {
-    "preact_resnet164": 1_703_258,  # "1.7M" (He et al. 2016, Table 4)
-    "wrn_16_8": 10_961_370,  # "11.0M" (Zagoruyko and Komodakis 2016)
-    "wrn_40_4": 8_949_210,
-    "wrn_28_10": 36_479_194,
-    "resnext29_8x64d": 34_426_698,  # "34.4M" (Xie et al. 2017, Table 7)
-    "densenet_bc_100_12": 769_162,  # "0.8M" (Huang et al. 2017, Table 2)
-    "wide_resnet50_2": 68_883_240,  # torchvision
-    "resnext50_32x4d": 25_028_904,  # torchvision
-    "densenet121": 7_978_856,  # torchvision
-    "se_resnet50": 28_088_024,  # ResNet-50's 25,557,032 + 2,530,992 in the SE modules
-}
+    "preact_resnet164": 1_703_258, "wrn_16_8": 10_961_370, "wrn_40_4": 8_949_210, "wrn_28_10": 36_479_194,
+    "resnext29_8x64d": 34_426_698, "densenet_bc_100_12": 769_162, "wide_resnet50_2": 68_883_240,
+    "resnext50_32x4d": 25_028_904, "densenet121": 7_978_856, "se_resnet50": 28_088_024,
+}  # fmt: skip
 # Test error (%) each paper reports: CIFAR-10 with standard augmentation (crop + flip) for the CIFAR nets,
 # ImageNet top-1 on single 224x224 centre crops for the ImageNet nets.
 PAPER_ERRORS = {
-    "resnet20": (8.75, "He et al. 2015, Table 6"),
-    "resnet110": (6.43, "He et al. 2015, Table 6"),
-    "preact_resnet164": (5.46, "He et al. 2016, Table 3"),
-    "preact_resnet1001": (4.92, "He et al. 2016, Table 3"),
+    "resnet20": (8.75, "He et al. 2015, Table 6"), "resnet110": (6.43, "He et al. 2015, Table 6"),
+    "preact_resnet164": (5.46, "He et al. 2016, Table 3"), "preact_resnet1001": (4.92, "He et al. 2016, Table 3"),
     "wrn_16_8": (4.27, "Zagoruyko & Komodakis 2016, CIFAR table"),
     "wrn_40_4": (4.53, "Zagoruyko & Komodakis 2016, CIFAR table"),
     "wrn_28_10": (4.00, "Zagoruyko & Komodakis 2016 (3.89 w/ dropout)"),
-    "resnext29_8x64d": (3.65, "Xie et al. 2017, Table 7"),
-    "densenet_bc_100_12": (4.51, "Huang et al. 2017, Table 2"),
+    "resnext29_8x64d": (3.65, "Xie et al. 2017, Table 7"), "densenet_bc_100_12": (4.51, "Huang et al. 2017, Table 2"),
     "resnet50": (23.9, "Xie et al. 2017, Table 3 (their ResNet-50)"),
     "wide_resnet50_2": (21.9, "Zagoruyko & Komodakis 2016, ImageNet table"),
-    "resnext50_32x4d": (22.2, "Xie et al. 2017, Table 3"),
-    "densenet121": (25.02, "Huang et al. 2017, Table 3"),
+    "resnext50_32x4d": (22.2, "Xie et al. 2017, Table 3"), "densenet121": (25.02, "Huang et al. 2017, Table 3"),
     "se_resnet50": (23.29, "Hu et al. 2018, Table 2"),
-}
+}  # fmt: skip
 
 
 # What each paper reports (test error, %), next to which the lesson prints its own measurements.
@@ -737,12 +659,10 @@ def peak_memory_bytes(step: Callable[[], None], model: nn.Module, optimizer, dev
         step()
         helpers.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:  # a torch build without torch.distributed
-        return None
     if device.type != "cpu":
         return None
+    from torch.distributed._tools.mem_tracker import MemTracker
+
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
     with tracker:
@@ -779,10 +699,7 @@ def variant_table(cfg, device: torch.device) -> list[dict]:
     for name, build, family, num_classes, native, timed in helpers.Progress(jobs, "timing variants"):
         torch.manual_seed(cfg.seed)
         model = build(num_classes=num_classes)
-        parameters, timing = (
-            helpers.count_parameters(model),
-            {"forward_ms": None, "train_step_ms": None, "peak_mb": None},
-        )
+        parameters, timing = helpers.count_parameters(model), dict.fromkeys(("forward_ms", "train_step_ms", "peak_mb"))
         if cfg.measure_latency:
             timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
         state_mb = 3 * parameters * 4 / 1e6  # fp32 weights, their gradients and SGD's momentum buffers, in MB
@@ -808,13 +725,10 @@ f"resnet8: {helpers.count_multiply_adds(cifar_resnet(8), (1, 3, 32, 32)) / 1e6:.
 
 # %% A 1001-layer pre-activation ResNet at initialisation
 def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device) -> dict:
-    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images, recording for every
-    unit the size of its input x_l and of the gradient dE/dx_l that reaches it.
-
-    He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)). The 1 is the identity path: it
-    carries dE/dx_L to every earlier unit directly, so the gradient is unlikely to be cancelled out, since the sum
-    is not -1 for all samples of a mini-batch (the paper's argument). Where a stage changes width the shortcut is a
-    projection, and the argument does not reach across it. This run measures what happens."""
+    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images: the RMS of every
+    unit's input x_l and of dE/dx_l. He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i));
+    the 1 (the identity path) makes the gradient unlikely to be cancelled out (the paper's argument). Across a
+    stage's projection shortcut the argument does not reach; this run measures what happens."""
     torch.manual_seed(seed)
     model = preact_resnet(depth).to(device).train()
     units, unit_inputs = [m for m in model.modules() if isinstance(m, PreActBlock)], []
@@ -928,9 +842,7 @@ def plot(results: dict, path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
     for ax, family in zip(axes, ("CIFAR", "ImageNet")):  # one panel each: their errors lie 15 points apart
         rows = [r for r in results["variants"] if r["data"] == family]
-        ax.scatter(
-            [r["GMACs"] for r in rows], [r["paper_err_%"] for r in rows], color="C0" if family == "CIFAR" else "C1"
-        )
+        ax.scatter([r["GMACs"] for r in rows], [r["paper_err_%"] for r in rows], color=f"C{family == 'ImageNet':d}")
         for r in rows:  # each label placed by hand beside its point, clear of its close neighbours
             dx, dy = LABEL_OFFSETS.get(r["model"], (5, 3))
             ax.annotate(r["model"], (r["GMACs"], r["paper_err_%"]), xytext=(dx, dy), textcoords="offset points",

@@ -114,30 +114,23 @@ LOSS_COLOUR_CAP = 10.0  # Li et al.'s plot_2D.py draws contours up to a loss of 
 helpers.config(globals(), {})  # the values main() starts from (a notebook shows them)
 
 
-# %% Lesson 02's blocks and CIFAR ResNet and lesson 03's training recipe, repeated here in compact form so that this
-# lesson stands alone;
-# tests/test_standalone.py proves each copy equal to its original.
+# %% Lesson 02's blocks and CIFAR ResNet and lesson 03's training recipe, repeated here in compact form (only what
+# this lesson uses) so that it stands alone; tests/test_standalone.py proves each copy equal to its original.
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
-
-
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return conv(in_channels, out_channels, 3, stride)
 
 
 def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # W_s x (Eq. 2), option B
     return nn.Sequential(conv(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels))
 
 
-class ShortcutA(nn.Module):
-    """Option A: subsample, then zero-pad the new channels; no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
-
+class ShortcutA(nn.Module):  # option A: subsample, then zero-pad the new channels; no parameters
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.new_channels, self.stride = out_channels - in_channels, stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.new_channels))
 
 
 class PlainBlock(nn.Module):
@@ -161,30 +154,23 @@ class BasicBlock(PlainBlock):
         changes = stride != 1 or in_channels != width
         self.downsample = make_shortcut(in_channels, width, stride) if changes else None
 
-    last_bn = property(lambda self: self.bn2)
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x) + self.shortcut(x))  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.branch(x) + shortcut)  # y = relu(F(x, {W_i}) + x)  (Eq. 1)
 
 
 class Bottleneck(BasicBlock):
-    """1x1 reduce, 3x3 (the stride here: "v1.5"; in `groups` groups of base_width / 64 * width), 1x1 expand to 4w."""
+    """1x1 reduce, 3x3 (the stride here: "v1.5"), 1x1 expand to 4w."""
 
     expansion = 4
 
-    def __init__(self, in_channels, width, stride=1, make_shortcut=projection_shortcut, groups=1, base_width=64):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection_shortcut):
         nn.Module.__init__(self)
-        inner, out_channels = int(width * (base_width / 64.0)) * groups, 4 * width
-        self.conv1, self.bn1 = conv(in_channels, inner, 1), nn.BatchNorm2d(inner)
-        self.conv2, self.bn2 = conv(inner, inner, 3, stride, groups), nn.BatchNorm2d(inner)
-        self.conv3, self.bn3 = conv(inner, out_channels, 1), nn.BatchNorm2d(out_channels)
-        changes = stride != 1 or in_channels != out_channels
-        self.downsample = make_shortcut(in_channels, out_channels, stride) if changes else None
-
-    last_bn = property(lambda self: self.bn3)
+        self.conv1, self.bn1 = conv(in_channels, width, 1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv(width, width, 3, stride), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = conv(width, 4 * width, 1), nn.BatchNorm2d(4 * width)
+        changes = stride != 1 or in_channels != 4 * width
+        self.downsample = make_shortcut(in_channels, 4 * width, stride) if changes else None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))  # (B, C_in, H, W) -> (B, w, H/s, W/s)
@@ -199,33 +185,23 @@ def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride
     return nn.Sequential(*blocks)
 
 
-def init_like_torchvision(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    for module in model.modules() if zero_init_residual else ():  # after the loop above, which sets every scale to 1
-        if hasattr(module, "last_bn"):
-            nn.init.zeros_(module.last_bn.weight)
-    return model
-
-
 class CifarResNet(nn.Module):
-    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters,
-    global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes every shortcut."""
+    """He et al. 2015, section 4.2: a 3x3 conv with 16 filters, three stages of n blocks at 16, 32, 64 filters
+    (option A shortcuts), global average pooling and a linear layer: 6n + 2 weighted layers. `plain=True` removes
+    every shortcut."""
 
-    def __init__(self, depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False):
+    def __init__(self, depth: int, num_classes: int = 10, plain: bool = False):
         super().__init__()
-        n, shortcut_of = (depth - 2) // 6, ShortcutA if shortcut == "A" else projection_shortcut
-        make_block = PlainBlock if plain else functools.partial(BasicBlock, make_shortcut=shortcut_of)
+        n = (depth - 2) // 6
+        make_block = PlainBlock if plain else functools.partial(BasicBlock, make_shortcut=ShortcutA)
         self.conv1, self.bn1 = conv(3, 16, 3), nn.BatchNorm2d(16)
         self.layer1 = make_stage(make_block, 16, 16, n, stride=1)
         self.layer2 = make_stage(make_block, 16, 32, n, stride=2)
         self.layer3 = make_stage(make_block, 32, 64, n, stride=2)
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(64, num_classes)
-        init_like_torchvision(self, zero_init_residual)
+        for module in self.modules():  # He et al.'s init, as torchvision applies it
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))  # (B, 3, 32, 32) -> (B, 16, 32, 32)
@@ -235,8 +211,8 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(self.forward_features(x)).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
 
 
-def cifar_resnet(depth: int, num_classes=10, shortcut="A", plain=False, zero_init_residual=False) -> CifarResNet:
-    return CifarResNet(depth, num_classes, shortcut, plain, zero_init_residual)
+def cifar_resnet(depth: int, num_classes: int = 10, plain: bool = False) -> CifarResNet:
+    return CifarResNet(depth, num_classes, plain)
 
 
 # Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here without the options this lesson does not use
@@ -261,9 +237,8 @@ def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_miles
         with helpers.autocast(device, amp_dtype):
             logits = model(helpers.normalize(images, data.mean, data.std))
             loss = F.cross_entropy(logits.float(), labels)
-        helpers.require(
-            torch.isfinite(loss).item(), f"the training loss became {loss.item()} at step {step} (lower --lr)"
-        )
+        diverged = f"the training loss became {loss.item()} at step {step} (lower --lr)"
+        helpers.require(torch.isfinite(loss).item(), diverged)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -443,25 +418,18 @@ def compare_shares(plain: list[float], residual: list[float]) -> dict:
     mean = float(np.mean(differences))
     spread = float(np.ptp(differences)) if len(differences) > 1 else float("inf")
     same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
-    return {
-        "differences": differences,
-        "mean_difference": mean,
-        "spread": spread,
-        "holds": bool(same_sign and abs(mean) > spread),
-    }
+    return {"differences": differences, "mean_difference": mean, "spread": spread,
+            "holds": bool(same_sign and abs(mean) > spread)}  # fmt: skip
 
 
 def summarize_surface(coords: np.ndarray, surface: np.ndarray, radius: float) -> dict:
     """The numbers printed beside the landscape, all read off the grid."""
     centre = len(coords) // 2
     centre_loss = float(surface[centre, centre])
-    return {
-        "centre_loss": centre_loss,
-        "min_loss": float(surface.min()),
-        "rise_at_radius": circle_mean(coords, surface, radius) - centre_loss,
-        "max_rise": float(surface.max()) - centre_loss,
-        "upward_curving_share": upward_curving_share(coords, surface),
-    }
+    return {"centre_loss": centre_loss, "min_loss": float(surface.min()),
+            "rise_at_radius": circle_mean(coords, surface, radius) - centre_loss,
+            "max_rise": float(surface.max()) - centre_loss,
+            "upward_curving_share": upward_curving_share(coords, surface)}  # fmt: skip
 
 
 # Filter by filter, a filter-normalised direction has the norm of the weights it perturbs.
@@ -505,28 +473,20 @@ def landscape_network(cfg, data: helpers.ImageData, plain: bool, device, amp_dty
     checkpoint = cfg.plain_checkpoint if plain else cfg.residual_checkpoint
     if checkpoint:
         load_weights(model, checkpoint)
-        return model.to(device), {
-            "source": checkpoint,
-            "final_train_loss": float("nan"),
-            "final_train_error": float("nan"),
-        }
+        return model.to(device), {"source": checkpoint, "final_train_loss": np.nan, "final_train_error": np.nan}
     history = sgd_train(model, data, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                         warmup_steps=cfg.warmup_steps, lr_milestones=(cfg.train_steps // 2, cfg.train_steps * 3 // 4),
                         device=device, generator=torch.Generator().manual_seed(cfg.seed), amp_dtype=amp_dtype,
                         augment=cfg.full, desc="plain" if plain else "residual")  # fmt: skip
     tail = max(1, len(history) // 10)
-    return model, {
-        "source": f"trained here for {cfg.train_steps} steps",
-        "final_train_loss": float(np.mean([h["loss"] for h in history[-tail:]])),
-        "final_train_error": float(np.mean([h["error"] for h in history[-tail:]])),
-    }
+    return model, {"source": f"trained here for {cfg.train_steps} steps",
+                   "final_train_loss": float(np.mean([h["loss"] for h in history[-tail:]])),
+                   "final_train_error": float(np.mean([h["error"] for h in history[-tail:]]))}  # fmt: skip
 
 
 # The two landscape networks have the same layers and parameters; only the shortcuts differ.
-{
-    kind: f"{helpers.count_parameters(cifar_resnet(LANDSCAPE_DEPTH, plain=kind == 'plain')):,} parameters"
-    for kind in ("plain", "residual")
-}
+{kind: f"{helpers.count_parameters(cifar_resnet(LANDSCAPE_DEPTH, plain=kind == 'plain')):,} parameters"
+ for kind in ("plain", "residual")}  # fmt: skip
 
 
 # %% Feature maps after the stem and each stage
@@ -547,16 +507,9 @@ def feature_table(features: list[tuple[str, torch.Tensor]]) -> list[dict]:
     rows = []
     for name, x in features[1:]:
         _, channels, height, width = x.shape
-        rows.append(
-            {
-                "stage": name,
-                "channels": channels,
-                "size": f"{height}x{width}",
-                "mean": x.mean().item(),
-                "zero_share": (x == 0).float().mean().item(),
-                "dead_channels": int((x.flatten(2).amax(2) == 0).sum().item()),
-            }
-        )
+        rows.append({"stage": name, "channels": channels, "size": f"{height}x{width}", "mean": x.mean().item(),
+                     "zero_share": (x == 0).float().mean().item(),
+                     "dead_channels": int((x.flatten(2).amax(2) == 0).sum().item())})  # fmt: skip
     return rows
 
 
@@ -660,11 +613,8 @@ def plot_architecture(specs: list[dict], path: Path) -> Path:
 
         def box(y, label, shape, ax=ax, width=width, height=height):
             colour = next((c for key, c in LAYER_COLOURS.items() if key in label), "#eeeeee")
-            ax.add_patch(
-                FancyBboxPatch(
-                    (-width / 2, y - height / 2), width, height, boxstyle="round,pad=0.03", fc=colour, ec="black"
-                )
-            )
+            corner = (-width / 2, y - height / 2)
+            ax.add_patch(FancyBboxPatch(corner, width, height, boxstyle="round,pad=0.03", fc=colour, ec="black"))
             ax.text(0, y + 0.09, label, ha="center", va="center", fontsize=9.5, weight="bold")
             ax.text(0, y - 0.16, shape, ha="center", va="center", fontsize=8, family="monospace")
 
@@ -684,9 +634,8 @@ def plot_architecture(specs: list[dict], path: Path) -> Path:
         # the skip path: leaves the input box, runs down the side, enters the addition
         skip_x = 1.6
         ax.plot([width / 2, skip_x, skip_x], [top, top, add_y], color="#cc0000", lw=2)
-        ax.annotate(
-            "", xy=(0.22, add_y), xytext=(skip_x, add_y), arrowprops={"arrowstyle": "->", "lw": 2, "color": "#cc0000"}
-        )
+        red_arrow = {"arrowstyle": "->", "lw": 2, "color": "#cc0000"}
+        ax.annotate("", xy=(0.22, add_y), xytext=(skip_x, add_y), arrowprops=red_arrow)
         ax.text(skip_x + 0.08, (top + add_y) / 2, spec["skip"], color="#cc0000", fontsize=9, rotation=90, va="center")
         ax.text(-0.3, add_y, "F(x) + x", ha="right", va="center", fontsize=9)
         y = add_y - 0.45 - height / 2
@@ -715,14 +664,8 @@ def plot_gradient_flow(runs: list[dict], path: Path) -> Path:
             colour = colours[depths.index(run["depth"])]
             grads = [layer["grad_rms"] for layer in run["layers"]]
             label = f"{'plain' if run['plain'] else 'residual'}-{run['depth']}"
-            ax.plot(
-                range(1, len(grads) + 1),
-                grads,
-                color=colour,
-                ls="--" if run["plain"] else "-",
-                lw=1.3 if run["plain"] else 1.8,
-                label=label,
-            )
+            ax.plot(range(1, len(grads) + 1), grads, color=colour, ls="--" if run["plain"] else "-",
+                    lw=1.3 if run["plain"] else 1.8, label=label)  # fmt: skip
         ax.set_yscale("log")
         ax.set_xlabel("weighted layer (1 = first convolution, last = classifier)")
         ax.set_title(f"{'with' if batch_norm else 'without'} batch norm")

@@ -110,13 +110,8 @@ EXERCISES = {  # Try this, runnable as --exercise N: the flags of each, or (a st
     7: {**SMALL, "device": "cpu", "precision": "fp32", "epochs": 1},
 }
 
-FULL_OVERRIDES = {
-    "model": "cifar_resnet18",
-    "epochs": 200,
-    "batch_size": 128,
-    "schedule": "cosine",
-    "warmup_epochs": 5.0,
-}
+FULL_OVERRIDES = {"model": "cifar_resnet18", "epochs": 200, "batch_size": 128, "schedule": "cosine",
+                  "warmup_epochs": 5.0}  # fmt: skip
 SCHEDULES = ("onecycle", "cosine")
 MODELS = (*(f"resnet{d}" for d in (8, 20, 32, 44, 56, 110)), *(f"cifar_resnet{d}" for d in (18, 34, 50, 101, 152)))
 FIRST_LOSSES = 8  # losses of the run's first steps kept in results.json (to compare runs step by step)
@@ -129,8 +124,7 @@ helpers.config(globals(), {}, FULL_OVERRIDES)  # the settings a run with no flag
 # copies float32 (4x the bytes of uint8) to the device. Here a step indexes a batch, then crops, flips and cuts
 # out all its images with a few tensor operations on the device. benchmarks/pipeline_throughput.py measures both.
 def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero one random `size` x `size` square per image (DeVries and Taylor 2017), possibly partly outside.
-    (B, C, H, W) -> (B, C, H, W), dtype kept."""
+    """Zero one random `size` x `size` square per image, possibly partly outside (DeVries and Taylor 2017)."""
     batch, _, height, width = images.shape
     centres = torch.randint(0, height, (2, batch), generator=generator).to(images.device)  # (2, B)
     in_rows = (torch.arange(height, device=images.device)[None] - centres[0, :, None]).abs() <= size // 2  # (B, H)
@@ -159,11 +153,9 @@ f"{tuple(example.shape)} {example.dtype} -> {tuple(augmented.shape)} {augmented.
 
 # %% Optimiser and schedule
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution and linear weights only (the tensors with more than one dimension here), none on
-    batch norm's scale and shift or on biases. Before batch norm a weight's scale does not change the function, so
-    decay there raises the effective learning rate, about lr / ||W||^2 (van Laarhoven 2017); decaying BN's gamma
-    would pull every residual branch towards zero. A common practice (Goyal et al. 2017 follow it without reporting
-    a gain from it); not measured here."""
+    """Decay on convolution and linear weights (ndim > 1) only. Before batch norm a weight's scale does not change the
+    function, so decay there raises the effective learning rate, about lr / ||W||^2 (van Laarhoven 2017); decay on
+    BN's gamma would pull every residual branch towards zero. A common practice; not measured here."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay, "name": "weights"},
@@ -197,17 +189,13 @@ class StopTraining(helpers.UserError):
 
 def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop, ddp):
     """Train from `run["step"]` to the end of epoch `run["epoch"]`, or until a stop request reaches every process.
-
-    The epoch's order comes from the order generator's state saved at the epoch's start, so a run stopped at step k
-    rebuilds the same order and skips k batches. Loss sums stay on the device between read-outs (reading a number
-    from a GPU waits for all queued work). Under torchrun each process trains on its slice of every global batch."""
+    The order generator restarts from its state at the epoch's start, so a run stopped at step k rebuilds the same
+    order and skips k batches. Loss sums stay on the device between read-outs (a read-out waits for the GPU)."""
     order_generator, augment_generator = generators
     order_generator.set_state(run["order_state"])
     batches = list(helpers.epoch_batches(len(data.train_x), cfg.batch_size, order_generator))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    sums = torch.zeros(
-        2, device=device
-    )  # loss and correct answers since the last read-out (float32: MPS has no float64)
+    sums = torch.zeros(2, device=device)  # loss and correct answers since the last read-out (MPS has no float64)
     first_losses = run.setdefault("first_losses", [])
     steps = range(run["step"], len(batches))
     progress = helpers.Progress(steps, f"epoch {run['epoch'] + 1}", unit="img", scale=cfg.batch_size)
@@ -234,9 +222,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
             run["loss_sum"], run["correct"] = run["loss_sum"] + totals[0], run["correct"] + int(totals[1])
             mean_loss = run["loss_sum"] / run["seen"]  # NaN and infinity are sticky in a sum
             if not math.isfinite(mean_loss):
-                raise StopTraining(
-                    f"the training loss became {mean_loss} in epoch {run['epoch'] + 1} by step {run['step']}"
-                )
+                where = f"in epoch {run['epoch'] + 1}, step {run['step']}"
+                raise StopTraining(f"the training loss became {mean_loss} {where}")
             progress.set_postfix_str(f"loss {mean_loss:.3f} lr {scheduler.get_last_lr()[0]:.4f}")
             if totals[2] > 0:  # a stop request reached some process: all stop at this same step
                 stop["stop"] = True
@@ -274,22 +261,19 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
     results = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     if cfg.tta:
         mirrored = helpers.evaluate(model, data.test_x.flip(3), data.test_y, *args)["logits"]  # flip along W
-        results["test_accuracy_flip_tta"] = (
-            (((test["logits"] + mirrored) / 2).argmax(1) == data.test_y).float().mean().item()
-        )
+        both = (test["logits"] + mirrored) / 2
+        results["test_accuracy_flip_tta"] = (both.argmax(1) == data.test_y).float().mean().item()
     confidence = test["logits"].softmax(1).max(1).values
     wrong = (predictions != data.test_y).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][: cfg.num_mistakes]
     results |= {"per_class_accuracy": dict(zip(data.classes, per_class)), "confusion_matrix": matrix}
-    results["most_confident_mistakes"] = [{"index": int(i), "true": data.classes[int(data.test_y[i])],
-                                           "predicted": data.classes[int(predictions[i])],
-                                           "confidence": float(confidence[i])} for i in worst]  # fmt: skip
+    results["most_confident_mistakes"] = [{"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted":
+        data.classes[int(predictions[i])], "confidence": float(confidence[i])} for i in worst]  # fmt: skip
     counts = matrix.sum(1).tolist()
     rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
     print()
-    helpers.print_table(
-        rows, "class test_accuracy_%:.1f images:d", f"Per-class test accuracy, best epoch ({best_epoch})"
-    )
+    title = f"Per-class test accuracy, best epoch ({best_epoch})"
+    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", title)
     weakest = min(range(data.num_classes), key=lambda k: per_class[k] if counts[k] else 2.0)
     confused = sorted(((int(n), data.classes[k]) for k, n in enumerate(matrix[weakest]) if k != weakest), reverse=True)
     results["weakest_class"] = {"class": data.classes[weakest], "called": {name: n for n, name in confused[:3]}}
@@ -320,13 +304,12 @@ def draw_figures(t: dict, cfg, data, matrix: torch.Tensor, mistakes: dict, out: 
         ax.legend()
     paths = [helpers.save_figure(fig, out / "curves.png")]
     fig, ax = plt.subplots(figsize=(8, 6.5))
-    names = {"xticklabels": data.classes, "yticklabels": data.classes}
-    sns.heatmap(matrix.cpu().numpy(), annot=True, fmt="d", cmap="Blues", ax=ax, **names)
+    sns.heatmap(matrix.cpu().numpy(), annot=True, fmt="d", cmap="Blues", ax=ax, xticklabels=data.classes,
+                yticklabels=data.classes)  # fmt: skip
     ax.set(xlabel="predicted class", ylabel="true class", title="test confusion matrix (best epoch)")
     paths.append(helpers.save_figure(fig, out / "confusion_matrix.png"))
-    worst, columns = mistakes["worst"], 8
-    rows = max(1, math.ceil(len(worst) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(16, 2.3 * rows), squeeze=False)
+    worst, rows = mistakes["worst"], max(1, math.ceil(len(mistakes["worst"]) / 8))
+    fig, axes = plt.subplots(rows, 8, figsize=(16, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst.tolist()):
@@ -346,11 +329,8 @@ def main(**overrides):
     """Train, evaluate and report; `overrides` are the constants in lower case (tests pass tiny values)."""
     cfg, started, ddp = helpers.config(globals(), overrides, FULL_OVERRIDES), time.perf_counter(), distributed_context()
     state = load_checkpoint(cfg.resume) if cfg.resume else None
-    if state is not None:  # the checkpoint owns the run's settings; a flag that contradicts one is refused
-        cfg = resume_config(cfg, state, ddp)
-    device = helpers.pick_device(cfg.device)
-    device = distributed_device(device, cfg, ddp) if ddp.world > 1 else device
-    amp_dtype, out = helpers.autocast_dtype(device, cfg.precision), Path(cfg.out)
+    cfg = resume_config(cfg, state, ddp) if state else cfg  # the checkpoint owns the run's settings
+    out = Path(cfg.out)
     if ddp.rank == 0:  # process 0 alone writes: it claims --out (one run per folder, nothing of the user's replaced)
         out = helpers.output_dir(cfg, *OUTPUT_FILES)
         helpers.writable_dir(out / "checkpoints")
@@ -358,19 +338,24 @@ def main(**overrides):
     with contextlib.ExitStack() as held:
         if ddp.rank != 0:  # process 0 prints for the run; errors (stderr) still come from every process
             held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
-        held.enter_context(process_group(ddp, device))
+        device = held.enter_context(process_group(ddp, helpers.pick_device(cfg.device), cfg))
+        amp_dtype = helpers.autocast_dtype(device, cfg.precision)
         held.enter_context(warnings.catch_warnings())  # for this run only: a step the fp16 scaler skips
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # makes torch warn about the schedule
-        data = load_training_data(cfg, ddp, state)
+        if ddp.rank > 0:  # under torchrun process 0 downloads a missing dataset first; the others then read its files
+            torch.distributed.barrier()
+        data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=state is None)  # resumed: no fallback
+        if ddp.world > 1 and ddp.rank == 0:
+            torch.distributed.barrier()
+        too_large = f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)"
+        helpers.require(cfg.batch_size <= len(data.train_x), too_large)
         t = build_training(cfg, data, device, amp_dtype, ddp, state)
         data = data.to(device)  # the whole dataset on the training device, as uint8
         sizes = f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images"
         how = f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
-        if amp_dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-            print("note: this GPU has no bf16 arithmetic and emulates it slowly (--precision auto picks fp16 here)")
-        processes = f", {ddp.world} processes" if ddp.world > 1 else ""
+        how += f", {ddp.world} processes" if ddp.world > 1 else ""
         print(f"{cfg.model} ({helpers.count_parameters(t['model']) / 1e6:.2f}M parameters) on {data.name}: {sizes}, "
-              f"{device}, {how}{processes}")  # fmt: skip
+              f"{device}, {how}")  # fmt: skip
         if state is not None:
             print(f"resumed from {cfg.resume} at epoch {t['run']['epoch'] + 1}, step {t['run']['step']}")
         print(EPOCH_HEADER + "\n" + "-" * len(EPOCH_HEADER), flush=True)
@@ -378,19 +363,21 @@ def main(**overrides):
         with stop_requests(stop):
             while t["run"]["epoch"] < cfg.epochs and not stop["stop"]:
                 train_and_validate_one_epoch(t, cfg, data, device, amp_dtype, ddp, out, stop)
-        results = run_summary(t, cfg, data, amp_dtype, ddp)
-        run, last = t["run"], out / "checkpoints" / "last.pt"
+        run, last, best = t["run"], out / "checkpoints" / "last.pt", t["best"]
+        sizes = {"num_train": len(data.train_x), "num_val": len(data.val_x), "num_test": len(data.test_x)}
+        results = {"status": "interrupted" if run["epoch"] < cfg.epochs else "finished", "dataset": data.name,
+                   "model": cfg.model, "parameters": helpers.count_parameters(t["model"]), "autocast_dtype": amp_dtype,
+                   **sizes, "steps_per_epoch": t["steps_per_epoch"], "history": t["history"],
+                   "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"], "world_size": ddp.world,
+                   "first_step_losses": run.get("first_losses", [])}  # fmt: skip
         if results["status"] == "interrupted":
-            where = (
-                f"in epoch {run['epoch'] + 1} at step {run['step']}" if run["step"] else f"after epoch {run['epoch']}"
-            )
-            print(f"interrupted {where}: saved {last}\ncontinue with: {resume_command(cfg, last, ddp)}")
+            at = f"in epoch {run['epoch'] + 1} at step {run['step']}" if run["step"] else f"after epoch {run['epoch']}"
+            print(f"interrupted {at}: saved {last}\ncontinue with: {resume_command(cfg, last, ddp)}")
             results["signal"] = int(stop["signal"])
         elif ddp.rank == 0:
             t["model"].load_state_dict(t["best_model"])  # the weights the validation set chose
             test_results, mistakes = evaluate_on_test_set(t["model"], cfg, data, device, amp_dtype, t["best"]["epoch"])
-            results |= test_results
-            results["mean_images_per_s"] = float(np.mean([h["images_per_s"] for h in t["history"]]))
+            results |= test_results | {"mean_images_per_s": float(np.mean([h["images_per_s"] for h in t["history"]]))}
             summary = {"best validation accuracy %": 100 * t["best"]["val_accuracy"]}
             summary["test accuracy %"] = 100 * results["test_accuracy"]
             if cfg.tta:
@@ -402,50 +389,37 @@ def main(**overrides):
             results["figures"] = draw_figures(t, cfg, data, results["confusion_matrix"], mistakes, out)
         if ddp.rank == 0:
             helpers.save_results(out, results, cfg, device, started)
-            print(
-                f"figures, results.json and checkpoints in {out}" if "figures" in results else f"results.json in {out}"
-            )
+            print(f"{'figures, results.json and checkpoints' if 'figures' in results else 'results.json'} in {out}")
         return results
 
 
 EPOCH_HEADER = "    epoch       lr  train loss  train acc  val loss  val acc    img/s  time s"
 
 
-def run_summary(t: dict, cfg, data, amp_dtype, ddp) -> dict:
-    status = "interrupted" if t["run"]["epoch"] < cfg.epochs else "finished"
-    sizes = {"num_train": len(data.train_x), "num_val": len(data.val_x), "num_test": len(data.test_x)}
-    parameters = helpers.count_parameters(t["model"])
-    return {"status": status, "dataset": data.name, "model": cfg.model, "parameters": parameters,
-            "autocast_dtype": amp_dtype, **sizes, "steps_per_epoch": t["steps_per_epoch"], "history": t["history"],
-            "best_epoch": t["best"]["epoch"], "best_val_accuracy": t["best"]["val_accuracy"], "world_size": ddp.world,
-            "first_step_losses": t["run"].get("first_losses", [])}  # fmt: skip
-
-
 def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out: Path, stop: dict) -> None:
-    """One epoch, then validation and the epoch's checkpoints; a stop request mid-epoch saves where the run is."""
+    """One epoch, then validation and the epoch's checkpoints; a stop request mid-epoch saves where the run is.
+    Nothing diverged is saved or marked best: the losses and weights are checked first."""
     run, checkpoints, started, seen_before = t["run"], out / "checkpoints", time.perf_counter(), t["run"]["seen"]
     steps = (t["trained_model"], t["optimizer"], t["scheduler"], t["scaler"], data, cfg, device, amp_dtype)
     try:
         train_one_epoch(*steps, t["generators"], run, stop, ddp)
     except StopTraining as error:
-        raise StopTraining(
-            f"{error} (lower --lr, or use --precision fp32); nothing of it was saved, {t['kept']}"
-        ) from None
+        advice = f"(lower --lr, or use --precision fp32); nothing of it was saved, {t['kept']}"
+        raise StopTraining(f"{error} {advice}") from None
     share_buffers_of_rank0(t["model"], ddp)  # every process now holds the model process 0 saves
     helpers.synchronize(device)
     seconds = time.perf_counter() - started
     if not run["complete"]:  # stopped mid-epoch: save exactly where the run is
         require_finite(t, {"training loss": run["loss_sum"]}, f"in epoch {run['epoch'] + 1}")
-        save_checkpoints(t, ddp, checkpoints, best=False)
-        return
+        return save_checkpoints(t, ddp, checkpoints, best=False)
     val = helpers.evaluate(t["model"], data.val_x, data.val_y, data.mean, data.std, device, amp_dtype,
                            cfg.eval_batch_size, cfg.channels_last)  # fmt: skip
     record = {"epoch": run["epoch"] + 1, "lr": t["scheduler"].get_last_lr()[0]}
     record |= {"train_loss": run["loss_sum"] / run["seen"], "train_accuracy": run["correct"] / run["seen"]}
     record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
     record |= {"images_per_s": (run["seen"] - seen_before) / seconds, "seconds": seconds}
-    losses = {"training loss": record["train_loss"], "validation loss": record["val_loss"]}
-    require_finite(t, losses, f"in epoch {record['epoch']}")  # before anything is saved or marked best
+    require_finite(t, {"training loss": record["train_loss"], "validation loss": record["val_loss"]},
+                   f"in epoch {record['epoch']}")  # fmt: skip
     t["history"].append(record)
     is_best = val["accuracy"] > t["best"]["val_accuracy"]
     if is_best:  # kept in memory and in every checkpoint, so that last.pt alone can finish the run
@@ -462,11 +436,9 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
 
 
 def require_finite(t: dict, losses: dict, where: str) -> None:
-    """Checked before anything is saved or marked best: diverged weights never become a checkpoint."""
     problems = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
     bad = [n for n, x in t["model"].state_dict().items() if x.is_floating_point() and not torch.isfinite(x).all()]
-    if bad:
-        problems.append(f"non-finite values in {len(bad)} weight tensors, e.g. {', '.join(bad[:3])}")
+    problems += [f"non-finite values in {len(bad)} weight tensors, e.g. {', '.join(bad[:3])}"] if bad else []
     if problems:
         advice = "(lower --lr, or use --precision fp32); nothing of it was saved"
         raise StopTraining(f"training diverged {where}: {'; '.join(problems)} {advice}, {t['kept']}")
@@ -477,10 +449,10 @@ def require_finite(t: dict, losses: dict, where: str) -> None:
 
 
 # %% Checkpoints, resuming and building the run: atomic, weights_only=True, complete enough to continue exactly
-# A checkpoint holds the run's settings, and `--resume` continues with them: the schedule was planned from
-# epochs, batch size, lr and warm-up, so a flag that contradicts one is refused (to train longer, start a new run).
-# last.pt is written first and holds the best epoch's weights too, so that a kill at any instant leaves a file
-# that finishes the run; best.pt is the same state at the best epoch.
+# A checkpoint holds the run's settings, and `--resume` continues with them: the schedule was planned from epochs,
+# batch size, lr and warm-up, so a flag that contradicts one is refused (to train longer, start a new run). last.pt
+# is written first and holds the best epoch's weights too, so that a kill at any instant leaves a file that finishes
+# the run; best.pt is the same state at the best epoch.
 CHECKPOINT_FORMAT = "lesson06-checkpoint-v3"
 OUTPUT_FILES = ("results.json", "curves.png", "confusion_matrix.png", "mistakes.png", "checkpoints/last.pt",
                 "checkpoints/best.pt")  # fmt: skip
@@ -495,9 +467,7 @@ def save_checkpoint(path: Path, state: dict) -> Path:
 
 
 def save_checkpoints(t: dict, ddp, checkpoints: Path, best: bool) -> None:
-    """last.pt first: it alone can finish the run (it holds the best epoch's weights too), so a kill between the
-    two saves loses nothing. Process 0 writes for all."""
-    if ddp.rank != 0:
+    if ddp.rank != 0:  # process 0 writes for all
         return
     order, augment = (generator.get_state() for generator in t["generators"])
     state = {"format": CHECKPOINT_FORMAT, "run_config": t["run_config"], "run": dict(t["run"]), "history": t["history"],
@@ -505,9 +475,8 @@ def save_checkpoints(t: dict, ddp, checkpoints: Path, best: bool) -> None:
              "optimizer": t["optimizer"].state_dict(), "scheduler": t["scheduler"].state_dict(),
              "scaler": t["scaler"].state_dict(),
              "rng": {"torch": torch.get_rng_state(), "order": order, "augment": augment}}  # fmt: skip
-    save_checkpoint(checkpoints / "last.pt", state)
-    if best:
-        save_checkpoint(checkpoints / "best.pt", state)
+    for name in ("last.pt", "best.pt")[: 1 + best]:  # last.pt first: a kill between the saves loses nothing
+        save_checkpoint(checkpoints / name, state)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -535,8 +504,7 @@ def resume_config(cfg, state: dict, ddp) -> helpers.Config:
     refused with one line naming the saved value. Device, precision, out and the like stay free."""
     path, saved = cfg.resume, state.get("run_config")
     try:
-        checked = helpers.config(globals(), {key: saved[key] for key in RESUME_KEYS})
-        world = saved["world_size"]
+        checked, world = helpers.config(globals(), {key: saved[key] for key in RESUME_KEYS}), saved["world_size"]
     except (KeyError, TypeError, helpers.UserError) as error:
         why = f"a saved setting is missing or fails its check: {error}"
         raise helpers.UserError(f"checkpoint {path} is damaged: {why} (pass a checkpoint of this lesson)") from None
@@ -566,42 +534,29 @@ def refuse_to_rewind(cfg, state: dict | None, out: Path) -> None:
 
 def restore(t: dict, state: dict, cfg, data) -> None:
     """Weights, optimiser, schedule, scaler, random states and progress; any damage is one error line."""
-    saved, spe, planned = state["run_config"], t["steps_per_epoch"], dict(vars(t["shape"]))
+    spe, planned, saved = t["steps_per_epoch"], dict(vars(t["shape"])), state["run_config"]
     written = f"checkpoint {cfg.resume} was written for {saved.get('num_train')} training images"
     same_data = saved.get("num_train") == len(data.train_x)
     helpers.require(same_data, f"{written}, this run has {len(data.train_x)} (pass the data the run started with)")
     try:
-        t["model"].load_state_dict(state["model"])
-        t["optimizer"].load_state_dict(state["optimizer"])
-        t["scheduler"].load_state_dict(state["scheduler"])
+        for key in ("model", "optimizer", "scheduler"):
+            t[key].load_state_dict(state[key])
         if state["scaler"] and t["scaler"].is_enabled():  # resumed in fp16 after bf16 or fp32: a fresh scaler
             t["scaler"].load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         t["generators"][0].set_state(state["rng"]["order"])
         t["generators"][1].set_state(state["rng"]["augment"])
-        run, history, best, best_model = (
-            dict(state["run"]),
-            list(state["history"]),
-            dict(state["best"]),
-            state["best_model"],
-        )
+        run, history, best = dict(state["run"]), list(state["history"]), dict(state["best"])
         consistent = 0 <= run["epoch"] <= cfg.epochs and 0 <= run["step"] < spe and math.isfinite(run["loss_sum"])
         consistent &= t["scheduler"].last_epoch == run["epoch"] * spe + run["step"] and vars(t["shape"]) == planned
-        consistent &= len(history) == run["epoch"] and (best["epoch"] > 0) == (best_model is not None)
+        consistent &= len(history) == run["epoch"] and (best["epoch"] > 0) == (state["best_model"] is not None)
         if not consistent:
             raise ValueError(f"step {run['step']} of epoch {run['epoch'] + 1} does not match its schedule and history")
-        if best_model is not None:  # the best weights must fit the model too
-            t["model"].load_state_dict(best_model)
-            t["model"].load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
         why = f"{helpers.error_summary(error)} (pass a checkpoint of this lesson)"
         raise helpers.UserError(f"checkpoint {cfg.resume} is damaged: {why}") from None
-    for group in t["optimizer"].param_groups:  # the checked settings rule, not numbers edited into the file
-        decay = cfg.weight_decay if group["name"] == "weights" else 0.0
-        group.update(momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=decay)
-    t["scheduler"].base_lrs = [cfg.lr] * len(t["optimizer"].param_groups)
     kept = f"{cfg.resume} (epoch {run['epoch']}, step {run['step']}) is kept"
-    t.update(run=run, history=history, best=best, best_model=best_model, kept=kept)
+    t.update(run=run, history=history, best=best, best_model=state["best_model"], kept=kept)
 
 
 def resume_command(cfg, path: Path, ddp=None) -> str:
@@ -610,8 +565,7 @@ def resume_command(cfg, path: Path, ddp=None) -> str:
     launcher = ["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world}"]
     words = [*launcher, "06_practical_example.py", "--resume", str(path)]
     for key in ("out", "data_dir", "device", "precision"):
-        if key in cfg.explicit:
-            words += ["--" + key.replace("_", "-"), str(cfg[key])]
+        words += ["--" + key.replace("_", "-"), str(cfg[key])] if key in cfg.explicit else []
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -629,27 +583,13 @@ def stop_requests(stop: dict):
 
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:
-        yield
-        return
+    except ValueError:  # not the main thread
+        previous = {}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def load_training_data(cfg, ddp, state: dict | None) -> helpers.ImageData:
-    """The dataset on the CPU. A resumed run continues on its own dataset or not at all (no fallback). Under
-    torchrun, process 0 downloads a missing dataset first; the others then read its files."""
-    if ddp.world > 1 and ddp.rank != 0:
-        torch.distributed.barrier()
-    data = helpers.load_data(cfg, test_size=cfg.test_size or None, fallback=state is None)
-    if ddp.world > 1 and ddp.rank == 0:
-        torch.distributed.barrier()
-    too_large = f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)"
-    helpers.require(cfg.batch_size <= len(data.train_x), too_large)
-    return data
 
 
 def build_training(cfg, data, device, amp_dtype, ddp, state: dict | None) -> dict:
@@ -661,21 +601,17 @@ def build_training(cfg, data, device, amp_dtype, ddp, state: dict | None) -> dic
     if cfg.sync_bn and ddp.world > 1:  # statistics all-reduced over the processes
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    trained = model
-    if ddp.world > 1:  # averages the gradients over the processes in backward (and starts all from rank 0's weights)
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    cuda = [device.index] if device.type == "cuda" else None  # DDP averages the gradients over the processes
+    trained = nn.parallel.DistributedDataParallel(model, device_ids=cuda) if ddp.world > 1 else model
     trained = torch.compile(trained) if cfg.compile else trained  # shares its parameters with `model`
-    groups = parameter_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.momentum > 0)  # fmt: skip
     shape = LearningRateShape(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.schedule)
-    fp16 = amp_dtype == torch.float16
     saved = {key: cfg[key] for key in RESUME_KEYS} | {"dataset": data.name, "num_train": len(data.train_x)}
     t = {
         "model": model, "trained_model": trained, "optimizer": optimizer, "shape": shape,
         "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, shape),
-        "scaler": torch.amp.GradScaler(device.type, enabled=fp16),  # fp16's small gradients would underflow
+        "scaler": torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),  # fp16 would underflow
         "generators": (generator, torch.Generator().manual_seed(cfg.seed + 1)),  # data order, augmentation
         "steps_per_epoch": steps_per_epoch, "run_config": saved | {"world_size": ddp.world},
         "run": {"epoch": 0, "step": 0, "order_state": generator.get_state(), "loss_sum": 0.0, "correct": 0, "seen": 0},
@@ -718,48 +654,41 @@ def rank_slice(batch: torch.Tensor, rank, world=None) -> torch.Tensor:
     return batch[rank::world] if world > 1 else batch
 
 
-def all_reduce(ddp, tensor: torch.Tensor) -> torch.Tensor:
-    """The sum over all processes (the tensor itself for one process)."""
+def all_reduce(ddp, tensor: torch.Tensor) -> torch.Tensor:  # the sum over all processes, in place
     if ddp.world > 1:
         torch.distributed.all_reduce(tensor)
     return tensor
 
 
-def share_buffers_of_rank0(model: nn.Module, ddp) -> None:
-    """Batch-norm statistics of process 0 everywhere: every process then evaluates the model process 0 saves."""
+def share_buffers_of_rank0(model: nn.Module, ddp) -> None:  # every process then evaluates what process 0 saves
     for buffer in model.buffers() if ddp.world > 1 else ():
         torch.distributed.broadcast(buffer, src=0)
 
 
-def distributed_device(device: torch.device, cfg, ddp) -> torch.device:
-    """This process's device: the CPU, or the GPU numbered LOCAL_RANK."""
+@contextlib.contextmanager
+def process_group(ddp, device: torch.device, cfg):
+    """Under torchrun: join the other processes (NCCL between GPUs, gloo between CPU processes), on the CPU or the
+    GPU numbered LOCAL_RANK, and leave however the run ends. Yields this process's device."""
+    if ddp.world == 1:
+        yield device
+        return
+    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process"
+    unset = "(unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT, or launch with torchrun)"
+    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} {unset}")
     where = f"torchrun runs on CUDA or the CPU, not {device.type} (pass --device cuda or cpu)"
     helpers.require(device.type in ("cpu", "cuda"), where)
     uneven = f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes"
     helpers.require(cfg.batch_size % ddp.world == 0, uneven)
     helpers.require(not cfg.sync_bn or device.type == "cuda", "--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only)")
-    if device.type == "cpu":
-        return device
-    no_gpu = f"LOCAL_RANK {ddp.local_rank} has no GPU here (lower --nproc_per_node)"
-    helpers.require(ddp.local_rank < torch.cuda.device_count(), no_gpu)
-    torch.cuda.set_device(ddp.local_rank)
-    return torch.device("cuda", ddp.local_rank)
-
-
-@contextlib.contextmanager
-def process_group(ddp, device: torch.device):
-    """Join the other processes (NCCL between GPUs, gloo between CPU processes) and leave however the run ends."""
-    if ddp.world == 1:
-        yield
-        return
-    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process"
-    unset = "(unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT, or launch with torchrun)"
-    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} {unset}")
-    torch.distributed.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5)
-    )
+    if device.type == "cuda":
+        no_gpu = f"LOCAL_RANK {ddp.local_rank} has no GPU here (lower --nproc_per_node)"
+        helpers.require(ddp.local_rank < torch.cuda.device_count(), no_gpu)
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(minutes=5))  # fmt: skip
     try:
-        yield
+        yield device
     finally:
         torch.distributed.destroy_process_group()
 
@@ -773,15 +702,13 @@ def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, grou
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
 
 
-class ShortcutA(nn.Module):
-    """Subsample, then zero-pad the new channels: no parameters. (B, C_in, H, W) -> (B, C_out, H/s, W/s)"""
-
+class ShortcutA(nn.Module):  # subsample, then zero-pad the new channels: no parameters
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.new_channels, self.stride = out_channels - in_channels, stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.new_channels))
 
 
 def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # W_s x (Eq. 2)

@@ -37,15 +37,13 @@ class UserError(Exception):
     """A problem the user can fix; `run_cli` prints it as one `error: ...` line and exits with status 1."""
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise `UserError(message)` unless `condition` holds. Message style: `<what> (<how to fix>)`."""
+def require(condition: bool, message: str) -> None:  # message style: `<what> (<how to fix>)`
     if not condition:
         raise UserError(message)
 
 
 def require_number(flag: str, value: Any, low=None, high=None, *, low_open=False, high_open=False) -> None:
-    """A finite number in [low, high] (None: unbounded; `*_open` excludes the end). NaN is named as such: every
-    comparison with NaN is false, so `value >= 0` would otherwise call it negative."""
+    """A finite number in [low, high] (None: unbounded). NaN is named: every comparison with it is false."""
     require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{flag} must be a number, not {value!r}")
     require(not math.isnan(value), f"{flag} is nan, not a number (pass a finite value)")
     require(math.isfinite(value), f"{flag} must be finite, not {value}")
@@ -60,8 +58,7 @@ def require_seed(seed: Any) -> None:  # NumPy takes 32-bit unsigned seeds
 
 
 def require_memory(num_bytes: float, what: str) -> None:
-    """Refuse, before trying, a tensor over half this machine's memory: with overcommit the process would be killed
-    later, not refused."""
+    """Refuse a tensor over half this machine's memory before trying: with overcommit it would be killed later."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not POSIX, or the name unknown here: the allocator decides
@@ -98,8 +95,8 @@ class Constant:
 
 
 def read_constants(module_globals: dict) -> list[Constant]:
-    """The declarations between the marker lines of the lesson file (in a notebook: of the last cell run that has
-    them), with their current values from `module_globals`, so that an edited value counts."""
+    """The declarations between the marker lines of the lesson (in a notebook: of the last cell run that has them),
+    with their current values, so that an edited value counts."""
     if module_globals.get("__file__"):
         text = Path(module_globals["__file__"]).read_text(encoding="utf-8")
     else:
@@ -156,17 +153,16 @@ def convert(constant: Constant, value: Any, module_globals: dict) -> Any:
 
 
 class Config(dict):
-    """The constants in lower case, overrides applied: `cfg.depth` or `cfg["depth"]`. `cfg.explicit` holds the keys
-    the caller set (a flag or a keyword), which lesson 06 needs to tell a flag that contradicts a checkpoint."""
+    """The constants in lower case, overrides applied: `cfg.depth` or `cfg["depth"]`. `cfg.explicit`: the keys the
+    caller set (lesson 06 refuses a flag that contradicts its checkpoint)."""
 
     lesson: str = ""
     explicit: frozenset = frozenset()
 
     def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
+        if key not in self:
+            raise AttributeError(key)
+        return self[key]
 
 
 def config(module_globals: dict, overrides: dict, full_overrides: dict | None = None) -> Config:
@@ -192,9 +188,8 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
 def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: list every keyword `main` accepts in its docstring, so that `help(main)` and `main?` show them."""
     lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
-    main.__doc__ = (
-        (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
-    )
+    keywords = "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
+    main.__doc__ = (main.__doc__ or "").rstrip() + keywords
     return main
 
 
@@ -240,8 +235,7 @@ def exercise_flags(exercise: dict) -> str:
 
 
 def in_notebook() -> bool:
-    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return shell is not None and hasattr(shell, "kernel")
+    return hasattr(getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)(), "kernel")
 
 
 def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
@@ -361,8 +355,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_time(run: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of `run()` over `repeats` calls after `warmup` untimed ones, with the device
-    synchronised around each call, so that neither the warm-up's queued work nor a lone outlier counts."""
+    """Median seconds of `run()` over `repeats` calls after `warmup` untimed ones, the device synchronised around
+    each, so that neither the warm-up's queued work nor a lone outlier counts."""
     for _ in range(warmup):
         run()
     times = []
@@ -543,11 +537,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    return device.type
+    if device.type != "cpu":
+        return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
@@ -655,9 +647,8 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
             ok = hashlib.md5(data).hexdigest() == md5
             require(ok, f"{debian / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)")
             atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
-        (train_x, train_y, classes), (test_x, test_y, _) = (
-            _torchvision_split(cls, name, data_dir, download, train) for train in (True, False)
-        )
+        train_x, train_y, classes = _torchvision_split(cls, name, data_dir, download, train=True)
+        test_x, test_y, _ = _torchvision_split(cls, name, data_dir, download, train=False)
     except PermissionError as error:
         where = f"the {name} files into --data-dir {data_dir}"
         raise UserError(f"cannot write {where}: {error.strerror} (pass a writable one)") from None
@@ -683,10 +674,8 @@ def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bo
             how += " --dataset fashion-mnist (offline on Debian: apt-get install dataset-fashion-mnist) or synthetic"
         why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
         raise DataUnavailableError(f"{why} (connect to the internet once, or {how})") from None
-    if name == "fashion-mnist":
-        x = (
-            F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-        )  # (N, 28, 28) -> (N, 3, 32, 32)
+    if name == "fashion-mnist":  # (N, 28, 28) -> (N, 3, 32, 32)
+        x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
     else:
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> NCHW
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
@@ -823,9 +812,7 @@ def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Genera
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def epoch_batches(
-    num_items: int, batch_size: int, generator: torch.Generator, drop_last=True
-) -> Iterator[torch.Tensor]:
+def epoch_batches(num_items: int, batch_size: int, generator, drop_last=True) -> Iterator[torch.Tensor]:
     """Shuffled index batches for one pass over the data (CPU indices)."""
     order = torch.randperm(num_items, generator=generator)
     yield from order[: num_items - num_items % batch_size if drop_last else num_items].split(batch_size)
