@@ -15,7 +15,7 @@ Paper
     computes y = F(x, {W_i}) + x (Eq. 1), or y = F(x, {W_i}) + W_s x (Eq. 2) where the shape changes, then a ReLU.
 
 Run
-    python 02_resnet_implementation.py                        # 45-67 s on 2 CPU cores, fp32, 2/3 of it timing
+    python 02_resnet_implementation.py                        # 58-71 s on 2 CPU cores, fp32, most of it timing
     python 02_resnet_implementation.py --no-measure-latency   # the counts only, about 10 s
     python 02_resnet_implementation.py --pretrained           # classify a photo with torchvision's ImageNet weights
     `--pretrained` needs the network once; the cached file is checked against its published hash and loaded with
@@ -34,7 +34,7 @@ What you should see (seed 0; tests/test_02_resnet_implementation.py checks every
     * The ImageNet stem leaves 1x1 maps in layer4 for a 32x32 image, where 1/9 of each 3x3 kernel reads data; the
       CIFAR stem keeps 4x4 (0.694 of the taps), at 555 instead of 37 M multiply-adds.
     * Forward latency grows with multiply-adds but not in proportion (ResNet-50: 12% more than ResNet-34, and in
-      two runs 35-60% slower at batch 1); the times are the machine's, the counts are not.
+      two runs 13-30% slower at batch 1, 2.1x at batch 32); the times are the machine's, the counts are not.
 
 Try this (`--exercise N` runs number N; answers/02_resnet_implementation.md answers each, with numbers)
     1. `--shape-model cifar-resnet56 --no-measure-latency`: maps go 32 -> 16 -> 8 while channels go 16 -> 32 -> 64.
@@ -68,7 +68,7 @@ OUT: Path = "outputs/02_resnet_implementation"  # folder for results.json and fi
 IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds and latency [>= 32]
 MEASURE_LATENCY: bool = True  # time forward passes (the slowest part of the run)
 LATENCY_BATCH_SIZES: tuple[int, ...] = (1, 32)  # batch sizes for the latency columns [> 0]
-LATENCY_SECONDS: float = 0.3  # timing budget per model and batch size: repeat until spent, at least once [>= 0]
+LATENCY_SECONDS: float = 0.5  # timing budget per model and batch size: 3 passes or more until spent [>= 0]
 SHAPE_MODEL: str = "resnet50"  # model of the per-stage shape table [in MEASURED_MODELS]
 PRETRAINED: bool = False  # load torchvision's ImageNet weights (network needed once) and classify a sample image
 PRETRAINED_MODEL: str = "resnet50"  # which ImageNet ResNet --pretrained loads [in IMAGENET_MODELS]
@@ -488,40 +488,43 @@ def blocks_per_stage(model: nn.Module) -> str:
     return "/".join(str(len(stage)) for name, stage in model.named_children() if name.startswith("layer"))
 
 
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, seconds: float) -> dict:
-    """Median forward time in ms (inference mode, eval, fp32), repeated until `seconds` are spent. A warm-up at
-    batch 1 pays the one-time costs; one at the full batch only when cheaper than `seconds` (the time budget)."""
-    model.eval()
+def measure_latency(models: list[nn.Module], input_shape: tuple[int, ...], device: torch.device, seconds: float):
+    """Each model's fastest forward pass in ms (inference mode, eval, fp32). The fastest, not the median: on a
+    shared machine noise only adds time. The models take turns, one pass each per round, so that a slow spell hits
+    them alike; each gets at least 3 passes and more until `seconds` are spent (a pass slower than `seconds`: one).
+    A warm-up at batch 1 pays the one-time costs; one at the full batch only when cheaper than `seconds`."""
+    x = torch.randn(input_shape, device=device)
+    times = [[] for _ in models]
     with torch.inference_mode():
-        single = torch.randn((1, *input_shape[1:]), device=device)
-        model(single)
-        helpers.synchronize(device)
-        begin = time.perf_counter()
-        model(single)
-        helpers.synchronize(device)
-        estimate = (time.perf_counter() - begin) * input_shape[0]
-        x = torch.randn(input_shape, device=device)
-        if input_shape[0] > 1 and estimate < seconds:
-            model(x)
-        times = []
-        while not times or sum(times) < seconds:
+        for model in models:
+            model.eval()(x[:1])
             helpers.synchronize(device)
             begin = time.perf_counter()
-            model(x)
+            model(x[:1])
             helpers.synchronize(device)
-            times.append(time.perf_counter() - begin)
-    return {"ms": 1000 * sorted(times)[len(times) // 2], "repeats": len(times)}
+            if input_shape[0] > 1 and (time.perf_counter() - begin) * input_shape[0] < seconds:
+                model(x)
+        wanted = lambda t: not t or sum(t) < seconds or (len(t) < 3 and t[0] < seconds)  # noqa: E731
+        while any(map(wanted, times)):
+            for model, passes in zip(models, times):
+                if wanted(passes):
+                    helpers.synchronize(device)
+                    begin = time.perf_counter()
+                    model(x)
+                    helpers.synchronize(device)
+                    passes.append(time.perf_counter() - begin)
+    return [{"ms": 1000 * min(passes), "repeats": len(passes)} for passes in times]
 
 
-def add_latency(row: dict, build, side: int, device: torch.device, cfg) -> None:
-    """Time a freshly built model (real weights, on `device`) at each batch size of the config."""
+def add_latencies(rows: list[dict], builds: list, side: int, device: torch.device, cfg) -> None:
+    """Time freshly built models (real weights, on `device`) at each batch size of the config, in turns."""
     if not cfg.measure_latency:
         return
     torch.manual_seed(cfg.seed)
-    model = build().to(device)
+    models = [build().to(device) for build in builds]
     for batch in cfg.latency_batch_sizes:
-        timing = measure_latency(model, (batch, 3, side, side), device, cfg.latency_seconds)
-        row[f"ms@{batch}"], row[f"repeats@{batch}"] = timing["ms"], timing["repeats"]
+        for row, timing in zip(rows, measure_latency(models, (batch, 3, side, side), device, cfg.latency_seconds)):
+            row[f"ms@{batch}"], row[f"repeats@{batch}"] = timing["ms"], timing["repeats"]
 
 
 def stage_shapes(model: nn.Module, side: int) -> list[dict]:
@@ -585,17 +588,17 @@ def imagenet_table(cfg, device: torch.device) -> list[dict]:
                "params": helpers.count_parameters(model), "published": published,  # published: for 224x224 only
                "GMACs": multiply_adds(model, (1, 3, cfg.image_size, cfg.image_size)) / 1e9}  # fmt: skip
         row["off %"] = None if row["published"] is None else 100 * (row["GMACs"] / row["published"] - 1)
-        add_latency(row, build, cfg.image_size, device, cfg)
         rows.append(row)
+    add_latencies(rows, list(IMAGENET_MODELS.values()), cfg.image_size, device, cfg)
     timed = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
     columns = [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("GMACs", ".3f")]
     title = (f"ImageNet ResNets at {cfg.image_size}x{cfg.image_size} (published: torchvision's weights metadata; "
-             f"ms@B: median forward time at batch B on {helpers.device_name(device)})")  # fmt: skip
+             f"ms@B: fastest forward pass at batch B on {helpers.device_name(device)})")  # fmt: skip
     helpers.print_table(rows, [*columns, ("published", ".3f"), ("off %", "+.2f"), *timed], title)
     if cfg.measure_latency:
         spans = [(b, [r[f"repeats@{b}"] for r in rows]) for b in cfg.latency_batch_sizes]
         repeats = ", ".join(f"batch {b}: {min(counts)}-{max(counts)}" for b, counts in spans)
-        print(f"latency = median over repeated passes ({repeats} passes per model; raise --latency-seconds for more)\n")
+        print(f"latency = the fastest of repeated passes ({repeats} per model; raise --latency-seconds for more)\n")
     return rows
 
 
@@ -611,9 +614,10 @@ def cifar_table(cfg, device: torch.device) -> list[dict]:
                "MMACs": multiply_adds(model, (1, 3, side, side)) / 1e6}  # fmt: skip
         if isinstance(model, CifarResNet):
             row["params (B)"] = helpers.count_parameters(on_meta(cifar_resnet, model.depth, shortcut="B"))
-        if name != "cifar-resnet1202":  # at batch 32 it alone would take seconds on a laptop CPU
-            add_latency(row, build, side, device, cfg)
         rows.append(row)
+    to_time = {name: build for name, (build, _) in MEASURED_MODELS.items() if name.startswith("cifar-")}
+    to_time.pop("cifar-resnet1202")  # at batch 32 it alone would take seconds on a laptop CPU
+    add_latencies([r for r in rows if r["model"] in to_time], list(to_time.values()), 32, device, cfg)
     timed = [(f"ms@{b}", ".1f") for b in cfg.latency_batch_sizes] if cfg.measure_latency else []
     columns = [("model", ""), ("blocks/stage", ""), ("layers", "d"), ("params", ",d"), ("params (B)", ",d")]
     title = "CIFAR ResNets at 32x32, 10 classes (params: option A shortcuts; params (B): projection shortcuts; "

@@ -277,7 +277,7 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
         if command_line:
             sys.exit(128 + (error.args[0] if error.args else signal.SIGINT))
         return None
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: lines of several processes never run together
     if command_line:
         sys.exit(1)
     return None

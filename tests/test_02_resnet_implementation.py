@@ -315,10 +315,10 @@ def test_imagenet_stem_on_32x32_leaves_1x1_maps(lesson02):
 
 # --- the run as a user runs it ---------------------------------------------------------------------------
 def test_measure_latency_repeats_within_budget(lesson02):
-    model = lesson02.cifar_resnet(20)
-    timing = lesson02.measure_latency(model, (2, 3, 32, 32), torch.device("cpu"), seconds=0.05)
-    assert timing["ms"] > 0 and timing["repeats"] >= 1
-    assert lesson02.measure_latency(model, (2, 3, 32, 32), torch.device("cpu"), seconds=0)["repeats"] == 1
+    models = [lesson02.cifar_resnet(20), lesson02.cifar_resnet(8)]
+    timings = lesson02.measure_latency(models, (2, 3, 32, 32), torch.device("cpu"), seconds=0.05)
+    assert all(t["ms"] > 0 and t["repeats"] >= 3 for t in timings)  # at least 3 passes each, in turns
+    assert [t["repeats"] for t in lesson02.measure_latency(models, (2, 3, 32, 32), torch.device("cpu"), 0)] == [1, 1]
 
 
 def test_bad_flags_are_user_errors(lesson02, tmp_path):
@@ -428,7 +428,7 @@ def test_default_run_shows_what_the_card_states(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_latency_tables_agree_with_themselves(tmp_path):
-    """The default run's timings (medians over repeated passes): within each family the deeper net is slower, at
+    """The default run's timings (the fastest of repeated passes): within each family the deeper net is slower, at
     every batch size. Two default runs on the 2-core AMD EPYC gave the same order."""
     result = run_script("02_resnet_implementation.py", "--out", str(tmp_path), timeout=900)
     assert result.returncode == 0, result.stderr

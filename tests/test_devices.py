@@ -197,5 +197,5 @@ def test_lessons_01_and_02_measure_on_the_chosen_device(meta_numbers):
     lesson02 = load_lesson(2)
     cfg = helpers.config(vars(lesson02), {"latency_batch_sizes": (1, 2), "latency_seconds": 0.01})
     row = {}
-    lesson02.add_latency(row, lambda: lesson02.cifar_resnet(8), 32, META, cfg)  # builds, moves and times the net
+    lesson02.add_latencies([row], [lambda: lesson02.cifar_resnet(8)], 32, META, cfg)  # builds, moves, times the net
     assert row["repeats@1"] >= 1 and row["repeats@2"] >= 1
