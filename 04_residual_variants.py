@@ -15,7 +15,7 @@ What you will learn
 Run
     python 04_residual_variants.py            # the checks, the table of 14 variants and a 40-step comparison
     python 04_residual_variants.py --full     # a longer comparison; meant for a GPU
-    Runtime on 2 quiet CPU cores: 109-111 s in fp32 (an AMD EPYC without bf16; every timing the median of 5).
+    Runtime on 2 quiet CPU cores: 109-132 s in fp32 (an AMD EPYC without bf16; every timing the median of 5).
     With bf16 (AVX512-BF16) 55-86 s when each timing was one pass; not yet measured with the median of 5.
 
 What you should see (seed 0, CPU)

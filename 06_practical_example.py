@@ -32,7 +32,7 @@ What you should see (quick demo, seed 0, Fashion-MNIST; tests/test_06_practical_
     pullover 45 (of 1,000). The schedule ends at learning rate 0.
 
 Try this (`--exercise N` runs number N; answers/06_practical_example.md answers each, with numbers)
-    1. `--train-size 10000 --val-size 1000 --test-size 2000` (about 40 s): how much does a fifth of the data cost?
+    1. `--train-size 10000 --val-size 1000 --test-size 2000` (about a minute): how much does a fifth of the data cost?
     2. Exercise 1 with `--label-smoothing 0`, and 3. with `--schedule cosine`: is the change larger than the
        spread over seeds 0, 1, 2?
     4. Exercise 1 with `--precision fp32 --no-channels-last`: how much does img/s change (against exercise 1 in
