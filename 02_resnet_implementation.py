@@ -138,14 +138,12 @@ ResidualBlock(16, 32, stride=2)
 
 # %% Blocks
 def on_meta(build, *args, **kwargs) -> nn.Module:
-    """Build a model on PyTorch's "meta" device: shapes without storage. Counting parameters and
-    multiply-adds needs only shapes, so even ResNet-1202 is counted without a single multiplication."""
+    """Build a model on the "meta" device: shapes without storage, enough to count parameters and multiply-adds."""
     with torch.device("meta"):
         return build(*args, **kwargs)
 
 
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution: mixes channels at each pixel; with stride 2 it also subsamples."""
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:  # mixes channels at each pixel
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
 
@@ -489,12 +487,10 @@ def blocks_per_stage(model: nn.Module) -> str:
 
 
 def measure_latency(models: list[nn.Module], input_shape: tuple[int, ...], device: torch.device, seconds: float):
-    """Each model's fastest forward pass in ms (inference mode, eval, fp32). The fastest, not the median: on a
-    shared machine noise only adds time. The models take turns, one pass each per round, so that a slow spell hits
-    them alike; each gets at least 3 passes and more until `seconds` are spent (a pass slower than `seconds`: one).
-    A warm-up at batch 1 pays the one-time costs; one at the full batch only when cheaper than `seconds`."""
-    x = torch.randn(input_shape, device=device)
-    times = [[] for _ in models]
+    """Each model's fastest forward pass in ms (eval, fp32): on a shared machine noise only adds time. The models
+    take turns, a pass each per round, so that a slow spell hits them alike: at least 3 passes each, more until
+    `seconds` are spent (one if a pass takes longer), after warm-ups at batch 1 and, where cheap, the full batch."""
+    x, times = torch.randn(input_shape, device=device), [[] for _ in models]
     with torch.inference_mode():
         for model in models:
             model.eval()(x[:1])

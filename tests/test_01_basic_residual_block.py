@@ -127,22 +127,22 @@ def sweep(lesson01, cfg):
 
 def test_without_norm_plain_vanishes_residual_stays_near_one(sweep):
     plain, residual = sweep[("pytorch", "none", "plain")], sweep[("pytorch", "none", "residual")]
-    assert plain["n_8"] < 1e-4 and plain["n_16"] < 1e-9  # measured 3e-7 and 5e-14
+    assert plain["N=8"] < 1e-4 and plain["N=16"] < 1e-9  # measured 3e-7 and 5e-14
     assert all(0.3 < residual[f"N={n}"] < 3 for n in (8, 16, 32))  # measured 0.7 to 1.1
 
 
 def test_with_batch_norm_plain_gradients_grow(sweep):
     for init in ("pytorch", "he"):
         plain, residual = sweep[(init, "batch norm", "plain")], sweep[(init, "batch norm", "residual")]
-        assert plain["n_16"] > 30 and plain["n_32"] > 2e3  # measured 1.3e2-1.4e2 and 1.4e4-1.6e4
-        assert 5 < residual["n_32"] < 100  # measured 21-22
-        assert plain["n_32"] / residual["n_32"] > 100
+        assert plain["N=16"] > 30 and plain["N=32"] > 2e3  # measured 1.3e2-1.4e2 and 1.4e4-1.6e4
+        assert 5 < residual["N=32"] < 100  # measured 21-22
+        assert plain["N=32"] / residual["N=32"] > 100
 
 
 def test_he_init_without_norm(sweep):
-    assert sweep[("he", "none", "residual")]["n_16"] > 30  # measured 190: every block doubles the variance
-    assert sweep[("he", "none", "residual")]["n_32"] > 1e3  # measured 2e5
-    assert sweep[("he", "none", "plain")]["n_32"] < 1  # measured 0.16
+    assert sweep[("he", "none", "residual")]["N=16"] > 30  # measured 190: every block doubles the variance
+    assert sweep[("he", "none", "residual")]["N=32"] > 1e3  # measured 2e5
+    assert sweep[("he", "none", "plain")]["N=32"] < 1  # measured 0.16
 
 
 # --- the "+1" and zero-init -------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_main_writes_results(lesson01, tmp_path):
     assert saved["trace"]["output_shape"] == [2, 16, 4, 4] and saved["trace"]["has_projection"]
     assert saved["fully_connected"]["shortcuts_applied"] == {"none": 0, "when-shapes-match": 0, "projection": 5}
     assert saved["depth_sweep"]["depths"] == [1, 4] and len(saved["depth_sweep"]["rows"]) == 4
-    assert saved["depth_sweep"]["rows"][0]["n_4"] == pytest.approx(results["depth_sweep"]["rows"][0]["n_4"])
+    assert saved["depth_sweep"]["rows"][0]["n_4"] == pytest.approx(results["depth_sweep"]["rows"][0]["N=4"])
     assert saved["config"]["sweep_inits"] == ["pytorch"]
 
 

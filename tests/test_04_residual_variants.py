@@ -208,7 +208,7 @@ def test_default_run_matches_the_lesson_card(tmp_path):
     mac_ratio = rows["wrn_16_8"]["gmacs"] / rows["preact_resnet164"]["gmacs"]
     assert rows["wrn_16_8"]["train_step_ms"] / rows["preact_resnet164"]["train_step_ms"] < mac_ratio / 2
     assert rows["resnext50_32x4d"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
-    # README: SE's step is slower than ResNet-50's (6% and 17% in two runs; medians of 5 at batch 1)
+    # README: SE's step is slower than ResNet-50's (6-21% in three runs; medians of 5 at batch 1)
     assert rows["se_resnet50"]["train_step_ms"] > rows["resnet50"]["train_step_ms"]
     for r in rows.values():  # the table agrees with itself: a forward pass is faster than a training step
         assert r.get("forward_ms") is None or r["forward_ms"] < r["train_step_ms"]
