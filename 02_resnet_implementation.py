@@ -500,10 +500,10 @@ def measure_latency(models: list[nn.Module], input_shape: tuple[int, ...], devic
             helpers.synchronize(device)
             if input_shape[0] > 1 and (time.perf_counter() - begin) * input_shape[0] < seconds:
                 model(x)
-        wanted = lambda t: not t or sum(t) < seconds or (len(t) < 3 and t[0] < seconds)  # noqa: E731
-        while any(map(wanted, times)):
+        needs_more = lambda t: not t or sum(t) < seconds or (len(t) < 3 and t[0] < seconds)  # noqa: E731
+        while any(map(needs_more, times)):
             for model, passes in zip(models, times):
-                if wanted(passes):
+                if needs_more(passes):
                     helpers.synchronize(device)
                     begin = time.perf_counter()
                     model(x)

@@ -267,8 +267,9 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
     wrong = (predictions != data.test_y).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][: cfg.num_mistakes]
     results |= {"per_class_accuracy": dict(zip(data.classes, per_class)), "confusion_matrix": matrix}
-    results["most_confident_mistakes"] = [{"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted":
-        data.classes[int(predictions[i])], "confidence": float(confidence[i])} for i in worst]  # fmt: skip
+    results["most_confident_mistakes"] = [
+        {"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted": data.classes[int(predictions[i])],
+         "confidence": float(confidence[i])} for i in worst]  # fmt: skip
     counts = matrix.sum(1).tolist()
     rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
     print()
@@ -354,6 +355,8 @@ def main(**overrides):
         sizes = f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images"
         how = f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
         how += f", {ddp.world} processes" if ddp.world > 1 else ""
+        if amp_dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            print("note: this GPU has no bf16 arithmetic and emulates it slowly (--precision auto picks fp16 here)")
         print(f"{cfg.model} ({helpers.count_parameters(t['model']) / 1e6:.2f}M parameters) on {data.name}: {sizes}, "
               f"{device}, {how}")  # fmt: skip
         if state is not None:
@@ -411,7 +414,8 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
     seconds = time.perf_counter() - started
     if not run["complete"]:  # stopped mid-epoch: save exactly where the run is
         require_finite(t, {"training loss": run["loss_sum"]}, f"in epoch {run['epoch'] + 1}")
-        return save_checkpoints(t, ddp, checkpoints, best=False)
+        save_checkpoints(t, ddp, checkpoints, best=False)
+        return
     val = helpers.evaluate(t["model"], data.val_x, data.val_y, data.mean, data.std, device, amp_dtype,
                            cfg.eval_batch_size, cfg.channels_last)  # fmt: skip
     record = {"epoch": run["epoch"] + 1, "lr": t["scheduler"].get_last_lr()[0]}
