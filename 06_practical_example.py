@@ -186,6 +186,8 @@ helpers.format_table(rows, [("step", "d"), ("lr", ".4f")], f"{SCHEDULE}: peak lr
 class StopTraining(helpers.UserError):
     """Training diverged (NaN or infinity in a loss or in the weights); nothing diverged is ever saved."""
 
+    advice = "(lower --lr, or use --precision fp32); nothing of it was saved"
+
 
 def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop, ddp):
     """Train from `run["step"]` to the end of epoch `run["epoch"]`, or until a stop request reaches every process.
@@ -407,8 +409,7 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
     try:
         train_one_epoch(*steps, t["generators"], run, stop, ddp)
     except StopTraining as error:
-        advice = f"(lower --lr, or use --precision fp32); nothing of it was saved, {t['kept']}"
-        raise StopTraining(f"{error} {advice}") from None
+        raise StopTraining(f"{error} {StopTraining.advice}, {t['kept']}") from None
     share_buffers_of_rank0(t["model"], ddp)  # every process now holds the model process 0 saves
     helpers.synchronize(device)
     seconds = time.perf_counter() - started
@@ -444,8 +445,7 @@ def require_finite(t: dict, losses: dict, where: str) -> None:
     bad = [n for n, x in t["model"].state_dict().items() if x.is_floating_point() and not torch.isfinite(x).all()]
     problems += [f"non-finite values in {len(bad)} weight tensors, e.g. {', '.join(bad[:3])}"] if bad else []
     if problems:
-        advice = "(lower --lr, or use --precision fp32); nothing of it was saved"
-        raise StopTraining(f"training diverged {where}: {'; '.join(problems)} {advice}, {t['kept']}")
+        raise StopTraining(f"training diverged {where}: {'; '.join(problems)} {StopTraining.advice}, {t['kept']}")
 
 
 # main's keywords are the constants, in lower case, and so are its flags.

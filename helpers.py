@@ -537,9 +537,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type != "cpu":
-        return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return device.type
 
 
 def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
