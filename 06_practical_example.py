@@ -9,12 +9,12 @@ What you will learn
     * data-parallel training under `torchrun` (DDP): N processes take one process's step on the same global batch.
 
 Paper
-    He et al. 2015, "Deep Residual Learning for Image Recognition": the quick demo trains the 6n+2 CIFAR net with
-    n = 1 (ResNet-8, 75k parameters), `--full` the CIFAR ResNet-18 (ImageNet's ResNet-18 with a 3x3 stride-1
-    stem); every block computes y = relu(F(x, {W_i}) + x) (Eq. 1). `--full` follows kuangliu/pytorch-cifar's
-    recipe (SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine over 200 epochs, batch 128). Its README lists
-    93.02% CIFAR-10 test accuracy for ResNet-18, trained on all 50,000 images with the reported epoch chosen on
-    the test set (cited, not measured: no GPU has run this lesson); --full holds 5,000 out and chooses on them.
+    He et al. 2015, "Deep Residual Learning for Image Recognition": every block computes y = relu(F(x, {W_i}) + x)
+    (Eq. 1). The quick demo trains the 6n+2 CIFAR net with n = 1 (ResNet-8, 75k parameters); `--full` trains the
+    CIFAR ResNet-18 (a 3x3 stride-1 stem) with kuangliu/pytorch-cifar's recipe (SGD, lr 0.1, momentum 0.9, weight
+    decay 5e-4, cosine over 200 epochs, batch 128), whose README lists 93.02% CIFAR-10 test accuracy for ResNet-18,
+    trained on all 50,000 images with the epoch chosen on the test set (cited, not measured: no GPU has run this
+    lesson). `--full` holds 5,000 images out and chooses on them.
 
 Run
     python 06_practical_example.py                  # quick demo: ResNet-8, 3 epochs of 55,000 images, batch 64
@@ -33,14 +33,11 @@ What you should see (quick demo, seed 0, Fashion-MNIST; tests/test_06_practical_
 
 Try this (`--exercise N` runs number N; answers/06_practical_example.md answers each, with numbers)
     1. `--train-size 10000 --val-size 1000 --test-size 2000` (about a minute): how much does a fifth of the data cost?
-    2. Exercise 1 with `--label-smoothing 0`, and 3. with `--schedule cosine`: is the change larger than the
-       spread over seeds 0, 1, 2?
-    4. Exercise 1 with `--precision fp32 --no-channels-last`: how much does img/s change (against exercise 1 in
-       fp32)?
-    5. Exercise 1 with `--model resnet20`: 3.3x the arithmetic per image of ResNet-8. How much slower, how much
-       better?
-    6. Press Ctrl-C during epoch 2 of exercise 1, then `--resume outputs/06_practical_example/checkpoints/last.pt`:
-       the run continues from the same image of the same epoch and ends with the same numbers.
+    2. Exercise 1 with `--label-smoothing 0`, 3. with `--schedule cosine`: larger than the spread over seeds 0-2?
+    4. Exercise 1 with `--precision fp32 --no-channels-last`: how much does img/s change (against 1 in fp32)?
+    5. Exercise 1 with `--model resnet20`, 3.3x ResNet-8's arithmetic per image: how much slower, how much better?
+    6. Ctrl-C during epoch 2 of exercise 1, then `--resume outputs/06_practical_example/checkpoints/last.pt`: the
+       run continues from the same image of the same epoch and ends with the same numbers.
     7. `torchrun --standalone --nproc_per_node 2 06_practical_example.py --exercise 7`, then the same with
        `python`: results.json's `first_step_losses` are close, not equal (per-process batch norm).
 """
@@ -56,6 +53,7 @@ import math
 import os
 import shlex
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -248,35 +246,28 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
-def per_class_accuracy(matrix: torch.Tensor) -> list[float]:
-    return (matrix.diagonal() / matrix.sum(1)).tolist()  # float32; nan for an absent class
-
-
 def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -> tuple[dict, dict]:
     """Test accuracy, flip TTA (the mean of the logits of each image and its mirror), per class, the confusion
     matrix and the most confident mistakes."""
     args = (data.mean, data.std, device, amp_dtype, cfg.eval_batch_size, cfg.channels_last)
     test = helpers.evaluate(model, data.test_x, data.test_y, *args)
-    predictions = test["logits"].argmax(1)
+    predictions, confidence = test["logits"].argmax(1), test["logits"].softmax(1).max(1).values
     matrix = confusion_matrix(predictions, data.test_y, data.num_classes)
-    per_class = per_class_accuracy(matrix)
+    per_class, counts = (matrix.diagonal() / matrix.sum(1)).tolist(), matrix.sum(1).tolist()  # nan: a class absent
     results = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     if cfg.tta:
         mirrored = helpers.evaluate(model, data.test_x.flip(3), data.test_y, *args)["logits"]  # flip along W
-        both = (test["logits"] + mirrored) / 2
-        results["test_accuracy_flip_tta"] = (both.argmax(1) == data.test_y).float().mean().item()
-    confidence = test["logits"].softmax(1).max(1).values
+        results["test_accuracy_flip_tta"] = ((test["logits"] + mirrored).argmax(1) == data.test_y).float().mean().item()
     wrong = (predictions != data.test_y).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][: cfg.num_mistakes]
     results |= {"per_class_accuracy": dict(zip(data.classes, per_class)), "confusion_matrix": matrix}
     results["most_confident_mistakes"] = [
         {"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted": data.classes[int(predictions[i])],
          "confidence": float(confidence[i])} for i in worst]  # fmt: skip
-    counts = matrix.sum(1).tolist()
     rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
-    print()
-    title = f"Per-class test accuracy, best epoch ({best_epoch})"
-    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", title)
+    helpers.print_table(
+        rows, "class test_accuracy_%:.1f images:d", f"\nPer-class test accuracy, best epoch ({best_epoch})"
+    )
     weakest = min(range(data.num_classes), key=lambda k: per_class[k] if counts[k] else 2.0)
     confused = sorted(((int(n), data.classes[k]) for k, n in enumerate(matrix[weakest]) if k != weakest), reverse=True)
     results["weakest_class"] = {"class": data.classes[weakest], "called": {name: n for n, name in confused[:3]}}
@@ -381,14 +372,12 @@ def main(**overrides):
             results["signal"] = int(stop["signal"])
         elif ddp.rank == 0:
             t["model"].load_state_dict(t["best_model"])  # the weights the validation set chose
-            test_results, mistakes = evaluate_on_test_set(t["model"], cfg, data, device, amp_dtype, t["best"]["epoch"])
+            test_results, mistakes = evaluate_on_test_set(t["model"], cfg, data, device, amp_dtype, best["epoch"])
             results |= test_results | {"mean_images_per_s": float(np.mean([h["images_per_s"] for h in t["history"]]))}
-            summary = {"best validation accuracy %": 100 * t["best"]["val_accuracy"]}
-            summary["test accuracy %"] = 100 * results["test_accuracy"]
-            if cfg.tta:
-                summary["test accuracy with flip TTA %"] = 100 * results["test_accuracy_flip_tta"]
-            summary["mean training img/s"] = results["mean_images_per_s"]
-            rows = [{"measure": k, "value": v} for k, v in summary.items()]
+            summary = {"best validation accuracy %": best["val_accuracy"], "test accuracy %": results["test_accuracy"]}
+            summary |= {"test accuracy with flip TTA %": results["test_accuracy_flip_tta"]} if cfg.tta else {}
+            rows = [{"measure": k, "value": 100 * v} for k, v in summary.items()]
+            rows.append({"measure": "mean training img/s", "value": results["mean_images_per_s"]})
             helpers.print_table(rows, "measure value:.2f", f"{cfg.model} on {data.name}")
             print("losses of the first steps:", " ".join(f"{loss:.4f}" for loss in results["first_step_losses"]))
             results["figures"] = draw_figures(t, cfg, data, results["confusion_matrix"], mistakes, out)
@@ -536,12 +525,9 @@ def refuse_to_rewind(cfg, state: dict | None, out: Path) -> None:
     helpers.require(later <= earlier, f"{what} (resume from {last}, or pass another --out)")
 
 
-def restore(t: dict, state: dict, cfg, data) -> None:
+def restore(t: dict, state: dict, cfg) -> None:
     """Weights, optimiser, schedule, scaler, random states and progress; any damage is one error line."""
-    spe, planned, saved = t["steps_per_epoch"], dict(vars(t["shape"])), state["run_config"]
-    written = f"checkpoint {cfg.resume} was written for {saved.get('num_train')} training images"
-    same_data = saved.get("num_train") == len(data.train_x)
-    helpers.require(same_data, f"{written}, this run has {len(data.train_x)} (pass the data the run started with)")
+    spe, planned = t["steps_per_epoch"], dict(vars(t["shape"]))  # the plan: the scheduler's state holds the saved one
     try:
         for key in ("model", "optimizer", "scheduler"):
             t[key].load_state_dict(state[key])
@@ -563,10 +549,9 @@ def restore(t: dict, state: dict, cfg, data) -> None:
     t.update(run=run, history=history, best=best, best_model=state["best_model"], kept=kept)
 
 
-def resume_command(cfg, path: Path, ddp=None) -> str:
+def resume_command(cfg, path: Path, ddp) -> str:
     """The command that continues this run, quoted for a POSIX shell (paths may hold spaces)."""
-    world = ddp.world if ddp is not None else 1
-    launcher = ["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world}"]
+    launcher = ["python"] if ddp.world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={ddp.world}"]
     words = [*launcher, "06_practical_example.py", "--resume", str(path)]
     for key in ("out", "data_dir", "device", "precision"):
         words += ["--" + key.replace("_", "-"), str(cfg[key])] if key in cfg.explicit else []
@@ -585,10 +570,8 @@ def stop_requests(stop: dict):
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         print(f"\n{name}: stopping after this step and saving a checkpoint (again to abort)", flush=True)
 
-    try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        previous = {}
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         yield
     finally:
@@ -623,7 +606,7 @@ def build_training(cfg, data, device, amp_dtype, ddp, state: dict | None) -> dic
         "kept": "no checkpoint was written",
     }  # fmt: skip
     if state is not None:
-        restore(t, state, cfg, data)
+        restore(t, state, cfg)
     return t
 
 
@@ -637,25 +620,21 @@ sorted(RESUME_KEYS)  # the settings a checkpoint owns: --resume refuses a flag t
 # on its slice batch[rank::world]. DDP averages the gradients, so every process takes one process's step. Batch
 # norm is the exception: each process normalises over its own B / world images unless --sync-bn (GPUs only).
 Distributed = collections.namedtuple("Distributed", "rank world local_rank")
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # the same, as torchrun names them
 
 
 def distributed_context() -> Distributed:
     """(rank, world, local_rank) from torchrun's environment; a plain `python` run is rank 0 of 1."""
-    if "WORLD_SIZE" not in os.environ:
-        return Distributed(0, 1, 0)
-    try:
-        ddp = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    except (KeyError, ValueError):
-        what = "WORLD_SIZE is set, but RANK is missing or WORLD_SIZE or RANK is not a number"
-        raise helpers.UserError(f"{what} (launch with torchrun, or unset them)") from None
-    helpers.require(0 <= ddp.rank < ddp.world, f"RANK {ddp.rank} is outside 0..{ddp.world - 1} (launch with torchrun)")
+    env = {key: os.environ.get(key, "1" if key == "WORLD_SIZE" else "0") for key in TORCHRUN_VARIABLES}
+    given = ", ".join(f"{key}={value}" for key, value in env.items())
+    helpers.require(all(v.isdigit() for v in env.values()), f"{given}: not all numbers (launch with torchrun)")
+    ddp = Distributed(*map(int, env.values()))
+    helpers.require(ddp.rank < ddp.world, f"RANK {ddp.rank} is outside 0..{ddp.world - 1} (launch with torchrun)")
     return ddp
 
 
-def rank_slice(batch: torch.Tensor, rank, world=None) -> torch.Tensor:
-    """This process's rows of a global batch: rank, rank + world, ... (B, ...) -> (B / world, ...)."""
-    rank, world = (rank.rank, rank.world) if world is None else (rank, world)
-    return batch[rank::world] if world > 1 else batch
+def rank_slice(batch: torch.Tensor, ddp) -> torch.Tensor:  # rows rank, rank + world, ...: (B, ...) -> (B / world, ...)
+    return batch[ddp.rank :: ddp.world] if ddp.world > 1 else batch
 
 
 def all_reduce(ddp, tensor: torch.Tensor) -> torch.Tensor:  # the sum over all processes, in place
@@ -697,7 +676,7 @@ def process_group(ddp, device: torch.device, cfg):
         torch.distributed.destroy_process_group()
 
 
-{key: os.environ.get(key) for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}  # torchrun sets them; `python` none
+{key: os.environ.get(key) for key in TORCHRUN_VARIABLES}  # torchrun sets them; `python` none
 
 
 # %% Lesson 02's CIFAR ResNets, repeated here in compact form so that this lesson stands alone (the option-A 6n+2

@@ -42,14 +42,9 @@ def require(condition: bool, message: str) -> None:  # message style: `<what> (<
         raise UserError(message)
 
 
-def require_number(flag: str, value: Any, low=None, high=None, *, low_open=False, high_open=False) -> None:
-    """A finite number in [low, high] (None: unbounded). NaN is named: every comparison with it is false."""
-    require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{flag} must be a number, not {value!r}")
+def require_finite(flag: str, value: float) -> None:  # NaN is named: every comparison with it is false
     require(not math.isnan(value), f"{flag} is nan, not a number (pass a finite value)")
     require(math.isfinite(value), f"{flag} must be finite, not {value}")
-    for op, bound in ((">" if low_open else ">=", low), ("<" if high_open else "<=", high)):
-        if bound is not None:
-            require(CHECKS[op](float(value), bound), f"{flag} must be {op} {bound:g}, not {value:g}")
 
 
 def require_seed(seed: Any) -> None:  # NumPy takes 32-bit unsigned seeds
@@ -75,7 +70,10 @@ def error_summary(error: BaseException) -> str:
 
 # --- The constants block -> config, flags, notebook runs -------------------------------------------------------------
 MARKERS = ("# --- constants", "# --- end constants")
-DECLARATION = re.compile(r"^(?P<name>[A-Z][A-Z0-9_]*): (?P<type>[\w\[\], .]+?) = [^#]*(?:#\s*(?P<comment>.*))?$")
+DECLARATION = re.compile(
+    r"^(?P<name>[A-Z][A-Z0-9_]*): (?P<type>[\w\[\], .]+?) = [^#]*(?:#\s*(?P<help>.*?))?"
+    r"(?:\s*\[(?P<check>[^\[\]]*)\])?\s*$"
+)
 TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": bool, "Path": str}
 CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
 
@@ -86,7 +84,8 @@ class Constant:
     type: str  # "int", "float", "str", "bool", "Path" or "tuple[int, ...]" etc.
     default: Any
     help: str = ""
-    check: str = ""
+    check: str = ""  # "> 0", ">= 0, < 1", "a | b", or "in NAMES" (a tuple the module defines)
+    choices: tuple | None = None
 
     key = property(lambda self: self.name.lower())
     flag = property(lambda self: "--" + self.name.lower().replace("_", "-"))
@@ -107,44 +106,35 @@ def read_constants(module_globals: dict) -> list[Constant]:
         if match and match[0].count("(") != match[0].count(")"):
             raise RuntimeError(f"{match['name']}: keep each constant's declaration on one line")
         if match and match["name"] in module_globals:
-            comment = match["comment"] or ""
-            check = re.search(r"\s*\[([^\[\]]*)\]\s*$", comment)
-            helptext = (comment[: check.start()] if check else comment).strip()
-            value = module_globals[match["name"]]
-            constants.append(Constant(match["name"], match["type"], value, helptext, check[1] if check else ""))
+            check = match["check"] or ""
+            choices = [word.strip() for word in check.split("|")] if "|" in check else None
+            choices = module_globals.get(check[3:].strip()) if check.startswith("in ") else choices
+            choices = None if choices is None else tuple(choices)
+            value, helptext = module_globals[match["name"]], (match["help"] or "").strip()
+            constants.append(Constant(match["name"], match["type"], value, helptext, check, choices))
             if constants[-1].item_type not in TYPES:
                 raise RuntimeError(f"{match['name']}: unsupported type {match['type']!r}")
     return constants
 
 
-def choices_of(constant: Constant, module_globals: dict) -> tuple[str, ...] | None:
-    if "|" in constant.check:
-        return tuple(word.strip() for word in constant.check.split("|"))
-    if constant.check.startswith("in "):  # a tuple the module defines (unchecked until it is defined)
-        names = module_globals.get(constant.check[3:].strip())
-        return None if names is None else tuple(names)
-    return None
-
-
-def convert(constant: Constant, value: Any, module_globals: dict) -> Any:
+def convert(constant: Constant, value: Any) -> Any:
     """`value` as the constant's declared type, checked against its declaration, else a UserError naming the flag."""
     flag, kind = constant.flag, constant.item_type
     if constant.is_tuple:
         values = value if isinstance(value, (list, tuple)) else [value]
         require(len(values) > 0, f"{flag} needs at least one value")
-        item = Constant(constant.name, kind, None, check=constant.check)
-        return tuple(convert(item, v, module_globals) for v in values)
+        item = Constant(constant.name, kind, None, check=constant.check, choices=constant.choices)
+        return tuple(convert(item, v) for v in values)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {"bool": isinstance(value, bool), "int": number and isinstance(value, int), "float": number}
     what = "a path" if kind == "Path" else kind + " values"
     require(ok.get(kind, isinstance(value, (str, Path))), f"{flag} takes {what}, not {value!r}")
     value = TYPES[kind](value)
     if kind == "float":
-        require_number(flag, value)
+        require_finite(flag, value)
     if kind == "Path" and value:  # as a shell would; "" stays "": not set
         value = os.path.expanduser(os.path.expandvars(value))
-    choices = choices_of(constant, module_globals)
-    if choices is not None:
+    if (choices := constant.choices) is not None:
         require(value in choices, f"{flag} must be one of {', '.join(map(str, choices))} (got {value!r})")
     elif constant.check and kind in ("int", "float"):
         for op, _, bound in (condition.strip().partition(" ") for condition in constant.check.split(",")):
@@ -176,7 +166,7 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
     if overrides.get("full", values.get("full", False)) and full_overrides:
         values.update(full_overrides)
     values.update(overrides)
-    cfg = Config({key: convert(constants[key], value, module_globals) for key, value in values.items()})
+    cfg = Config({key: convert(constants[key], value) for key, value in values.items()})
     names = [module_globals.get(k) for k in ("__file__", "__vsc_ipynb_file__", "__session__")]
     cfg.lesson = Path(next((n for n in names if n), str(module_globals.get("OUT", "notebook")))).stem
     cfg.explicit = frozenset(overrides)
@@ -205,7 +195,7 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
     prog = f"python {Path(module_globals['__file__']).name}"
     parser = _OneLineErrors(prog=prog, description=doc[0] if doc else None, epilog=epilog, allow_abbrev=False)
     for c in read_constants(module_globals):
-        choices = choices_of(c, module_globals)
+        choices = c.choices
         if c.type == "bool":
             kwargs = {"action": argparse.BooleanOptionalAction}
         else:
@@ -224,14 +214,12 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
 
 def exercise_flags(exercise: dict) -> str:
     """An exercise's overrides as the command-line flags that do the same: {"depths": (8, 20)} -> --depths 8 20."""
-
-    def flag(key, value):
+    words = []
+    for key, value in exercise.items():
         name = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            return name if value else "--no-" + name[2:]
-        return " ".join([name, *map(str, value if isinstance(value, (tuple, list)) else [value])])
-
-    return " ".join(flag(key, value) for key, value in exercise.items())
+        values = [] if isinstance(value, bool) else value if isinstance(value, (tuple, list)) else [value]
+        words += [name if value is not False else "--no-" + name[2:], *map(str, values)]
+    return " ".join(words)
 
 
 def in_notebook() -> bool:
@@ -634,41 +622,40 @@ class ImageData:
 
 
 def _torchvision_dataset(name: str, data_dir: Path, download: bool):
-    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every download's MD5."""
+    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every download's MD5. Files
+    that are there but cannot be read are called corrupt; files that are not there, and cannot be had, unavailable."""
     import torchvision
 
     sets = torchvision.datasets
     cls = {"cifar10": sets.CIFAR10, "cifar100": sets.CIFAR100, "fashion-mnist": sets.FashionMNIST}[name]
     what = "a file, not a folder (pass the folder that holds or will hold the datasets)"
     require(not data_dir.exists() or data_dir.is_dir(), f"--data-dir {data_dir} is {what}")
-    raw, debian = data_dir / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST
+    folder, debian = data_dir / getattr(cls, "base_folder", "FashionMNIST"), DEBIAN_FASHION_MNIST
+    again, splits = f"(delete {folder} and its archive to unpack or download them again)", []
     try:  # Debian's copy of Fashion-MNIST, checked against the originals' MD5s, saves a download
         unpack = name == "fashion-mnist" and (debian / "t10k-labels-idx1-ubyte.gz").exists()
-        for n, md5 in FASHION_MNIST_RAW_MD5.items() if unpack and not any(raw.glob("*-ubyte")) else ():
+        for n, md5 in FASHION_MNIST_RAW_MD5.items() if unpack and not any(folder.glob("raw/*-ubyte")) else ():
             data = gzip.decompress((debian / f"{n}.gz").read_bytes())
             ok = hashlib.md5(data).hexdigest() == md5
             require(ok, f"{debian / n}.gz does not match its known MD5 (reinstall dataset-fashion-mnist)")
-            atomic_write(raw / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
-        train_x, train_y, classes = _torchvision_split(cls, name, data_dir, download, train=True)
-        test_x, test_y, _ = _torchvision_split(cls, name, data_dir, download, train=False)
+            atomic_write(folder / "raw" / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
+        for train in (True, False):
+            with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
+                ds = cls(root=str(data_dir), train=train, download=download)
+            if name == "fashion-mnist":  # (N, 28, 28) -> (N, 3, 32, 32)
+                x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+            else:  # (N, H, W, C) -> (N, C, H, W)
+                x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+            y = torch.as_tensor(ds.targets, dtype=torch.int64)
+            ok = x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and 0 <= y.min() <= y.max() < len(ds.classes)
+            labels = f"{len(y)} labels" + (f" in {int(y.min())}..{int(y.max())}" if len(y) else "")
+            require(ok, f"{name} files in {folder} are corrupt: {tuple(x.shape)} images, {labels} {again}")
+            splits += [x, y]
     except PermissionError as error:
         where = f"the {name} files into --data-dir {data_dir}"
         raise UserError(f"cannot write {where}: {error.strerror} (pass a writable one)") from None
-    return train_x, train_y, test_x, test_y, FASHION_CLASSES if name == "fashion-mnist" else classes
-
-
-def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bool):
-    """(images (N, 3, 32, 32) uint8, labels (N,) int64, class names) of one split. Files that are there but cannot
-    be read are called corrupt; files that are not there, and cannot be downloaded, unavailable."""
-    folder = data_dir / getattr(cls, "base_folder", "FashionMNIST")
-    again = f"(delete {folder} and its archive to unpack or download them again)"
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
-            ds = cls(root=str(data_dir), train=train, download=download)
-    except PermissionError:
-        raise
     except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, or no network
-        present = folder.exists() and (name != "fashion-mnist" or any((folder / "raw").glob("*-ubyte")))
+        present = folder.exists() and (name != "fashion-mnist" or any(folder.glob("raw/*-ubyte")))
         require(not present, f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}")
         how = "on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
         if name != "fashion-mnist":
@@ -676,15 +663,7 @@ def _torchvision_split(cls, name: str, data_dir: Path, download: bool, train: bo
             how += " --dataset fashion-mnist (offline on Debian: apt-get install dataset-fashion-mnist) or synthetic"
         why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
         raise DataUnavailableError(f"{why} (connect to the internet once, or {how})") from None
-    if name == "fashion-mnist":  # (N, 28, 28) -> (N, 3, 32, 32)
-        x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-    else:
-        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> NCHW
-    y = torch.as_tensor(ds.targets, dtype=torch.int64)
-    ok = x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and 0 <= int(y.min()) <= int(y.max()) < len(ds.classes)
-    labels = f"{len(y)} labels" + (f" in {int(y.min())}..{int(y.max())}" if len(y) else "")
-    require(ok, f"{name} files in {folder} are corrupt: {tuple(x.shape)} images, {labels} {again}")
-    return x, y, tuple(ds.classes)
+    return *splits, FASHION_CLASSES if name == "fashion-mnist" else tuple(ds.classes)
 
 
 # The synthetic set: sinusoidal gratings whose class is their tilt from the vertical (5 steps of 22.5 degrees) and
@@ -695,29 +674,19 @@ SYNTHETIC_BANDS = ((0.25, 0.40), (0.55, 0.80))  # spatial frequency in radians p
 SYNTHETIC_CLASSES = tuple(f"{band}-{t * 22.5:g}deg" for band in ("coarse", "fine") for t in range(SYNTHETIC_TILTS))
 
 
-def synthetic_label(theta: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-    """Class of a grating with normal angle `theta` and frequency `freq`: the tilt min(theta, pi - theta) after
-    folding into [0, pi), the same for an image and its mirror, and the frequency band."""
-    folded = torch.remainder(theta, math.pi)
-    tilt = torch.minimum(folded, math.pi - folded)  # in [0, pi/2]
-    tilt_class = torch.round(tilt / (math.pi / 2) * (SYNTHETIC_TILTS - 1)).long()
-    band = (freq > (SYNTHETIC_BANDS[0][1] + SYNTHETIC_BANDS[1][0]) / 2).long()
-    return band * SYNTHETIC_TILTS + tilt_class
-
-
 def synthetic_parameters(n: int, g: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:
-    """Random grating parameters: a tilt class and frequency band (the label), jittered; the tilt's sign at random,
-    so that both an orientation and its mirror image occur in every class; phase, contrast, colour, a blob."""
+    """Random gratings: the label (band * 5 + tilt class), the tilt jittered by under a third of a step and mirrored
+    at random (both images of a mirror pair in every class), and phase, contrast, colour and a blob."""
     gap = (math.pi / 2) / (SYNTHETIC_TILTS - 1)
     tilt_class = torch.randint(0, SYNTHETIC_TILTS, (n,), generator=g)
     band = torch.randint(0, len(SYNTHETIC_BANDS), (n,), generator=g)
-    tilt = (tilt_class.float() * gap + (torch.rand(n, generator=g) - 0.5) * (2 / 3) * gap).abs()  # jitter < gap / 3
+    tilt = (tilt_class.float() * gap + (torch.rand(n, generator=g) - 0.5) * (2 / 3) * gap).abs()
     tilt = torch.minimum(tilt, math.pi - tilt)
     theta = torch.where(torch.rand(n, generator=g) < 0.5, math.pi - tilt, tilt)  # a tilt or its mirror image
     low, high = (torch.tensor([b[i] for b in SYNTHETIC_BANDS])[band] for i in (0, 1))
     uniform = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-    return {"theta": theta, "freq": low + (high - low) * uniform(n), "phase": 2 * math.pi * uniform(n),
-            "contrast": 0.3 + 0.7 * uniform(n), "colour": 0.3 + 0.7 * uniform(n, 3),
+    return {"label": band * SYNTHETIC_TILTS + tilt_class, "theta": theta, "freq": low + (high - low) * uniform(n),
+            "phase": 2 * math.pi * uniform(n), "contrast": 0.3 + 0.7 * uniform(n), "colour": 0.3 + 0.7 * uniform(n, 3),
             "blob_centre": (uniform(n, 2) - 0.5) * size, "blob_radius": 3 + 6 * uniform(n)}  # fmt: skip
 
 
@@ -739,7 +708,7 @@ def make_synthetic(num_images: int, seed: int, size: int = 32) -> tuple[torch.Te
     g = torch.Generator().manual_seed(seed)
     params = synthetic_parameters(num_images, g, size)
     image = render_gratings(params, size) + 0.15 * torch.randn(num_images, 3, size, size, generator=g)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), synthetic_label(params["theta"], params["freq"])
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), params["label"]
 
 
 def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_size=None, seed=0, download=True,

@@ -116,9 +116,9 @@ def test_two_processes_train_like_one_stop_together_and_resume(lesson06, tmp_pat
 
 def test_rank_slices_partition_the_global_batch(lesson06):
     batch = torch.arange(12)
-    slices = [lesson06.rank_slice(batch, rank, 3) for rank in range(3)]
+    slices = [lesson06.rank_slice(batch, lesson06.Distributed(rank, 3, rank)) for rank in range(3)]
     assert [s.tolist() for s in slices] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
-    assert lesson06.rank_slice(batch, 0, 1) is batch  # one process: the batch itself
+    assert lesson06.rank_slice(batch, lesson06.Distributed(0, 1, 0)) is batch  # one process: the batch itself
 
 
 def test_distributed_context_reads_torchruns_environment(lesson06, monkeypatch):
@@ -131,6 +131,9 @@ def test_distributed_context_reads_torchruns_environment(lesson06, monkeypatch):
     assert lesson06.distributed_context() == lesson06.Distributed(3, 4, 1)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(helpers.UserError, match="RANK 4 is outside 0..3"):
+        lesson06.distributed_context()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(helpers.UserError, match="RANK=4, WORLD_SIZE=two, LOCAL_RANK=1: not all numbers"):
         lesson06.distributed_context()
 
 

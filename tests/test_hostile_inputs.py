@@ -185,7 +185,7 @@ HOSTILE = [
         r"torchrun did not start this process",
         "06:WORLD_SIZE RANK",
     ),
-    row(L06, [*TINY06, "ENV:WORLD_SIZE=two"], 1, r"WORLD_SIZE is set, but RANK is missing", "06:WORLD_SIZE=two"),
+    row(L06, [*TINY06, "ENV:WORLD_SIZE=two"], 1, r"WORLD_SIZE=two, LOCAL_RANK=0: not all numbers", "06:WORLD_SIZE=two"),
     row(
         L06,
         [*TINY06, "--lr", "1e30", "--out", "{finished_out}"],
@@ -454,11 +454,11 @@ def test_writable_dir_names_the_file_in_the_way(tmp_path):
         helpers.writable_dir(tmp_path / "checkpoints" / "deeper")
 
 
-def test_require_number_names_nan_and_infinity():
+def test_require_finite_names_nan_and_infinity():
     with pytest.raises(helpers.UserError, match=r"--momentum is nan, not a number"):
-        helpers.require_number("--momentum", float("nan"), 0)
+        helpers.require_finite("--momentum", float("nan"))
     with pytest.raises(helpers.UserError, match=r"--lr must be finite, not inf"):
-        helpers.require_number("--lr", float("inf"), 0, low_open=True)
+        helpers.require_finite("--lr", float("inf"))
     with pytest.raises(helpers.UserError, match=r"--seed must be an integer from 0 to 4294967295, not True"):
         helpers.require_seed(True)
     helpers.require_seed(2**32 - 1)
