@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED: int = 0  # random seed for weights and inputs
+SEED: int = 0  # random seed for weights and inputs [>= 0, < 4294967296]
 DEVICE: str = "cpu"  # where to run (the Jacobian check always runs on the CPU in float64) [auto | cpu | cuda | mps]
 OUT: Path = "outputs/01_basic_residual_block"  # folder for results.json and depth_sweep.png
 TRACE: bool = True  # print the shape after every stage of one block

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED: int = 0  # random seed for weights and inputs
+SEED: int = 0  # random seed for weights and inputs [>= 0, < 4294967296]
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/02_resnet_implementation"  # folder for results.json and figures
 IMAGE_SIZE: int = 224  # side of the ImageNet input in pixels, for multiply-adds and latency [>= 32]

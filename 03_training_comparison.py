@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED: int = 0  # random seed for every model's weights and for the (shared) data order
+SEED: int = 0  # random seed for every model's weights and the shared data order [>= 0, < 4294967296]
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/03_training_comparison"  # folder for results.json and figures
 FULL: bool = False  # the paper's schedule: 64k iterations, lr/10 at 32k and 48k, 45k/5k split, augmentation (GPU)

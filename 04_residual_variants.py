@@ -9,8 +9,8 @@ What you will learn
     * DenseNet (Huang et al. 2017): concatenate instead of add, x_l = H_l([x_0, ..., x_{l-1}]) (Eq. 2).
     * Squeeze-and-Excitation (Hu et al. 2018): gate each channel of the branch by
       s = sigmoid(W2 relu(W1 mean_{H,W}(u))) (Eqs. 2-4) before the addition.
-    ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet with one change each; the tests prove the first
-    two equal to torchvision's (SE-ResNet-50 has no torchvision counterpart).
+    ResNeXt-50, WRN-50-2 and SE-ResNet-50 are lesson 02's ResNet with one change each; the tests prove the first two
+    equal to torchvision's (SE-ResNet-50 has no torchvision counterpart).
 
 Run
     python 04_residual_variants.py            # the checks, the table of 14 variants and a 40-step comparison
@@ -24,13 +24,11 @@ What you should see (seed 0, CPU)
     3. A 1001-layer pre-activation ResNet (10.3M parameters) runs forward and backward on 2 images, every
        gradient finite. dE/dx_l does not vanish: it is smallest next to the loss (RMS 4.9e-5 at unit 333) and
        grows on its way back (3.6e+1 at unit 1), fastest where x_l is small (each branch's BN divides by it).
-    4. One table of all 14 variants: parameter counts equal to torchvision's and to the papers' rounded figures
-       (WRN-28-10 36,479,194 for "36.5M"; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024;
-       pre-act-1001 10.33M where the paper says 10.2M), multiply-adds, the median forward and training-step time
-       and peak memory, and each paper's reported error (cited, not measured).
-    5. The equal-budget comparison: 40 steps of 32 images for five small variants, the same order and schedule.
-       It shows that every variant trains with the same recipe and what a step costs; after 1,280 images (16% of
-       the 8,000 it draws from), on one seed, it cannot rank their accuracy.
+    4. One table of all 14 variants: parameters equal to torchvision's and to the papers' rounded figures (WRN-28-10
+       36,479,194 for "36.5M"; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024; pre-act-1001
+       10.33M for the paper's 10.2M), multiply-adds, median forward and step times, peak memory, papers' errors (cited).
+    5. The equal-budget comparison: 40 steps of 32 images for five small variants, the same order and schedule: all
+       train with one recipe; after 1,280 images (16% of the 8,000 it draws from), on one seed, it cannot rank them.
 
 Try this (`--exercise N` runs number N; answers/04_residual_variants.md answers each, with numbers)
     1. `--deep-depth 164 --no-measure-latency`, then 2. `--deep-depth 2000 --no-measure-latency`: does the
@@ -59,7 +57,7 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED: int = 0  # random seed for weights, inputs and data order
+SEED: int = 0  # random seed for weights, inputs and data order [>= 0, < 4294967296]
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/04_residual_variants"  # folder for results.json and figures
 FULL: bool = False  # longer comparison training on all of the training set (meant for a GPU)
@@ -194,8 +192,7 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))  # (B, 64, 8, 8) -> (B, 64) -> (B, K)
 
 
-def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(depth, num_classes)
+cifar_resnet = CifarResNet  # lesson 02's name: cifar_resnet(depth, num_classes)
 
 
 class ResNet(nn.Module):
@@ -275,10 +272,9 @@ def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_miles
 
 # %% Pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")
 class PreActBlock(nn.Module):
-    """The basic pre-activation unit: x_{l+1} = x_l + F(x_l), F = conv(relu(BN(conv(relu(BN(x)))))). Nothing is
-    applied to x after the addition, so the identity path is bare (He et al. 2016, Eqs. 4-5). Where the shape
-    changes, the 1x1 projection reads the pre-activated input, as in the paper's code. `dropout` between the
-    convolutions is Wide ResNet's option."""
+    """The basic pre-activation unit: x_{l+1} = x_l + F(x_l), F = conv(relu(BN(conv(relu(BN(x)))))), nothing after the
+    addition, so the identity path is bare (He et al. 2016, Eqs. 4-5). Where the shape changes, the 1x1 projection
+    reads the pre-activated input, as in the paper's code. `dropout` between the convolutions: Wide ResNet's option."""
 
     expansion = 1
 
@@ -650,9 +646,9 @@ helpers.format_table([{"model": m, "paper_err_%": e, "source": src} for m, (e, s
 
 # %% Measuring: latency, peak memory
 def peak_memory_bytes(step: Callable[[], None], model: nn.Module, optimizer, device: torch.device) -> int | None:
-    """Peak bytes of live tensors during one training step: weights, gradients, optimizer state, the activations kept
-    for the backward pass and temporaries. CUDA: the allocator's high-water mark. CPU: torch's MemTracker, which
-    follows every tensor the step creates and frees (process RSS would also count the Python heap). Else None."""
+    """Peak bytes of live tensors in one training step (weights, gradients, optimizer state, saved activations,
+    temporaries): CUDA's allocator high-water mark; on the CPU torch's MemTracker, which follows every tensor (process
+    RSS would also count the Python heap); else None."""
     if device.type == "cuda":
         helpers.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -725,10 +721,9 @@ f"resnet8: {helpers.count_multiply_adds(cifar_resnet(8), (1, 3, 32, 32)) / 1e6:.
 
 # %% A 1001-layer pre-activation ResNet at initialisation
 def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device) -> dict:
-    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images: the RMS of every
-    unit's input x_l and of dE/dx_l. He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i));
-    the 1 (the identity path) makes the gradient unlikely to be cancelled out (the paper's argument). Across a
-    stage's projection shortcut the argument does not reach; this run measures what happens."""
+    """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images: the RMS of every unit's
+    input x_l and of dE/dx_l. He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)); the 1 (the
+    identity path) makes the gradient unlikely to be cancelled out. Projection shortcuts break the argument: measure."""
     torch.manual_seed(seed)
     model = preact_resnet(depth).to(device).train()
     units, unit_inputs = [m for m in model.modules() if isinstance(m, PreActBlock)], []
@@ -739,12 +734,8 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
 
     handles = [unit.register_forward_pre_hook(keep_input) for unit in units]
     images, labels = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
-    helpers.synchronize(device)  # a GPU may still be copying the weights: wait, so that the timing is the pass alone
-    start = time.perf_counter()
     loss = F.cross_entropy(model(images), labels)
     loss.backward()
-    helpers.synchronize(device)
-    seconds = time.perf_counter() - start
     for handle in handles:
         handle.remove()
     grads = [x.grad.norm().item() / math.sqrt(x[0].numel()) for x in unit_inputs]  # RMS per image
@@ -754,7 +745,7 @@ def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device)
     ends = (0, n - 1, n, 2 * n - 1, 2 * n, len(units) - 1)  # the first and last unit of each stage
     stage_ends = [{"unit": i + 1, "grad_rms": grads[i], "signal_rms": signals[i]} for i in ends]
     return {"depth": depth, "units": len(units), "weighted_layers": len(weight_grads), "batch": batch,
-            "parameters": helpers.count_parameters(model), "seconds": seconds, "loss": loss.item(),
+            "parameters": helpers.count_parameters(model), "loss": loss.item(),
             "all_finite": all(math.isfinite(g) for g in grads + weight_grads), "grad_rms_first_unit": grads[0],
             "grad_rms_last_unit": grads[-1], "grad_rms_min": min(grads), "grad_rms_max": max(grads),
             "grad_ratio_first_to_last": grads[0] / grads[-1], "stage_ends": stage_ends,
@@ -884,8 +875,8 @@ def main(**overrides):
     # Pre-activation: a 1001-layer network, forward and backward at initialisation; nothing vanishes (Eq. 5)
     deep = deep_gradient_check(cfg.deep_depth, cfg.deep_batch, cfg.seed, device)
     print(f"Pre-activation ResNet-{deep['depth']} ({deep['units']} residual units, {deep['weighted_layers']} weighted "
-          f"layers, {deep['parameters'] / 1e6:.1f}M parameters), batch {deep['batch']}: forward + backward in "
-          f"{deep['seconds']:.1f} s, loss {deep['loss']:.2f}, all gradients finite: {deep['all_finite']}")  # fmt: skip
+          f"layers, {deep['parameters'] / 1e6:.1f}M parameters), batch {deep['batch']}: "
+          f"loss {deep['loss']:.2f}, all gradients finite: {deep['all_finite']}")  # fmt: skip
     title = "RMS of each unit's input x_l and of dE/dx_l, at the first and last unit of each stage"
     helpers.print_table(deep["stage_ends"], "unit:d signal_rms:.2f grad_rms:.2e", title)
 

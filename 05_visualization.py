@@ -62,7 +62,7 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED: int = 0  # random seed for weights, directions and data order
+SEED: int = 0  # random seed for weights, directions and data order [>= 0, < 4294967296]
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/05_visualization"  # folder for results.json and the four figures
 FULL: bool = False  # deeper nets, longer training and a 51x51 landscape grid (meant for a GPU)

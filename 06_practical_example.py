@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import helpers
 
 # --- constants ---------------------------------------------------------------------------------------
-SEED: int = 0  # random seed for weights, data order and augmentation
+SEED: int = 0  # random seed for weights, data order and augmentation [>= 0, < 4294967296]
 DEVICE: str = "auto"  # where to run [auto | cpu | cuda | mps]
 OUT: Path = "outputs/06_practical_example"  # folder for results.json, figures and checkpoints
 FULL: bool = False  # the full recipe: all of CIFAR-10, 200 epochs (meant for a GPU)

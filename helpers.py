@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,11 +45,6 @@ def require(condition: bool, message: str) -> None:  # message style: `<what> (<
 def require_finite(flag: str, value: float) -> None:  # NaN is named: every comparison with it is false
     require(not math.isnan(value), f"{flag} is nan, not a number (pass a finite value)")
     require(math.isfinite(value), f"{flag} must be finite, not {value}")
-
-
-def require_seed(seed: Any) -> None:  # NumPy takes 32-bit unsigned seeds
-    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32
-    require(ok, f"--seed must be an integer from 0 to {2**32 - 1}, not {seed}")
 
 
 def require_memory(num_bytes: float, what: str) -> None:
@@ -170,8 +165,6 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
     names = [module_globals.get(k) for k in ("__file__", "__vsc_ipynb_file__", "__session__")]
     cfg.lesson = Path(next((n for n in names if n), str(module_globals.get("OUT", "notebook")))).stem
     cfg.explicit = frozenset(overrides)
-    if "seed" in cfg:
-        require_seed(cfg.seed)
     return cfg
 
 
@@ -327,7 +320,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a CPU generator for the data order, so that the order does not depend
     on how many random numbers the model's initialisation drew."""
-    require_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -406,11 +398,25 @@ _held_locks: dict[Path, Any] = {}  # folder -> open lock file, held until the pr
 
 
 def output_dir(cfg: Config, *names: str, flag: str = "--out") -> Path:
-    """Claim `cfg.out` for this run: create it, lock it, and check that every file in `names` (relative paths) is
-    absent or ours to replace. Returns the folder."""
+    """Claim `cfg.out` for this run: create it, take its lock (one run per folder: an exclusive advisory lock on
+    `.lock`, which names the holder's process id; Windows has none), and check that every file in `names` (relative
+    paths) is absent or ours to replace. Returns the folder."""
     require(str(cfg.out).strip() != "", f"{flag} is empty (pass a folder, e.g. {flag} outputs/run1)")
-    out = writable_dir(cfg.out, flag)
-    lock_folder(out)
+    out, lock = writable_dir(cfg.out, flag), Path(cfg.out) / LOCK
+    if out.resolve() not in _held_locks and os.name == "posix":
+        import fcntl
+
+        require(not lock.exists() or lock.is_file(), f"{lock} is not a file (move it away, or pass another --out)")
+        handle = lock.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            busy = f"output folder {out} is in use by another run (process {lock.read_text().strip() or 'unknown'})"
+            raise UserError(f"{busy}; wait for it, or pass another --out") from None
+        os.ftruncate(handle.fileno(), 0)
+        os.pwrite(handle.fileno(), str(os.getpid()).encode(), 0)
+        _held_locks[out.resolve()] = handle
     for name in names:
         may_replace(out / name)
     return out
@@ -431,27 +437,6 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
             f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
         ) from None
     return path
-
-
-def lock_folder(out: Path) -> None:
-    """One run per folder: an exclusive advisory lock on `out/.lock`, which names the holder's process id. (Windows
-    has no such lock; there, one run per folder is up to the user.)"""
-    path = out / LOCK
-    if out.resolve() in _held_locks or os.name != "posix":
-        return
-    import fcntl
-
-    require(not path.exists() or path.is_file(), f"{path} is not a file (move it away, or pass another --out)")
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        busy = f"output folder {out} is in use by another run (process {path.read_text().strip() or 'unknown'})"
-        raise UserError(f"{busy}; wait for it, or pass another --out") from None
-    os.ftruncate(handle.fileno(), 0)
-    os.pwrite(handle.fileno(), str(os.getpid()).encode(), 0)
-    _held_locks[out.resolve()] = handle
 
 
 def _manifest(folder: Path) -> dict:
@@ -599,10 +584,10 @@ class DataUnavailableError(UserError):
     """The dataset is neither on disk nor downloadable."""
 
 
-@dataclass
-class ImageData:
+class ImageData(NamedTuple):
     """uint8 images (N, 3, 32, 32) and int64 labels. `val` is held out of the training set and chooses things;
-    `test` is only reported. Fashion-MNIST's 28x28 grey images are padded to 32x32 and repeated over 3 channels."""
+    `test` is only reported. Fashion-MNIST's 28x28 grey images are padded to 32x32 and repeated over 3 channels.
+    `mean` and `std`: per channel, of the training images, in [0, 1]."""
 
     name: str
     classes: tuple[str, ...]
@@ -612,13 +597,13 @@ class ImageData:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    mean: tuple[float, float, float]  # per-channel mean of the training images, in [0, 1]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     num_classes = property(lambda self: len(self.classes))
 
     def to(self, device: torch.device) -> ImageData:
-        return ImageData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+        return self._replace(**{k: v.to(device) for k, v in self._asdict().items() if isinstance(v, torch.Tensor)})
 
 
 def _torchvision_dataset(name: str, data_dir: Path, download: bool):
@@ -646,11 +631,7 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
                 x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
             else:  # (N, H, W, C) -> (N, C, H, W)
                 x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-            y = torch.as_tensor(ds.targets, dtype=torch.int64)
-            ok = x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0 and 0 <= y.min() <= y.max() < len(ds.classes)
-            labels = f"{len(y)} labels" + (f" in {int(y.min())}..{int(y.max())}" if len(y) else "")
-            require(ok, f"{name} files in {folder} are corrupt: {tuple(x.shape)} images, {labels} {again}")
-            splits += [x, y]
+            splits += [x, torch.as_tensor(ds.targets, dtype=torch.int64)]
     except PermissionError as error:
         where = f"the {name} files into --data-dir {data_dir}"
         raise UserError(f"cannot write {where}: {error.strerror} (pass a writable one)") from None
