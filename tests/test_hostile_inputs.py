@@ -45,7 +45,10 @@ def row(script, args, status, message, case=None):
 HOSTILE = [
     # --- every lesson: a seed out of range, a blocked --out, an abbreviated flag ---------------------------
     *[row(lesson, ["--seed", "-1"], 1, SEED_MESSAGE) for lesson in LESSONS],
-    *[row(lesson, ["--seed", str(2**32)], 1, r"--seed must be < 4294967296 \(got 4294967296\)") for lesson in (L01, L06)],
+    *[
+        row(lesson, ["--seed", str(2**32)], 1, r"--seed must be < 4294967296 \(got 4294967296\)")
+        for lesson in (L01, L06)
+    ],
     *[
         row(lesson, ["--out", "{blocker}/out"], 1, r"cannot write to output folder .*blocker is a file, not a folder")
         for lesson in (L01, L02, L03, L05, L06)
