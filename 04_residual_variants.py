@@ -162,13 +162,10 @@ def make_stage(make_block, in_channels: int, width: int, num_blocks: int, stride
     return nn.Sequential(*blocks)
 
 
-def init_like_torchvision(model: nn.Module) -> nn.Module:
+def init_like_torchvision(model: nn.Module) -> nn.Module:  # BN keeps its own init: scale 1, shift 0
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
     return model
 
 
@@ -196,8 +193,7 @@ cifar_resnet = CifarResNet  # lesson 02's name: cifar_resnet(depth, num_classes)
 
 
 class ResNet(nn.Module):
-    """He et al.'s ImageNet ResNets (Table 1) with torchvision's names: a 7x7/2 conv and a max-pool, four stages at
-    widths 64-512, global average pooling and a linear classifier."""
+    """He et al.'s ImageNet ResNets (Table 1), torchvision's names: 7x7/2 conv, max-pool, stages 64-512, pool, fc."""
 
     def __init__(self, block, blocks_per_stage, num_classes=1000, groups=1, width_per_group=64):
         super().__init__()
@@ -223,8 +219,7 @@ def resnet50(num_classes: int = 1000) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
 
 
-def on_meta(build, *args, **kwargs) -> nn.Module:
-    """Build a model on the "meta" device: shapes without storage, enough to count parameters."""
+def on_meta(build, *args, **kwargs) -> nn.Module:  # shapes without storage: enough to count parameters
     with torch.device("meta"):
         return build(*args, **kwargs)
 
@@ -232,12 +227,11 @@ def on_meta(build, *args, **kwargs) -> nn.Module:
 CIFAR_MODELS = {f"resnet{depth}": functools.partial(cifar_resnet, depth) for depth in (20, 110)}  # as in lesson 02
 
 
-# Lesson 03's training recipe (He et al. 2015, section 4.2), repeated here without the options this lesson does not use
-# (channels-last, gradient hooks, a constant warm-up rate), so that this lesson stands alone.
 def sgd_train(model, data, *, steps, batch_size, lr, device, generator, lr_milestones=(), warmup_steps=0,
               amp_dtype=None, augment=False, desc="train") -> list[dict]:  # fmt: skip
-    """SGD (momentum 0.9, weight decay 1e-4) for `steps` mini-batches: a linear warm-up over `warmup_steps`, then the
-    learning rate divided by 10 at each milestone. One record per step: loss, error and learning rate."""
+    """Lesson 03's recipe (He et al. 2015, section 4.2) without the options this lesson does not use: SGD (momentum
+    0.9, weight decay 1e-4) for `steps` mini-batches, a linear warm-up over `warmup_steps`, then the learning rate
+    divided by 10 at each milestone. One record per step: loss, error and learning rate."""
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -326,20 +320,14 @@ class PreActResNet(nn.Module):
     def __init__(self, block, blocks_per_stage: int, widths=(16, 32, 64), num_classes=10, dropout=0.0):
         super().__init__()
         self.conv1 = conv(3, 16, 3)
-        stages, channels = [], 16
+        stages, channels, make_unit = [], 16, functools.partial(block, dropout=dropout)
         for index, width in enumerate(widths):
-            units = []
-            for unit in range(blocks_per_stage):
-                stride = 2 if index > 0 and unit == 0 else 1
-                units.append(block(channels, width, stride, dropout))
-                channels = width * block.expansion
-            stages.append(nn.Sequential(*units))
+            stages.append(make_stage(make_unit, channels, width, blocks_per_stage, stride=1 if index == 0 else 2))
+            channels = width * block.expansion
         self.layer1, self.layer2, self.layer3 = stages
         self.bn = nn.BatchNorm2d(channels)  # the units add un-normalised signals: normalise once at the end
         self.fc = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (B, 3, 32, 32) -> (B, 16, 32, 32)
@@ -473,15 +461,10 @@ class DenseBlock(nn.ModuleDict):
         return torch.cat(features, dim=1)  # (B, C_0, H, W) -> (B, C_0 + L k, H, W)
 
 
-class Transition(nn.Module):
-    """BN-ReLU-1x1 conv to theta C channels (compression), 2x2 average pool: (B, C, H, W) -> (B, theta C, H/2, W/2)"""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.norm, self.conv = nn.BatchNorm2d(in_channels), conv(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
+def transition(in_channels: int, out_channels: int) -> nn.Sequential:  # (B, C, H, W) -> (B, theta C, H/2, W/2)
+    """BN-ReLU-1x1 conv to theta C channels (compression), then a 2x2 average pool, with torchvision's names."""
+    layers = {"norm": nn.BatchNorm2d(in_channels), "relu": nn.ReLU(), "conv": conv(in_channels, out_channels, 1)}
+    return nn.Sequential(OrderedDict(**layers, pool=nn.AvgPool2d(2)))
 
 
 class DenseNet(nn.Module):
@@ -503,7 +486,7 @@ class DenseNet(nn.Module):
             channels += num_layers * growth_rate
             if i < len(block_config) - 1:
                 compressed = int(math.floor(channels * compression))
-                self.features.add_module(f"transition{i + 1}", Transition(channels, compressed))
+                self.features.add_module(f"transition{i + 1}", transition(channels, compressed))
                 channels = compressed
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
@@ -667,8 +650,7 @@ def peak_memory_bytes(step: Callable[[], None], model: nn.Module, optimizer, dev
 
 
 def measure(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, repeats: int) -> dict:
-    """Median latency of a forward pass (eval mode, no gradients) and of a training step (forward, cross-entropy,
-    backward, SGD-with-momentum update), each after a warm-up, and the step's peak memory; fp32 at `input_shape`."""
+    """Median fp32 latency of a forward pass (eval, no gradients) and of a training step, and the step's peak memory."""
     model.to(device)
     x = torch.randn(input_shape, device=device)
     labels = torch.zeros(input_shape[0], dtype=torch.long, device=device)
@@ -687,8 +669,7 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], device: torch.device
 
 
 def variant_table(cfg, device: torch.device) -> list[dict]:
-    """Every variant built once: its parameters, its multiply-adds at its native input size (counted on the meta
-    device: shapes only, so 224x224 costs nothing), and, with `measure_latency`, its latency and memory."""
+    """Every variant's parameters, multiply-adds at its native size and, with `measure_latency`, time and memory."""
     rows = []
     jobs = [(n, b, "CIFAR", 10, 32, cfg.cifar_timing_size) for n, b in CIFAR_VARIANTS.items()]
     jobs += [(n, b, "ImageNet", 1000, 224, cfg.imagenet_timing_size) for n, b in IMAGENET_VARIANTS.items()]
@@ -700,7 +681,7 @@ def variant_table(cfg, device: torch.device) -> list[dict]:
             timing = measure(model, (cfg.timing_batch, 3, timed, timed), device, cfg.timing_repeats)
         state_mb = 3 * parameters * 4 / 1e6  # fp32 weights, their gradients and SGD's momentum buffers, in MB
         timing["activation_mb"] = timing["peak_mb"] and timing["peak_mb"] - state_mb  # what the images cost
-        macs = helpers.count_multiply_adds(model.to("meta"), (1, 3, native, native), device="meta")
+        macs = helpers.count_multiply_adds(model.to("meta"), (1, 3, native, native), device="meta")  # shapes only
         rows.append({"model": name, "data": family, "params_M": parameters / 1e6, "parameters": parameters,
                      "expected": EXPECTED_PARAMETERS.get(name), "GMACs": macs / 1e9,
                      "timed_at": f"{cfg.timing_batch}x{timed}x{timed}", **timing,
@@ -759,8 +740,7 @@ f"preact_resnet({DEEP_DEPTH}): {helpers.count_parameters(on_meta(preact_resnet, 
 
 # %% The equal-budget training comparison
 def compare_training(cfg, data: helpers.ImageData, device: torch.device) -> dict:
-    """Train each small CIFAR variant with exactly the same budget: the same images in the same order, the same
-    number of SGD steps, batch size and learning-rate schedule; then evaluate on the test images."""
+    """Each small CIFAR variant trained on the same images in the same order, steps, batch size and schedule."""
     data, amp_dtype = data.to(device), helpers.autocast_dtype(device, cfg.precision)
     milestones = (cfg.train_steps // 2, cfg.train_steps * 3 // 4) if cfg.full else ()
     rows, curves = [], {}
