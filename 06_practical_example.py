@@ -33,7 +33,7 @@ What you should see (quick demo, seed 0, Fashion-MNIST; tests/test_06_practical_
 
 Try this (`--exercise N` runs number N; answers/06_practical_example.md answers each, with numbers)
     1. `--train-size 10000 --val-size 1000 --test-size 2000` (about a minute): how much does a fifth of the data cost?
-    2. Exercise 1 with `--label-smoothing 0`, 3. with `--schedule cosine`: larger than the spread over seeds 0-2?
+    2. Exercise 1 with `--label-smoothing 0`, and 3. with `--schedule cosine`: larger than the spread of seeds 0-2?
     4. Exercise 1 with `--precision fp32 --no-channels-last`: how much does img/s change (against 1 in fp32)?
     5. Exercise 1 with `--model resnet20`, 3.3x ResNet-8's arithmetic per image: how much slower, how much better?
     6. Ctrl-C during epoch 2 of exercise 1, then `--resume outputs/06_practical_example/checkpoints/last.pt`: the
