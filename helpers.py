@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -22,7 +23,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,7 +73,7 @@ TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str
 CHECKS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Constant:
     name: str  # UPPER_CASE in the lesson; `key` is the keyword of main, `flag` the command-line flag
     type: str  # "int", "float", "str", "bool", "Path" or "tuple[int, ...]" etc.
@@ -118,7 +118,7 @@ def convert(constant: Constant, value: Any) -> Any:
     if constant.is_tuple:
         values = value if isinstance(value, (list, tuple)) else [value]
         require(len(values) > 0, f"{flag} needs at least one value")
-        item = Constant(constant.name, kind, None, check=constant.check, choices=constant.choices)
+        item = dataclasses.replace(constant, type=kind)  # each value checked as the tuple's items
         return tuple(convert(item, v) for v in values)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {"bool": isinstance(value, bool), "int": number and isinstance(value, int), "float": number}
