@@ -704,7 +704,8 @@ f"resnet8: {helpers.count_multiply_adds(cifar_resnet(8), (1, 3, 32, 32)) / 1e6:.
 def deep_gradient_check(depth: int, batch: int, seed: int, device: torch.device) -> dict:
     """One forward and backward pass of a `depth`-layer pre-activation ResNet on random images: the RMS of every unit's
     input x_l and of dE/dx_l. He et al. 2016, Eq. 5: dE/dx_l = dE/dx_L (1 + d/dx_l sum_{i=l}^{L-1} F(x_i)); the 1 (the
-    identity path) makes the gradient unlikely to be cancelled out. Projection shortcuts break the argument: measure."""
+    identity path) makes the gradient unlikely to be cancelled out (the paper's argument). Across a stage's
+    projection shortcut the argument does not reach; this run measures what happens."""
     torch.manual_seed(seed)
     model = preact_resnet(depth).to(device).train()
     units, unit_inputs = [m for m in model.modules() if isinstance(m, PreActBlock)], []

@@ -246,6 +246,10 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def per_class_accuracy(matrix: torch.Tensor) -> list[float]:
+    return (matrix.diagonal() / matrix.sum(1)).tolist()  # float32 (MPS has no float64); nan for an absent class
+
+
 def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -> tuple[dict, dict]:
     """Test accuracy, flip TTA (the mean of the logits of each image and its mirror), per class, the confusion
     matrix and the most confident mistakes."""
@@ -253,7 +257,7 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
     test = helpers.evaluate(model, data.test_x, data.test_y, *args)
     predictions, confidence = test["logits"].argmax(1), test["logits"].softmax(1).max(1).values
     matrix = confusion_matrix(predictions, data.test_y, data.num_classes)
-    per_class, counts = (matrix.diagonal() / matrix.sum(1)).tolist(), matrix.sum(1).tolist()  # nan: a class absent
+    per_class, counts = per_class_accuracy(matrix), matrix.sum(1).tolist()
     results = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     if cfg.tta:
         mirrored = helpers.evaluate(model, data.test_x.flip(3), data.test_y, *args)["logits"]  # flip along W

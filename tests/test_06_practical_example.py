@@ -403,6 +403,8 @@ def test_confusion_matrix_on_known_predictions(lesson06):
     matrix = lesson06.confusion_matrix(predictions, labels, 4)
     expected = torch.tensor([[2, 1, 0, 0], [0, 2, 0, 0], [1, 1, 2, 0], [0, 0, 0, 0]])
     assert torch.equal(matrix, expected)
+    per_class = lesson06.per_class_accuracy(matrix)
+    assert per_class[:3] == pytest.approx([2 / 3, 1.0, 0.5]) and math.isnan(per_class[3])
 
 
 # --- hostile runs (issue 12): resume semantics, diverged weights, the output folder ----------------------------
