@@ -5,8 +5,8 @@ What you will learn
     * SGD with Nesterov momentum, weight decay on weights only, warm-up then one-cycle or cosine, label smoothing;
     * mixed precision (bf16 where native, fp16 with gradient scaling on older GPUs), channels-last, torch.compile;
     * honest evaluation: a validation split picks the best epoch, the test set is only reported (with flip TTA);
-    * checkpoints that survive a kill (atomic writes), load safely (`weights_only=True`) and resume exactly;
-    * data-parallel training under `torchrun` (DDP): N processes take one process's step on the same global batch.
+    * checkpoints that survive a kill (atomic writes), load safely (`weights_only=True`) and resume exactly, and
+      data-parallel training under `torchrun` (DDP): N processes take one process's step on the same global batch.
 
 Paper
     He et al. 2015, "Deep Residual Learning for Image Recognition": every block computes y = relu(F(x, {W_i}) + x)
@@ -332,7 +332,6 @@ def main(**overrides):
     if ddp.rank == 0:  # process 0 alone writes: it claims --out (one run per folder, nothing of the user's replaced)
         out = helpers.output_dir(cfg, *OUTPUT_FILES)
         helpers.writable_dir(out / "checkpoints")
-        refuse_to_rewind(cfg, state, out)
     with contextlib.ExitStack() as held:
         if ddp.rank != 0:  # process 0 prints for the run; errors (stderr) still come from every process
             held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))  # noqa: SIM115
@@ -348,12 +347,13 @@ def main(**overrides):
         too_large = f"--batch-size {cfg.batch_size} is larger than the {len(data.train_x)} training images (lower it)"
         helpers.require(cfg.batch_size <= len(data.train_x), too_large)
         t = build_training(cfg, data, device, amp_dtype, ddp, state)
+        last = out / "checkpoints" / "last.pt"  # a resumed run replaces it: only when it is what was resumed
+        rewinds = state is not None and last.is_file() and last.resolve() != Path(cfg.resume).resolve()
+        helpers.require(not rewinds, f"resuming {cfg.resume} would replace {last} (resume it, or pass another --out)")
         data = data.to(device)  # the whole dataset on the training device, as uint8
         sizes = f"{len(data.train_x)} train / {len(data.val_x)} val / {len(data.test_x)} test images"
         how = f"autocast {amp_dtype or 'off (fp32)'}, channels-last {cfg.channels_last}, compile {cfg.compile}"
         how += f", {ddp.world} processes" if ddp.world > 1 else ""
-        if amp_dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-            print("note: this GPU has no bf16 arithmetic and emulates it slowly (--precision auto picks fp16 here)")
         print(f"{cfg.model} ({helpers.count_parameters(t['model']) / 1e6:.2f}M parameters) on {data.name}: {sizes}, "
               f"{device}, {how}")  # fmt: skip
         if state is not None:
@@ -478,18 +478,16 @@ def save_checkpoints(t: dict, ddp, checkpoints: Path, best: bool) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """`weights_only=True`: the unpickler builds only tensors and plain containers, so a file crafted to run code
-    when unpickled is refused instead of executed."""
-    path = Path(path)
-    what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
-    helpers.require(path.is_file(), f"checkpoint {path} {what} (check the --resume path)")
+    when unpickled is refused instead of executed. Every failure to load is one error line."""
     try:
         with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses: the refusal is enough
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or a forbidden global in the pickle
+    except Exception as error:  # missing, a folder, truncated, not a torch file, or a forbidden global in the pickle
         refused = "Weights only load failed" in str(error)
-        reason = "a weights-only load refuses what it holds" if refused else helpers.error_summary(error)
-        raise helpers.UserError(f"cannot load checkpoint {path}: {reason} (pass a checkpoint of this lesson)") from None
+        reason = "a weights-only load refuses what it holds" if refused else getattr(error, "strerror", None)
+        reason = reason or helpers.error_summary(error)
+        raise helpers.UserError(f"cannot load checkpoint {path}: {reason} (check the --resume path)") from None
     ours = isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
     hint = f"(pass a file from {OUT}/checkpoints)"
     helpers.require(ours, f"{path} is not a checkpoint of this lesson, or is one of an earlier version {hint}")
@@ -515,18 +513,6 @@ def resume_config(cfg, state: dict, ddp) -> helpers.Config:
     merged = helpers.Config({**cfg, **{key: checked[key] for key in RESUME_KEYS}})
     merged.lesson, merged.explicit = cfg.lesson, cfg.explicit | {"dataset"}  # the saved dataset, never a fallback
     return merged
-
-
-def refuse_to_rewind(cfg, state: dict | None, out: Path) -> None:
-    """Resuming an earlier checkpoint (best.pt) in the folder of the same run would overwrite its later last.pt."""
-    last = out / "checkpoints" / "last.pt"
-    if state is None or not last.is_file() or last.resolve() == Path(cfg.resume).resolve():
-        return
-    later = earlier = 0  # an unreadable last.pt is no later point of anything; a damaged state fails in restore
-    with contextlib.suppress(helpers.UserError, KeyError, TypeError, ValueError, AttributeError):
-        later, earlier = int(load_checkpoint(last)["run"]["epoch"]), int(state["run"]["epoch"])
-    what = f"{last} holds a later point of a run (epoch {later}) that resuming {cfg.resume} would overwrite"
-    helpers.require(later <= earlier, f"{what} (resume from {last}, or pass another --out)")
 
 
 def restore(t: dict, state: dict, cfg) -> None:
@@ -780,13 +766,5 @@ helpers.format_table([{"model": m, "parameters": helpers.count_parameters(CIFAR_
 
 
 # %% Run the lesson (in a notebook: with the constants as the cells above left them)
-def command_line(**flags):
-    """`main` for the command line: a run stopped by Ctrl-C or SIGTERM (after saving) exits with 130 or 143."""
-    results = main(**flags)
-    if results["status"] == "interrupted":
-        raise KeyboardInterrupt(results["signal"])
-    return results
-
-
 if __name__ == "__main__":
-    helpers.run_cli(command_line, globals())
+    helpers.run_cli(main, globals())

@@ -7,6 +7,7 @@ A lesson's constants block (`NAME: type = value  # help [check]`, one per line) 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import gzip
@@ -24,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,12 +50,10 @@ def require_finite(flag: str, value: float) -> None:  # NaN is named: every comp
 
 def require_memory(num_bytes: float, what: str) -> None:
     """Refuse a tensor over half this machine's memory before trying: with overcommit it would be killed later."""
-    try:
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # not POSIX: the allocator decides
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not POSIX, or the name unknown here: the allocator decides
-        return
-    gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
-    require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
+        gib = f"{num_bytes / 2**30:,.1f} GiB, more than half of this machine's {total / 2**30:,.0f} GiB of memory"
+        require(num_bytes < total / 2, f"{what} needs {gib} (use smaller sizes)")
 
 
 def error_summary(error: BaseException) -> str:
@@ -89,8 +88,7 @@ class Constant:
 
 
 def read_constants(module_globals: dict) -> list[Constant]:
-    """The declarations between the marker lines of the lesson (in a notebook: of the last cell run that has them),
-    with their current values, so that an edited value counts."""
+    """The declarations between the markers (in a notebook: of the last cell run that has them), values as now."""
     if module_globals.get("__file__"):
         text = Path(module_globals["__file__"]).read_text(encoding="utf-8")
     else:
@@ -104,9 +102,8 @@ def read_constants(module_globals: dict) -> list[Constant]:
             check = match["check"] or ""
             choices = [word.strip() for word in check.split("|")] if "|" in check else None
             choices = module_globals.get(check[3:].strip()) if check.startswith("in ") else choices
-            choices = None if choices is None else tuple(choices)
             value, helptext = module_globals[match["name"]], (match["help"] or "").strip()
-            constants.append(Constant(match["name"], match["type"], value, helptext, check, choices))
+            constants.append(Constant(match["name"], match["type"], value, helptext, check, choices and tuple(choices)))
             if constants[-1].item_type not in TYPES:
                 raise RuntimeError(f"{match['name']}: unsupported type {match['type']!r}")
     return constants
@@ -138,8 +135,7 @@ def convert(constant: Constant, value: Any) -> Any:
 
 
 class Config(dict):
-    """The constants in lower case, overrides applied: `cfg.depth` or `cfg["depth"]`. `cfg.explicit`: the keys the
-    caller set (lesson 06 refuses a flag that contradicts its checkpoint)."""
+    """The constants in lower case, overrides applied: `cfg.depth` or `cfg["depth"]`; `cfg.explicit`: keys set."""
 
     lesson: str = ""
     explicit: frozenset = frozenset()
@@ -151,8 +147,7 @@ class Config(dict):
 
 
 def config(module_globals: dict, overrides: dict, full_overrides: dict | None = None) -> Config:
-    """Constants as defaults, then `full_overrides` when `full` is on, then the caller's overrides, each converted
-    and checked. An unknown keyword is a TypeError, as for any Python function."""
+    """Constants, then `full_overrides` if `full`, then `overrides`, each checked; unknown keywords: TypeError."""
     constants = {c.key: c for c in read_constants(module_globals)}
     unknown = sorted(set(overrides) - set(constants))
     if unknown:
@@ -171,8 +166,7 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
 def constants_as_keywords(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: list every keyword `main` accepts in its docstring, so that `help(main)` and `main?` show them."""
     lines = [f"    {c.key}: {c.type} = {c.default!r}  {c.help}".rstrip() for c in read_constants(main.__globals__)]
-    keywords = "\n\nKeywords (the constants block, in lower case):\n" + "\n".join(lines)
-    main.__doc__ = (main.__doc__ or "").rstrip() + keywords
+    main.__doc__ = (main.__doc__ or "").rstrip() + "\n\nKeywords (the constants, in lower case):\n" + "\n".join(lines)
     return main
 
 
@@ -188,14 +182,11 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
     prog = f"python {Path(module_globals['__file__']).name}"
     parser = _OneLineErrors(prog=prog, description=doc[0] if doc else None, epilog=epilog, allow_abbrev=False)
     for c in read_constants(module_globals):
-        choices = c.choices
-        if c.type == "bool":
-            kwargs = {"action": argparse.BooleanOptionalAction}
-        else:
-            metavar = "{" + ",".join(choices) + "}" if choices else c.item_type.upper()
-            kwargs = {"type": TYPES[c.item_type], "metavar": metavar, "nargs": "+" if c.is_tuple else None}
+        metavar = "{" + ",".join(c.choices) + "}" if c.choices else c.item_type.upper()
+        kwargs = {"type": TYPES[c.item_type], "metavar": metavar, "nargs": "+" if c.is_tuple else None}
+        kwargs = {"action": argparse.BooleanOptionalAction} if c.type == "bool" else kwargs
         text = f"{c.help} (default: {c.default!r}" + (f"; --full: {full[c.key]!r})" if c.key in full else ")")
-        text += f" [{c.check}]" if c.check and not choices else ""
+        text += f" [{c.check}]" if c.check and not c.choices else ""
         parser.add_argument(c.flag, dest=c.key, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs)
     if module_globals.get("EXERCISES"):
         numbers = ",".join(map(str, module_globals["EXERCISES"]))
@@ -220,9 +211,9 @@ def in_notebook() -> bool:
 
 
 def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
-    """From the command line: parse the flags, call `main(**flags)`. In a notebook: call `main()` with the constants
-    as they are now and return its results. A fault the user can fix (a UserError, a file-system error, memory)
-    becomes one `error: ...` line and exit status 1; Ctrl-C exits with 130, SIGTERM with 143."""
+    """Command line: `main(**flags)`; a notebook: `main()`, returning its results. A fault the user can fix (a
+    UserError, a file-system error, memory) is one `error: ...` line and exit status 1; Ctrl-C 130, SIGTERM 143."""
+
     script = module_globals.get("__file__")
     command_line = bool(script) and bool(sys.argv) and Path(sys.argv[0]).resolve() == Path(script).resolve()
     if command_line:  # SIGTERM, what schedulers send before a kill, ends a run like Ctrl-C
@@ -238,8 +229,11 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
             if os.environ.get("RANK", "0") == "0":  # once under torchrun
                 print(f"exercise {number}: {exercise_flags(exercise)} {exercise_flags(flags)}".rstrip())
             flags = {**exercise, **flags}
-        main(**flags)
+        results = main(**flags)
+        if isinstance(results, dict) and results.get("status") == "interrupted":  # stopped, and saved where it was
+            raise KeyboardInterrupt(results["signal"])
         return None
+
     except UserError as error:
         message = str(error)
     except OSError as error:  # a full disk, a name too long, a folder where a file should be, a read-only place
@@ -301,9 +295,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The dtype to autocast to, or None for fp32. `auto`: bf16 where the hardware computes in it (CUDA compute
-    capability >= 8.0, CPUs with AVX512-BF16, AMX or Arm BF16); fp16 with a GradScaler on older CUDA GPUs (a T4 or a
-    V100, which would only emulate bf16); fp32 elsewhere, MPS included."""
+    """The autocast dtype, None for fp32. `auto`: bf16 where native (CUDA capability >= 8.0, a CPU with bf16); fp16
+    with a GradScaler on older GPUs (a T4 or V100 would only emulate bf16); fp32 elsewhere, MPS included."""
     require(precision in PRECISIONS, f"unknown precision {precision!r} (use auto, fp32, bf16 or fp16)")
     if precision != "auto":
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -318,25 +311,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator for the data order, so that the order does not depend
-    on how many random numbers the model's initialisation drew."""
+    """Seed Python, NumPy and torch; return a generator for the data order, independent of the model's init."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a wall-clock timing measures the work and not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def synchronize(device: torch.device) -> None:  # wait for queued GPU work: time the work, not its launch
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 def median_time(run: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of `run()` over `repeats` calls after `warmup` untimed ones, the device synchronised around
-    each, so that neither the warm-up's queued work nor a lone outlier counts."""
+    """Median seconds of `run()` over `repeats` synchronised calls, after `warmup` untimed ones."""
     for _ in range(warmup):
         run()
     times = []
@@ -358,8 +346,7 @@ class Table(str):
 
 
 def format_table(rows: list[dict], columns: str | list[tuple[str, str]] | None = None, title=None) -> Table:
-    """A fixed-width text table. `columns`: "depth:d ratio:.2e model" (key:format, space-separated) or a list of
-    (key, format) pairs; by default every key of the first row, unformatted."""
+    """A fixed-width table. `columns`: "depth:d ratio:.2e model", or (key, format) pairs; default: all, as is."""
     if not rows:
         return Table(title or "")
     if isinstance(columns, str):
@@ -381,8 +368,7 @@ def print_table(rows, columns=None, title=None) -> None:
 
 
 def Progress(iterable, desc: str, total=None, unit: str = "it", scale: int = 1):  # noqa: N802 - used like a class
-    """A tqdm bar on a terminal, silent in a log file or a pipe (and with NO_PROGRESS_BAR=1). `scale` turns one step
-    into units (images per batch) for the throughput figure; `.set_postfix_str(text)` adds the loss."""
+    """A tqdm bar on a terminal, silent in a pipe or with NO_PROGRESS_BAR=1; `scale`: units (images) per step."""
     from tqdm import tqdm
 
     quiet = not sys.stdout.isatty() or bool(os.environ.get("NO_PROGRESS_BAR"))
@@ -394,13 +380,13 @@ def Progress(iterable, desc: str, total=None, unit: str = "it", scale: int = 1):
 # written). A file of the user's with the same name, or a folder or a link in its place, stops the run before any
 # work. `.lock` makes one run per folder, whichever lesson; the system drops the lock when the process ends.
 MANIFEST, LOCK = ".lesson-files.json", ".lock"
+
 _held_locks: dict[Path, Any] = {}  # folder -> open lock file, held until the process ends
 
 
 def output_dir(cfg: Config, *names: str, flag: str = "--out") -> Path:
-    """Claim `cfg.out` for this run: create it, take its lock (one run per folder: an exclusive advisory lock on
-    `.lock`, which names the holder's process id; Windows has none), and check that every file in `names` (relative
-    paths) is absent or ours to replace. Returns the folder."""
+    """Create `cfg.out`, take its lock (an exclusive advisory lock on `.lock`, which names the holder's process id;
+    Windows has none) and check that each file in `names` is absent or ours to replace."""
     require(str(cfg.out).strip() != "", f"{flag} is empty (pass a folder, e.g. {flag} outputs/run1)")
     out, lock = writable_dir(cfg.out, flag), Path(cfg.out) / LOCK
     if out.resolve() not in _held_locks and os.name == "posix":
@@ -423,19 +409,15 @@ def output_dir(cfg: Config, *names: str, flag: str = "--out") -> Path:
 
 
 def writable_dir(path: str | Path, flag: str = "--out") -> Path:
-    """Create `path` if needed and prove it writable, so a blocked path fails now, not after an hour of training."""
+    """Create `path` if needed and check it is writable, so a blocked path fails now, not after an hour of training."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        reason = None if os.access(path, os.W_OK) else "it is not writable"
     except OSError as error:
         blocker = next((p for p in [path, *path.parents] if os.path.exists(p) and not os.path.isdir(p)), None)
         reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or type(error).__name__
-        raise UserError(
-            f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)"
-        ) from None
+    require(reason is None, f"cannot write to output folder {path}: {reason} (pass {flag} with a writable folder)")
     return path
 
 
@@ -464,9 +446,8 @@ def may_replace(path: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool = True) -> Path:
-    """Write a file so that no crash or kill leaves it half-written: `write(tmp)` fills a temporary file beside it,
-    which then replaces `path` in one `os.replace`. With `checked`, `path` must be ours to replace (`may_replace`),
-    and the folder's manifest records what was written. A failed write removes its temporary file and raises."""
+    """`write(tmp)` fills a temporary file beside `path`, which one `os.replace` then turns into `path`: no kill
+    leaves half a file. `checked`: `path` must be ours to replace, and the manifest records what was written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if checked:
@@ -475,9 +456,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool 
     os.close(fd)
     try:
         write(Path(tmp))
-        mask = os.umask(0)
+        mask = os.umask(0)  # reading the umask means setting it: put it back at once
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file 0600; give it what the user's umask allows
+
         if checked:  # record before the rename: a kill in between leaves a listed name, never an unlisted file of ours
             text = json.dumps(_manifest(path.parent) | {path.name: _sha256(Path(tmp))}, indent=1)
             atomic_write(path.parent / MANIFEST, lambda m: m.write_text(text), checked=False)
@@ -490,8 +472,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool 
 
 
 def _jsonable(value: Any) -> Any:
-    """A JSON-ready copy. Keys in snake_case (`max |F(x)|` -> `max_f_x`, `ms@32` -> `ms_at_32`), and a column in
-    percent (`test_err_%`: 8.75) saved as a fraction (0.0875). JSON has no NaN: non-finite floats become strings."""
+    """A JSON-ready copy: keys in snake_case (`ms@32` -> `ms_at_32`), percent columns (`err_%`: 8.75) as fractions
+    (`err`: 0.0875), and non-finite floats as strings (JSON has no NaN)."""
     if isinstance(value, dict):
         out = {}
         for key, v in ((str(k), v) for k, v in value.items()):
@@ -510,11 +492,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    return device.type
+    cpu = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu if device.type == "cpu" else device.type
 
 
 def save_results(out_dir: str | Path, results: dict, cfg: Config, device: torch.device, started: float) -> Path:
@@ -584,21 +563,9 @@ class DataUnavailableError(UserError):
     """The dataset is neither on disk nor downloadable."""
 
 
-class ImageData(NamedTuple):
-    """uint8 images (N, 3, 32, 32) and int64 labels. `val` is held out of the training set and chooses things;
-    `test` is only reported. Fashion-MNIST's 28x28 grey images are padded to 32x32 and repeated over 3 channels.
-    `mean` and `std`: per channel, of the training images, in [0, 1]."""
-
-    name: str
-    classes: tuple[str, ...]
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+class ImageData(collections.namedtuple("ImageData", "name classes train_x train_y val_x val_y test_x test_y mean std")):
+    """uint8 images (N, 3, 32, 32) and int64 labels; `val` is held out of training and chooses, `test` is only
+    reported. Fashion-MNIST is padded to 32x32 and repeated over 3 channels. `mean`, `std`: of the training images."""
 
     num_classes = property(lambda self: len(self.classes))
 
@@ -607,8 +574,7 @@ class ImageData(NamedTuple):
 
 
 def _torchvision_dataset(name: str, data_dir: Path, download: bool):
-    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every download's MD5. Files
-    that are there but cannot be read are called corrupt; files that are not there, and cannot be had, unavailable."""
+    """(train_x, train_y, test_x, test_y, classes) through torchvision, which verifies every download's MD5."""
     import torchvision
 
     sets = torchvision.datasets
@@ -638,12 +604,11 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
     except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, or no network
         present = folder.exists() and (name != "fashion-mnist" or any(folder.glob("raw/*-ubyte")))
         require(not present, f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}")
-        how = "on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist`, or use --dataset synthetic"
-        if name != "fashion-mnist":
-            how = f"copy cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, or use"
-            how += " --dataset fashion-mnist (offline on Debian: apt-get install dataset-fashion-mnist) or synthetic"
+        archive = f"copy cifar-{name[5:]}-python.tar.gz from www.cs.toronto.edu/~kriz into it, "
+        how = (archive if name.startswith("cifar") else "") + "install Debian's dataset-fashion-mnist and use "
+        how += "--dataset fashion-mnist, or use --dataset synthetic"
         why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
-        raise DataUnavailableError(f"{why} (connect to the internet once, or {how})") from None
+        raise DataUnavailableError(f"{why} (connect to the internet once, {how})") from None
     return *splits, FASHION_CLASSES if name == "fashion-mnist" else tuple(ds.classes)
 
 
@@ -656,8 +621,7 @@ SYNTHETIC_CLASSES = tuple(f"{band}-{t * 22.5:g}deg" for band in ("coarse", "fine
 
 
 def synthetic_parameters(n: int, g: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:
-    """Random gratings: the label (band * 5 + tilt class), the tilt jittered by under a third of a step and mirrored
-    at random (both images of a mirror pair in every class), and phase, contrast, colour and a blob."""
+    """Labels (band * 5 + tilt class), tilts jittered by under a third of a step and mirrored at random, and the rest."""
     gap = (math.pi / 2) / (SYNTHETIC_TILTS - 1)
     tilt_class = torch.randint(0, SYNTHETIC_TILTS, (n,), generator=g)
     band = torch.randint(0, len(SYNTHETIC_BANDS), (n,), generator=g)
@@ -694,9 +658,8 @@ def make_synthetic(num_images: int, seed: int, size: int = 32) -> tuple[torch.Te
 
 def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_size=None, seed=0, download=True,
                  fallback=False, synthetic_size=12000) -> ImageData:  # fmt: skip
-    """`name` as ImageData with `val_size` training images held out; `train_size`/`test_size` keep a seeded subset.
-    With `fallback`, a dataset that cannot be had is replaced by Fashion-MNIST (when on disk) or the synthetic set,
-    with a loud notice. Lessons call `load_data`, which applies the one fallback rule."""
+    """`name` with `val_size` training images held out, and seeded subsets of `train_size`/`test_size`. `fallback`:
+    a dataset that cannot be had is replaced, with a loud notice, by Fashion-MNIST if on disk, else synthetic."""
     require(name in DATASETS, f"unknown dataset {name!r} (use one of: {', '.join(DATASETS)})")
     data_dir = Path(data_dir)
     try:
@@ -735,8 +698,7 @@ def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_siz
 
 
 def load_data(cfg: Config, test_size: int | None = None, fallback: bool = True) -> ImageData:
-    """The one way a lesson gets its data, and the one fallback rule: a quick run substitutes another dataset (with
-    a loud notice) when the one asked for cannot be had; a `--full` run, or `fallback=False`, stops with an error."""
+    """A lesson's data, with the one fallback rule: a quick run falls back; `--full` or `fallback=False` stops."""
     return load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.get("train_size") or None, test_size, cfg.seed,
                         cfg.download, fallback and not cfg.get("full", False))  # fmt: skip
 
@@ -750,8 +712,7 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random crop after zero padding by `pad` pixels, and a horizontal flip with probability 1/2, per image, for
-    the whole batch at once on its own device. (B, C, H, W) -> (B, C, H, W), dtype kept."""
+    """Per image, a random crop after zero padding by `pad` and a flip with probability 1/2, on the batch's device."""
     batch, channels, height, width = images.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator).to(images.device)  # (2, B)
     flips = (torch.rand(batch, generator=generator) < 0.5).to(images.device)  # (B,)
@@ -764,10 +725,9 @@ def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: torch.Genera
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def epoch_batches(num_items: int, batch_size: int, generator, drop_last=True) -> Iterator[torch.Tensor]:
-    """Shuffled index batches for one pass over the data (CPU indices)."""
-    order = torch.randperm(num_items, generator=generator)
-    yield from order[: num_items - num_items % batch_size if drop_last else num_items].split(batch_size)
+def epoch_batches(num_items: int, batch_size: int, generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches (CPU) for one pass over the data, the last partial batch dropped."""
+    yield from torch.randperm(num_items, generator=generator)[: num_items - num_items % batch_size].split(batch_size)
 
 
 def endless_batches(num_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -786,9 +746,9 @@ def training_batches(data: ImageData, count: int, batch_size: int, device, gener
 
 @torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, batches: list[torch.Tensor], amp_dtype=None, channels_last=False):
-    """Replace every batch-norm layer's running mean and variance by their plain average over `batches` (train-mode
-    forward passes, no weight change). Lesson 03 shows why: after a few hundred steps at a high learning rate the
-    running averages still describe much earlier weights."""
+    """Replace every batch norm's running statistics by their plain average over `batches` (weights unchanged). Lesson
+    03 shows why: after a few hundred steps at a high rate, the running averages describe much earlier weights."""
+
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not batches or not norms:
         return model

@@ -116,7 +116,7 @@ HOSTILE = [
     # --- lesson 06: output folder, checkpoints ----------------------------------------------------------------
     row(L06, [*TINY06, "--out", "{out_with_checkpoints_file}"], 1, r"checkpoints is a file, not a folder"),
     row(L06, [*TINY06, "--out", "{locked_out}"], 1, r"is in use by another run \(process \d+\)"),
-    row(L06, [*TINY06, "--resume", "{tmp}/nope.pt"], 1, r"checkpoint .*nope.pt does not exist"),
+    row(L06, [*TINY06, "--resume", "{tmp}/nope.pt"], 1, r"cannot load checkpoint .*nope.pt: No such file or directory"),
     row(L06, [*TINY06, "--resume", "{text_file}"], 1, r"cannot load checkpoint"),
     row(L06, [*TINY06, "--resume", "{crafted}"], 1, r"cannot load checkpoint"),
     row(L06, ["--resume", "{ckpt:negative_epoch}"], 1, r"is damaged: step 0 of epoch 0 does not match"),
@@ -158,8 +158,8 @@ HOSTILE = [
     row(L05, ["--plain-checkpoint", "{tmp}/{long}.pt"], 1, r"File name too long"),
     row(L02, ["--pretrained", "--image", "{tmp}/{long}.jpg"], 1, r"File name too long"),
     row(L06, [*TINY06, "--resume", "{plain_pickle}"], 1, r"cannot load checkpoint"),
-    row(L06, [*TINY06, "--resume", "{tmp}"], 1, r"checkpoint .* is a folder"),
-    row(L06, [*TINY06, "--resume", "/dev/null"], 1, r"checkpoint /dev/null is not a regular file"),
+    row(L06, [*TINY06, "--resume", "{tmp}"], 1, r"cannot load checkpoint .*: Is a directory"),
+    row(L06, [*TINY06, "--resume", "/dev/null"], 1, r"cannot load checkpoint /dev/null: EOFError"),
     row(L06, ["--cutout", "99999999999999999999"], 1, r"--cutout must be <= 32"),
     row(L04, ["--imagenet-timing-size", "32"], 1, r"--imagenet-timing-size must be >= 64"),
     row(L02, ["--pretrained", "--image", "{text_file}"], 1, r"is not an image torchvision can read"),
@@ -196,10 +196,10 @@ HOSTILE = [
     ),  # fmt: skip
     row(
         L06,
-        ["--resume", "{ckpt:earlier}", "--out", "{finished_out}"],
+        ["--resume", "{ckpt:finished}", "--out", "{finished_out}"],
         1,
-        r"holds a later point of a run \(epoch 1\)",
-        "06:resuming an earlier checkpoint over the run's later one",
+        r"would replace .*finished/checkpoints/last.pt \(resume it, or pass another --out\)",
+        "06:resuming another checkpoint over the run's last.pt",
     ),  # fmt: skip
     # --- the benchmark --------------------------------------------------------------------------------------
     row(BENCH, ["--workers", "-1"], 1, r"--workers must be 0 or more"),
@@ -271,7 +271,6 @@ def forged_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
         "step_out_of_range": forge("step_out_of_range", lambda s: unfinish(s, 1000)),
         "schedule_edited": forge("schedule_edited", edited_schedule),
         "v1": forge("v1", lambda s: s.update(format="lesson06-checkpoint-v1")),
-        "earlier": forge("earlier", lambda s: unfinish(s, 1)),
         "lr_minus_1": forge("lr_minus_1", lambda s: s["run_config"].update(lr=-1.0)),
         "momentum_minus": forge("momentum_minus", lambda s: s["run_config"].update(momentum=-0.5)),
         "smoothing_5": forge("smoothing_5", lambda s: s["run_config"].update(label_smoothing=5.0)),
