@@ -187,11 +187,12 @@ class StopTraining(helpers.UserError):
     advice = "(lower --lr, or use --precision fp32); nothing of it was saved"
 
 
-def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_dtype, generators, run, stop, ddp):
+def train_one_epoch(t: dict, data, cfg, device, amp_dtype, stop: dict, ddp) -> dict:
     """Train from `run["step"]` to the end of epoch `run["epoch"]`, or until a stop request reaches every process.
     The order generator restarts from its state at the epoch's start, so a run stopped at step k rebuilds the same
     order and skips k batches. Loss sums stay on the device between read-outs (a read-out waits for the GPU)."""
-    order_generator, augment_generator = generators
+    model, optimizer, scheduler, scaler, run = t["trained_model"], t["optimizer"], t["scheduler"], t["scaler"], t["run"]
+    order_generator, augment_generator = t["generators"]
     order_generator.set_state(run["order_state"])
     batches = list(helpers.epoch_batches(len(data.train_x), cfg.batch_size, order_generator))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -223,7 +224,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, data, cfg, device, amp_
             mean_loss = run["loss_sum"] / run["seen"]  # NaN and infinity are sticky in a sum
             if not math.isfinite(mean_loss):
                 where = f"in epoch {run['epoch'] + 1}, step {run['step']}"
-                raise StopTraining(f"the training loss became {mean_loss} {where}")
+                raise StopTraining(f"the training loss became {mean_loss} {where} {StopTraining.advice}, {t['kept']}")
             progress.set_postfix_str(f"loss {mean_loss:.3f} lr {scheduler.get_last_lr()[0]:.4f}")
             if totals[2] > 0:  # a stop request reached some process: all stop at this same step
                 stop["stop"] = True
@@ -269,9 +270,8 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
         {"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted": data.classes[int(predictions[i])],
          "confidence": float(confidence[i])} for i in worst]  # fmt: skip
     rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
-    helpers.print_table(
-        rows, "class test_accuracy_%:.1f images:d", f"\nPer-class test accuracy, best epoch ({best_epoch})"
-    )
+    title = f"\nPer-class test accuracy, best epoch ({best_epoch})"
+    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", title)
     weakest = min(range(data.num_classes), key=lambda k: per_class[k] if counts[k] else 2.0)
     confused = sorted(((int(n), data.classes[k]) for k, n in enumerate(matrix[weakest]) if k != weakest), reverse=True)
     results["weakest_class"] = {"class": data.classes[weakest], "called": {name: n for n, name in confused[:3]}}
@@ -398,11 +398,8 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
     """One epoch, then validation and the epoch's checkpoints; a stop request mid-epoch saves where the run is.
     Nothing diverged is saved or marked best: the losses and weights are checked first."""
     run, checkpoints, started, seen_before = t["run"], out / "checkpoints", time.perf_counter(), t["run"]["seen"]
-    steps = (t["trained_model"], t["optimizer"], t["scheduler"], t["scaler"], data, cfg, device, amp_dtype)
-    try:
-        train_one_epoch(*steps, t["generators"], run, stop, ddp)
-    except StopTraining as error:
-        raise StopTraining(f"{error} {StopTraining.advice}, {t['kept']}") from None
+    train_one_epoch(t, data, cfg, device, amp_dtype, stop, ddp)
+
     share_buffers_of_rank0(t["model"], ddp)  # every process now holds the model process 0 saves
     helpers.synchronize(device)
     seconds = time.perf_counter() - started
@@ -645,9 +642,8 @@ def process_group(ddp, device: torch.device, cfg):
     if ddp.world == 1:
         yield device
         return
-    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process"
-    unset = "(unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT, or launch with torchrun)"
-    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} {unset}")
+    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process (unset"
+    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} them, or launch with torchrun)")
     where = f"torchrun runs on CUDA or the CPU, not {device.type} (pass --device cuda or cpu)"
     helpers.require(device.type in ("cpu", "cuda"), where)
     uneven = f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes"

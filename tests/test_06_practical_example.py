@@ -428,10 +428,10 @@ def poison_batch_norm_after_epoch(lesson06, monkeypatch, epoch: int):
     """After training epoch `epoch` (0-based), set one batch-norm running variance to infinity."""
     original = lesson06.train_one_epoch
 
-    def poisoned(model, *args):
-        run = original(model, *args)
+    def poisoned(t, *args):
+        run = original(t, *args)
         if run["epoch"] == epoch:
-            next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(math.inf)
+            next(m for m in t["model"].modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(math.inf)
         return run
 
     monkeypatch.setattr(lesson06, "train_one_epoch", poisoned)

@@ -84,8 +84,7 @@ def test_lesson06_trains_an_epoch_on_the_chosen_device(meta_numbers, data):
     t = lesson.build_training(cfg, data, META, None, ddp, state=None)
     stop = {"stop": False, "requested": False}
     on_meta = data.to(META)
-    run = lesson.train_one_epoch(t["trained_model"], t["optimizer"], t["scheduler"], t["scaler"], on_meta, cfg, META,
-                                 None, t["generators"], t["run"], stop, ddp)  # fmt: skip
+    run = lesson.train_one_epoch(t, on_meta, cfg, META, None, stop, ddp)
     assert run["complete"] and {p.device for p in t["model"].parameters()} == {META}
 
 
