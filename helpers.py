@@ -604,8 +604,8 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
     except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, or no network
         present = folder.exists() and (name != "fashion-mnist" or any(folder.glob("raw/*-ubyte")))
         require(not present, f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}")
-        archive = f"copy cifar-{name[5:]}-python.tar.gz from www.cs.toronto.edu/~kriz into it, "
-        how = (archive if name.startswith("cifar") else "") + "install Debian's dataset-fashion-mnist and use "
+        archive = f"copy cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ into it, "
+        how = (archive if name.startswith("cifar") else "") + "on Debian `apt-get install dataset-fashion-mnist` for "
         how += "--dataset fashion-mnist, or use --dataset synthetic"
         why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
         raise DataUnavailableError(f"{why} (connect to the internet once, {how})") from None
