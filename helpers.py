@@ -213,7 +213,6 @@ def in_notebook() -> bool:
 def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
     """Command line: `main(**flags)`; a notebook: `main()`, returning its results. A fault the user can fix (a
     UserError, a file-system error, memory) is one `error: ...` line and exit status 1; Ctrl-C 130, SIGTERM 143."""
-
     script = module_globals.get("__file__")
     command_line = bool(script) and bool(sys.argv) and Path(sys.argv[0]).resolve() == Path(script).resolve()
     if command_line:  # SIGTERM, what schedulers send before a kill, ends a run like Ctrl-C
@@ -233,7 +232,6 @@ def run_cli(main: Callable[..., Any], module_globals: dict) -> Any:
         if isinstance(results, dict) and results.get("status") == "interrupted":  # stopped, and saved where it was
             raise KeyboardInterrupt(results["signal"])
         return None
-
     except UserError as error:
         message = str(error)
     except OSError as error:  # a full disk, a name too long, a folder where a file should be, a read-only place
