@@ -399,7 +399,6 @@ def train_and_validate_one_epoch(t: dict, cfg, data, device, amp_dtype, ddp, out
     Nothing diverged is saved or marked best: the losses and weights are checked first."""
     run, checkpoints, started, seen_before = t["run"], out / "checkpoints", time.perf_counter(), t["run"]["seen"]
     train_one_epoch(t, data, cfg, device, amp_dtype, stop, ddp)
-
     share_buffers_of_rank0(t["model"], ddp)  # every process now holds the model process 0 saves
     helpers.synchronize(device)
     seconds = time.perf_counter() - started
@@ -642,8 +641,8 @@ def process_group(ddp, device: torch.device, cfg):
     if ddp.world == 1:
         yield device
         return
-    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process (unset"
-    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} them, or launch with torchrun)")
+    leftover = f"WORLD_SIZE={ddp.world} and RANK={ddp.rank} are set, but torchrun did not start this process"
+    helpers.require("TORCHELASTIC_RUN_ID" in os.environ, f"{leftover} (unset them, or launch with torchrun)")
     where = f"torchrun runs on CUDA or the CPU, not {device.type} (pass --device cuda or cpu)"
     helpers.require(device.type in ("cpu", "cuda"), where)
     uneven = f"--batch-size {cfg.batch_size} does not split evenly over {ddp.world} processes"

@@ -378,7 +378,6 @@ def Progress(iterable, desc: str, total=None, unit: str = "it", scale: int = 1):
 # written). A file of the user's with the same name, or a folder or a link in its place, stops the run before any
 # work. `.lock` makes one run per folder, whichever lesson; the system drops the lock when the process ends.
 MANIFEST, LOCK = ".lesson-files.json", ".lock"
-
 _held_locks: dict[Path, Any] = {}  # folder -> open lock file, held until the process ends
 
 
@@ -457,7 +456,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool 
         mask = os.umask(0)  # reading the umask means setting it: put it back at once
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file 0600; give it what the user's umask allows
-
         if checked:  # record before the rename: a kill in between leaves a listed name, never an unlisted file of ours
             text = json.dumps(_manifest(path.parent) | {path.name: _sha256(Path(tmp))}, indent=1)
             atomic_write(path.parent / MANIFEST, lambda m: m.write_text(text), checked=False)
@@ -602,7 +600,7 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
     except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, or no network
         present = folder.exists() and (name != "fashion-mnist" or any(folder.glob("raw/*-ubyte")))
         require(not present, f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}")
-        archive = f"copy cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ into it, "
+        archive = f"copy cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, "
         how = (archive if name.startswith("cifar") else "") + "on Debian `apt-get install dataset-fashion-mnist` for "
         how += "--dataset fashion-mnist, or use --dataset synthetic"
         why = f"{name} is not in {data_dir} and could not be downloaded: {error_summary(error)}"
@@ -746,7 +744,6 @@ def training_batches(data: ImageData, count: int, batch_size: int, device, gener
 def recalibrate_batch_norm(model: nn.Module, batches: list[torch.Tensor], amp_dtype=None, channels_last=False):
     """Replace every batch norm's running statistics by their plain average over `batches` (weights unchanged). Lesson
     03 shows why: after a few hundred steps at a high rate, the running averages describe much earlier weights."""
-
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not batches or not norms:
         return model
