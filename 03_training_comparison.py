@@ -25,7 +25,7 @@ Run
     python 03_training_comparison.py                  # 4 nets x 70 iterations of 128 images
     python 03_training_comparison.py --depths 20 32 44 56
     python 03_training_comparison.py --full           # the paper's schedule on CIFAR-10 (a GPU: hours)
-    Runtime on 2 quiet CPU cores: 207-235 s in fp32 (an AMD EPYC with AVX2 and no bf16, where auto means fp32).
+    Runtime on 2 quiet CPU cores: 183-235 s in fp32 (an AMD EPYC with AVX2 and no bf16, where auto means fp32).
     With bf16 (AVX512-BF16) not yet measured at 70 iterations; the earlier 100-iteration default took 158 s there.
     Without CIFAR-10 a quick run falls back loudly to Fashion-MNIST (or the synthetic set).
 

@@ -15,7 +15,7 @@ What you will learn
 Run
     python 04_residual_variants.py            # the checks, the table of 14 variants and a 40-step comparison
     python 04_residual_variants.py --full     # a longer comparison; meant for a GPU
-    Runtime on 2 quiet CPU cores: 109-132 s in fp32 (an AMD EPYC without bf16; every timing the median of 5).
+    Runtime on 2 quiet CPU cores: 99-132 s in fp32 (an AMD EPYC without bf16; every timing the median of 5).
     With bf16 (AVX512-BF16) 55-86 s when each timing was one pass; not yet measured with the median of 5.
 
 What you should see (seed 0, CPU)
@@ -24,9 +24,9 @@ What you should see (seed 0, CPU)
     3. A 1001-layer pre-activation ResNet (10.3M parameters) runs forward and backward on 2 images, every
        gradient finite. dE/dx_l does not vanish: it is smallest next to the loss (RMS 4.9e-5 at unit 333) and
        grows on its way back (3.6e+1 at unit 1), fastest where x_l is small (each branch's BN divides by it).
-    4. One table of all 14 variants: parameters equal to torchvision's and to the papers' rounded figures (WRN-28-10
-       36,479,194 for "36.5M"; ResNeXt-50 25,028,904; DenseNet-121 7,978,856; SE-ResNet-50 28,088,024; pre-act-1001
-       10.33M for the paper's 10.2M), multiply-adds, median forward and step times, peak memory, papers' errors (cited).
+    4. One table of all 14 variants: parameters (10 equal to torchvision's or the papers' rounded figures: WRN-28-10
+       36,479,194 for "36.5M", ResNeXt-50 25,028,904, DenseNet-121 7,978,856, SE-ResNet-50 28,088,024; pre-act-1001
+       counts 10.33M where the paper says 10.2M), multiply-adds, median forward and step times, peak memory, errors.
     5. The equal-budget comparison: 40 steps of 32 images for five small variants, the same order and schedule: all
        train with one recipe; after 1,280 images (16% of the 8,000 it draws from), on one seed, it cannot rank them.
 
@@ -881,8 +881,9 @@ def main(**overrides):
     if cfg.measure_latency:
         columns += " timed_at forward_ms:.1f train_step_ms:.1f peak_mb:.0f activation_mb:.0f"
     helpers.print_table(variants, columns + " paper_err_%:.2f source", title)
-    mismatched = [r["model"] for r in variants if r["expected"] is not None and r["parameters"] != r["expected"]]
-    print(f"parameter counts equal to the papers' / torchvision's: {mismatched or 'all'}\n")
+    compared = [r for r in variants if r["expected"] is not None]  # pinned: torchvision's, the papers' rounded figures
+    mismatched = [r["model"] for r in compared if r["parameters"] != r["expected"]]
+    print(f"parameter counts equal to the pinned ones: {mismatched or f'all {len(compared)}'}\n")
 
     # The small variants trained with the same budget of images, steps and schedule
     training = compare_training(cfg, data, device)

@@ -50,6 +50,12 @@ def test_parameter_counts(lesson04, name):
     assert lesson04.EXPECTED_PARAMETERS[name] == n  # the table the run prints checks against these
 
 
+def test_card_pins_ten_counts_and_preact_1001_differs_from_the_paper(lesson04):
+    assert len(lesson04.EXPECTED_PARAMETERS) == 10  # the card: "10 equal to torchvision's or the papers'"
+    with torch.device("meta"):
+        assert round(count(lesson04.preact_resnet(1001)) / 1e4) == 1033  # 10.33M, where the paper says 10.2M
+
+
 @pytest.mark.parametrize("name", ["resnext50_32x4d", "wide_resnet50_2", "densenet121"])
 def test_strict_load_and_equal_outputs_against_torchvision(lesson04, name):
     torch.manual_seed(0)
