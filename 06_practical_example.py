@@ -363,7 +363,7 @@ def main(**overrides):
         with stop_requests(stop):
             while t["run"]["epoch"] < cfg.epochs and not stop["stop"]:
                 train_and_validate_one_epoch(t, cfg, data, device, amp_dtype, ddp, out, stop)
-        run, last, best = t["run"], out / "checkpoints" / "last.pt", t["best"]
+        run, best = t["run"], t["best"]
         sizes = {"num_train": len(data.train_x), "num_val": len(data.val_x), "num_test": len(data.test_x)}
         results = {"status": "interrupted" if run["epoch"] < cfg.epochs else "finished", "dataset": data.name,
                    "model": cfg.model, "parameters": helpers.count_parameters(t["model"]), "autocast_dtype": amp_dtype,
