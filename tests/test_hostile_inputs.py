@@ -458,3 +458,12 @@ def test_require_finite_names_nan_and_infinity():
         helpers.require_finite("--momentum", float("nan"))
     with pytest.raises(helpers.UserError, match=r"--lr must be finite, not inf"):
         helpers.require_finite("--lr", float("inf"))
+
+
+def test_seed_range_is_numpys_and_a_bool_is_no_seed():
+    """The successor of require_seed's test: every lesson's SEED declaration takes 0 .. 2**32 - 1 and no bool."""
+    for number in range(1, 7):
+        lesson = load_lesson(number)
+        assert helpers.config(vars(lesson), {"seed": 2**32 - 1}).seed == 2**32 - 1
+        with pytest.raises(helpers.UserError, match=r"^--seed takes int values, not True"):
+            helpers.config(vars(lesson), {"seed": True})
