@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import statistics
@@ -318,7 +319,7 @@ def check_arguments(args) -> None:
     helpers.require(args.workers >= 0, f"--workers must be 0 or more DataLoader processes, not {args.workers}")
     for flag, value in (("--peak-gflops-fp32", args.peak_gflops_fp32), ("--peak-gflops-bf16", args.peak_gflops_bf16)):
         if value is not None:
-            helpers.require_finite(flag, value)
+            helpers.require(math.isfinite(value), f"{flag} is {value}, not a finite number")
             helpers.require(value > 0, f"{flag} must be > 0, not {value:g}")
     unknown = [m for m in args.models if m not in L06.CIFAR_MODELS]
     helpers.require(not unknown, f"unknown model(s) {', '.join(unknown)} (use: {', '.join(L06.CIFAR_MODELS)})")

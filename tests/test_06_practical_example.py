@@ -280,8 +280,8 @@ BAD_FLAGS = [
     ({"batch_size": 0}, "--batch-size must be > 0"),
     ({"lr": 0.0}, "--lr must be > 0"),
     ({"lr": -0.1}, "--lr must be > 0"),
-    ({"lr": float("nan")}, "--lr is nan, not a number"),
-    ({"lr": float("inf")}, "--lr must be finite"),
+    ({"lr": float("nan")}, "--lr is nan, not a finite number"),
+    ({"lr": float("inf")}, "--lr is inf, not a finite number"),
 ]
 
 
@@ -349,7 +349,9 @@ def test_command_line_errors_are_one_line(tmp_path):
     sentinel.write_text("keep")
     result = run_script("06_practical_example.py", "--dataset", "synthetic", "--out", str(tmp_path), "--lr", "nan")
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: --lr is nan, not a number")
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(
+        "error: --lr is nan, not a finite number"
+    )
     assert sentinel.read_text() == "keep"
 
 

@@ -129,12 +129,6 @@ def test_distributed_context_reads_torchruns_environment(lesson06, monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert lesson06.distributed_context() == lesson06.Distributed(3, 4, 1)
-    monkeypatch.setenv("RANK", "4")
-    with pytest.raises(helpers.UserError, match="RANK 4 is outside 0..3"):
-        lesson06.distributed_context()
-    monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(helpers.UserError, match="RANK=4, WORLD_SIZE=two, LOCAL_RANK=1: not all numbers"):
-        lesson06.distributed_context()
 
 
 @pytest.mark.slow
