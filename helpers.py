@@ -19,7 +19,6 @@ import platform
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -150,8 +149,7 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
         values.update(full_overrides)
     values.update(overrides)
     cfg = Config({key: convert(constants[key], value) for key, value in values.items()})
-    names = [module_globals.get(k) for k in ("__file__", "__vsc_ipynb_file__", "__session__")]
-    cfg.lesson = Path(next((n for n in names if n), str(module_globals.get("OUT", "notebook")))).stem
+    cfg.lesson = Path(module_globals.get("__file__") or module_globals.get("OUT") or "notebook").stem  # OUT names a lesson
     cfg.explicit = frozenset(overrides)
     return cfg
 
@@ -265,13 +263,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX on x86, BF16 on Arm (Apple's from the M2 on; the M1 has none). Without them bf16 autocast
-    is emulated and slower than fp32: detect, never assume."""
-    if sys.platform == "darwin":
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            answer = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, timeout=5)
-            return answer.stdout.strip() == b"1"
-        return False
+    """AVX512-BF16 or AMX on x86, BF16 on Arm, from Linux's /proc/cpuinfo; elsewhere (macOS, Windows) False. Without
+    them bf16 autocast is emulated and slower than fp32 (the M1 has none): detect, never assume."""
     flags = Path("/proc/cpuinfo").read_text().split() if os.path.isfile("/proc/cpuinfo") else []
     if platform.machine() in ("arm64", "aarch64"):
         return "bf16" in flags

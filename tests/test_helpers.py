@@ -282,19 +282,30 @@ def test_auto_precision_on_cuda_follows_compute_capability(capability, expected,
     assert helpers.autocast_dtype(torch.device("mps"), "auto") is None
 
 
-@pytest.mark.parametrize(("answer", "expected"), [(b"1\n", True), (b"0\n", False), (b"", False)])
-def test_apple_silicon_bf16_is_read_from_sysctl(answer, expected, monkeypatch):
-    """The M1 has no BF16 instructions (FEAT_BF16 = 0); the M2 and later have them. Faked macOS."""
-    calls = []
-
-    def fake_run(command, **kwargs):
-        calls.append(command)
-        return subprocess.CompletedProcess(command, 0, stdout=answer, stderr=b"")
-
-    monkeypatch.setattr(helpers.sys, "platform", "darwin")
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+@pytest.mark.parametrize(
+    ("machine", "capability", "cpuinfo", "expected"),
+    [
+        ("x86_64", "AVX512", "flags : fpu avx512f avx512_bf16 sse", True),
+        ("x86_64", "AVX512", "flags : fpu avx512f amx_bf16", True),
+        ("x86_64", "AVX512", "flags : fpu avx512f avx512_vnni", False),  # a Xeon with AVX-512 but no BF16
+        ("x86_64", "AVX2", "flags : fpu avx2 avx512_bf16", False),  # torch told to stay below AVX-512
+        ("aarch64", "DEFAULT", "Features : fp asimd bf16 sve", True),
+        ("aarch64", "DEFAULT", "Features : fp asimd", False),
+        ("arm64", "DEFAULT", None, False),  # macOS: no /proc/cpuinfo, so never assumed (the M1 has no BF16)
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(machine, capability, cpuinfo, expected, monkeypatch, tmp_path):
+    cpuinfo_path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        cpuinfo_path.write_text(cpuinfo + "\n")
+    real_isfile, real_path = helpers.os.path.isfile, helpers.Path
+    monkeypatch.setattr(
+        helpers.os.path, "isfile", lambda p: cpuinfo is not None if p == "/proc/cpuinfo" else real_isfile(p)
+    )
+    monkeypatch.setattr(helpers, "Path", lambda p, *rest: cpuinfo_path if p == "/proc/cpuinfo" else real_path(p, *rest))
+    monkeypatch.setattr(helpers.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert helpers.cpu_has_native_bf16() is expected
-    assert calls == [["sysctl", "-n", "hw.optional.arm.FEAT_BF16"]]
     assert (helpers.autocast_dtype(torch.device("cpu"), "auto") == torch.bfloat16) is expected
 
 
