@@ -148,19 +148,18 @@ f"{tuple(example.shape)} {example.dtype} -> {tuple(augmented.shape)} {augmented.
 
 # %% Optimiser and schedule
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay on convolution and linear weights (ndim > 1) only. Before batch norm a weight's scale does not change the
-    function, so decay there raises the effective learning rate, about lr / ||W||^2 (van Laarhoven 2017); decay on
-    BN's gamma would pull every residual branch towards zero. A common practice; not measured here."""
+    """Decay on convolution and linear weights only: before batch norm a weight's scale does not change the function,
+    so decay raises the effective learning rate (about lr / ||W||^2, van Laarhoven 2017); on BN's gamma it would pull
+    every residual branch towards zero. A common practice; not measured here."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay, "name": "weights"},
             {"params": no_decay, "weight_decay": 0.0, "name": "bn_and_bias"}]  # fmt: skip
 
 
-class LearningRateShape:
-    """Multiplier of the peak learning rate at step t: linear warm-up from 0, then down to 0 at the last step,
-    linearly (one-cycle, Smith and Topin 2017; momentum does not cycle here) or along a half cosine (Loshchilov and
-    Hutter 2017). A class, not a lambda, so that the scheduler's state pickles."""
+class LearningRateShape:  # a class, not a lambda, so that the scheduler's state pickles
+    """The peak learning rate's multiplier at step t: linear warm-up from 0, then down to 0 at the last step, linearly
+    (one-cycle, Smith and Topin 2017, without cycling momentum) or along a half cosine (Loshchilov and Hutter 2017)."""
 
     def __init__(self, total_steps: int, warmup_steps: int, schedule: str):
         self.total, self.warmup, self.schedule = total_steps, min(warmup_steps, total_steps - 1), schedule
@@ -249,8 +248,8 @@ def per_class_accuracy(matrix: torch.Tensor) -> list[float]:
 
 
 def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -> tuple[dict, dict]:
-    """Test accuracy, flip TTA (the mean of the logits of each image and its mirror), per class, the confusion
-    matrix and the most confident mistakes."""
+    """Test accuracy, with flip TTA (the mean logits of each image and its mirror), per class, the confusion matrix
+    and the most confident mistakes."""
     args = (data.mean, data.std, device, amp_dtype, cfg.eval_batch_size, cfg.channels_last)
     test = helpers.evaluate(model, data.test_x, data.test_y, *args)
     predictions, confidence = test["logits"].argmax(1), test["logits"].softmax(1).max(1).values
@@ -267,7 +266,7 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
         {"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted": data.classes[int(predictions[i])],
          "confidence": float(confidence[i])} for i in worst]  # fmt: skip
     rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
-    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", f"\nPer-class test accuracy, best epoch {best_epoch}")
+    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", f"\nPer-class test accuracy, epoch {best_epoch}")
 
     weakest = min(range(data.num_classes), key=lambda k: per_class[k] if counts[k] else 2.0)
     confused = sorted(((int(n), data.classes[k]) for k, n in enumerate(matrix[weakest]) if k != weakest), reverse=True)
@@ -563,8 +562,7 @@ def stop_requests(stop: dict):
 
 
 def build_training(cfg, data, device, amp_dtype, ddp, state: dict | None) -> dict:
-    """Model (channels-last, DDP, torch.compile where asked), SGD with Nesterov momentum, the schedule and the
-    gradient scaler (fp16 only); restored from the checkpoint when resuming."""
+    """Model (channels-last, DDP, torch.compile), SGD, the schedule and the fp16 scaler; restored when resuming."""
     steps_per_epoch = len(data.train_x) // cfg.batch_size
     generator = helpers.seed_everything(cfg.seed)  # the weights, then the data order, come from the seed
     model = CIFAR_MODELS[cfg.model](data.num_classes)

@@ -20,7 +20,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -149,7 +148,7 @@ def config(module_globals: dict, overrides: dict, full_overrides: dict | None = 
         values.update(full_overrides)
     values.update(overrides)
     cfg = Config({key: convert(constants[key], value) for key, value in values.items()})
-    cfg.lesson = Path(module_globals.get("__file__") or module_globals.get("OUT") or "notebook").stem  # OUT names a lesson
+    cfg.lesson = Path(module_globals.get("__file__") or module_globals.get("OUT") or "notebook").stem
     cfg.explicit = frozenset(overrides)
     return cfg
 
@@ -180,10 +179,9 @@ def build_parser(module_globals: dict, full_overrides: dict | None = None) -> ar
         text += f" [{c.check}]" if c.check and not c.choices else ""
         parser.add_argument(c.flag, dest=c.key, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs)
     if module_globals.get("EXERCISES"):
-        numbers = ",".join(map(str, module_globals["EXERCISES"]))
         text = "run exercise N of Try this (its flags first, then yours); answers in answers/"
-        parser.add_argument("--exercise", type=int, choices=list(module_globals["EXERCISES"]), metavar=f"{{{numbers}}}",
-                            default=argparse.SUPPRESS, help=text)  # fmt: skip
+        parser.add_argument("--exercise", type=int, choices=list(module_globals["EXERCISES"]), default=argparse.SUPPRESS,
+                            help=text)  # fmt: skip
     return parser
 
 
@@ -300,10 +298,9 @@ def synchronize(device: torch.device) -> None:  # wait for queued GPU work: time
         getattr(torch, device.type).synchronize()
 
 
-def median_time(run: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of `run()` over `repeats` synchronised calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        run()
+def median_time(run: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of `run()` over `repeats` synchronised calls, after one untimed call (the warm-up)."""
+    run()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -422,15 +419,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], checked: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     if checked:
         may_replace(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"  # `write` creates it, as the user's umask allows
     try:
-        write(Path(tmp))
-        mask = os.umask(0)  # reading the umask means setting it: put it back at once
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file 0600; give it what the user's umask allows
+        write(tmp)
         if checked:  # record before the rename: a kill in between leaves a listed name, never an unlisted file of ours
-            text = json.dumps(_manifest(path.parent) | {path.name: _sha256(Path(tmp))}, indent=1)
+            text = json.dumps(_manifest(path.parent) | {path.name: _sha256(tmp)}, indent=1)
             atomic_write(path.parent / MANIFEST, lambda m: m.write_text(text), checked=False)
         os.replace(tmp, path)
     except BaseException:
@@ -456,7 +449,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return _jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return str(value)  # JSON has no NaN or infinity
     return str(value) if isinstance(value, (Path, torch.device, torch.dtype)) else value
 
 
@@ -566,7 +559,10 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
             else:  # (N, H, W, C) -> (N, C, H, W)
                 x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
             splits += [x, torch.as_tensor(ds.targets, dtype=torch.int64)]
-    except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, read-only, no network
+    except PermissionError as error:  # a read-only --data-dir: falling back would hide the cause
+        why = f"cannot write {name} into --data-dir {data_dir}: {error.strerror}"
+        raise UserError(f"{why} (pass a writable one)") from None
+    except (RuntimeError, OSError, ValueError, AssertionError) as error:  # not found, corrupt, or no network
         present = folder.exists() and (name != "fashion-mnist" or any(folder.glob("raw/*-ubyte")))
         require(not present, f"{name} files in {folder} are corrupt or incomplete: {error_summary(error)} {again}")
         archive = f"copy cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ into {data_dir}/, "
