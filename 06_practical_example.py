@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import helpers
 
@@ -653,13 +654,10 @@ def process_group(ddp, device: torch.device, cfg):
 {key: os.environ.get(key) for key in TORCHRUN_VARIABLES}  # torchrun sets them; `python` none
 
 
-# %% Lesson 02's CIFAR ResNets, repeated here in compact form so that this lesson stands alone (the option-A 6n+2
-# nets and the ImageNet ResNets with a 3x3 stride-1 stem); tests/test_standalone.py proves them equal to lesson 02's.
-def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
-
-
-class ShortcutA(nn.Module):  # subsample, then zero-pad the new channels: no parameters
+# %% Lesson 02's CIFAR ResNets, assembled here from torchvision's BasicBlock and Bottleneck (lesson 02 proves its own
+# blocks equal to them) so that this lesson stands alone; tests/test_standalone.py proves each model equal to lesson
+# 02's, to the weights drawn from the same seed. Every block computes y = relu(F(x, {W_i}) + x)  (Eq. 1).
+class ShortcutA(nn.Module):  # option A: subsample, then zero-pad the new channels; no parameters
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.new_channels, self.stride = out_channels - in_channels, stride
@@ -668,41 +666,8 @@ class ShortcutA(nn.Module):  # subsample, then zero-pad the new channels: no par
         return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.new_channels))
 
 
-def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # W_s x (Eq. 2)
-    return nn.Sequential(conv(in_channels, out_channels, 1, stride), nn.BatchNorm2d(out_channels))
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection):
-        super().__init__()
-        self.conv1, self.bn1 = conv(in_channels, width, 3, stride), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv(width, width, 3), nn.BatchNorm2d(width)
-        changes = stride != 1 or in_channels != width
-        self.downsample = make_shortcut(in_channels, width, stride) if changes else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # F(x): (B, C_in, H, W) -> (B, w, H/s, W/s)
-        return F.relu(branch + (x if self.downsample is None else self.downsample(x)))  # y = relu(F(x) + x)  (Eq. 1)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1, make_shortcut=projection):
-        super().__init__()
-        self.conv1, self.bn1 = conv(in_channels, width, 1), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv(width, width, 3, stride), nn.BatchNorm2d(width)  # the stride on the 3x3 (v1.5)
-        self.conv3, self.bn3 = conv(width, 4 * width, 1), nn.BatchNorm2d(4 * width)
-        changes = stride != 1 or in_channels != 4 * width
-        self.downsample = make_shortcut(in_channels, 4 * width, stride) if changes else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_in, H, W) -> (B, w, H, W)
-        out = F.relu(self.bn2(self.conv2(out)))  # -> (B, w, H/s, W/s)
-        branch = self.bn3(self.conv3(out))  # -> (B, 4w, H/s, W/s)
-        return F.relu(branch + (x if self.downsample is None else self.downsample(x)))  # Eq. 1
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:  # option B: W_s x (Eq. 2)
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
 
 class CifarStemResNet(nn.Module):
@@ -711,12 +676,15 @@ class CifarStemResNet(nn.Module):
 
     def __init__(self, block, blocks_per_stage, widths, num_classes: int, make_shortcut=projection):
         super().__init__()
-        self.conv1, self.bn1 = conv(3, widths[0], 3), nn.BatchNorm2d(widths[0])
+        self.conv1, self.bn1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0])
         channels = widths[0]
         for index, (width, count) in enumerate(zip(widths, blocks_per_stage), start=1):
             blocks = []
             for b in range(count):
-                blocks.append(block(channels, width, 2 if b == 0 and index > 1 else 1, make_shortcut))
+                stride = 2 if b == 0 and index > 1 else 1
+                blocks.append(block(channels, width, stride))  # F(x) and the addition; the shortcut is x ...
+                if stride != 1 or channels != width * block.expansion:  # ... unless the shape changes
+                    blocks[-1].downsample = make_shortcut(channels, width * block.expansion, stride)
                 channels = width * block.expansion
             self.add_module(f"layer{index}", nn.Sequential(*blocks))
         self.num_stages, self.avgpool, self.fc = len(widths), nn.AdaptiveAvgPool2d(1), nn.Linear(channels, num_classes)

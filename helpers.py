@@ -394,12 +394,8 @@ def _manifest(folder: Path) -> dict:
     return {}
 
 
-def _sha256(path: Path) -> str:  # in 1 MiB chunks: a checkpoint can be hundreds of MB
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _sha256(path: Path) -> str:  # read whole: a checkpoint of ResNet-152 is under 1 GB
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def may_replace(path: Path) -> None:
@@ -703,24 +699,15 @@ def training_batches(data: ImageData, count: int, batch_size: int, device, gener
     return [normalize(data.train_x[i.to(data.train_x.device)].to(device), data.mean, data.std) for _, i in batches]
 
 
-@torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, batches: list[torch.Tensor], amp_dtype=None, channels_last=False):
-    """Replace every batch norm's running statistics by their plain average over `batches` (weights unchanged). Lesson
-    03 shows why: after a few hundred steps at a high rate, the running averages describe much earlier weights."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not batches or not norms:
-        return model
-    momenta, was_training = [m.momentum for m in norms], model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None: a cumulative average, the plain mean over the batches seen
-    model.train()
-    for x in batches:
-        with autocast(x.device, amp_dtype):
-            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.train(was_training)
+    """Replace every batch norm's running statistics by their plain average over `batches`, weights unchanged (torch's
+    `update_bn`: momentum None, a cumulative average). Lesson 03 shows why: after a few hundred steps at a high rate,
+    the running averages describe much earlier weights."""
+    if batches:
+        with autocast(batches[0].device, amp_dtype):
+            inputs = (x.contiguous(memory_format=torch.channels_last) if channels_last else x for x in batches)
+            torch.optim.swa_utils.update_bn(inputs, model)
+    return model
 
 
 @torch.no_grad()

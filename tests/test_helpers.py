@@ -314,3 +314,23 @@ def test_x86_without_avx512_bf16_runs_fp32(monkeypatch):
     monkeypatch.setattr(helpers.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert helpers.autocast_dtype(torch.device("cpu"), "auto") is None
+
+
+def test_batch_norm_recalibration_is_the_plain_mean_over_the_batches():
+    """The running statistics become the average of the batches' statistics (momentum None), weights and the
+    module's mode and momentum unchanged; no batches leave the statistics alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3)).eval()
+    batches = [torch.randn(8, 3, 6, 6) * (i + 1) for i in range(3)]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    helpers.recalibrate_batch_norm(model, [])
+    assert torch.equal(model[1].running_mean, torch.zeros(4))
+    helpers.recalibrate_batch_norm(model, batches, channels_last=True)
+    with torch.no_grad():
+        outputs = [model[0](x) for x in batches]
+    means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(0)
+    variances = torch.stack([o.transpose(0, 1).flatten(1).var(1) for o in outputs]).mean(0)  # unbiased, as BN keeps
+    assert torch.allclose(model[1].running_mean, means, atol=1e-5)
+    assert torch.allclose(model[1].running_var, variances, rtol=1e-4)
+    assert not model.training and model[1].momentum == 0.3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
