@@ -10,9 +10,9 @@ What you will learn
 Paper
     He et al. 2015, "Deep Residual Learning for Image Recognition": y = relu(F(x, {W_i}) + x) (Eq. 1). The demo
     trains the 6n+2 CIFAR net with n = 1 (ResNet-8, 75k parameters). `--full` trains the 3x3-stem ResNet-18 with
-    kuangliu/pytorch-cifar's recipe (SGD, lr 0.1, momentum 0.9, decay 5e-4, cosine over 200 epochs, batch 128),
-    whose README lists 93.02% CIFAR-10 test accuracy, trained on all 50,000 images and chosen on the test set
-    (cited, not measured: no GPU has run this lesson). `--full` holds 5,000 images out and chooses on them.
+    kuangliu/pytorch-cifar's recipe (SGD, lr 0.1, momentum 0.9, decay 5e-4, cosine over 200 epochs, batch 128):
+    93.02% CIFAR-10 test accuracy in its README, trained on all 50,000 images and chosen on the test set (cited,
+    not measured: no GPU has run this lesson); `--full` holds 5,000 out and chooses on them.
 
 Run
     python 06_practical_example.py                  # quick demo: ResNet-8, 3 epochs of 55,000 images, batch 64
