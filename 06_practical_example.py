@@ -267,8 +267,7 @@ def evaluate_on_test_set(model, cfg, data, device, amp_dtype, best_epoch: int) -
         {"index": int(i), "true": data.classes[int(data.test_y[i])], "predicted": data.classes[int(predictions[i])],
          "confidence": float(confidence[i])} for i in worst]  # fmt: skip
     rows = [{"class": c, "test_accuracy_%": 100 * a, "images": n} for c, a, n in zip(data.classes, per_class, counts)]
-    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", f"\nPer-class test accuracy, epoch {best_epoch}")
-
+    helpers.print_table(rows, "class test_accuracy_%:.1f images:d", f"\nPer-class accuracy, best epoch {best_epoch}")
     weakest = min(range(data.num_classes), key=lambda k: per_class[k] if counts[k] else 2.0)
     confused = sorted(((int(n), data.classes[k]) for k, n in enumerate(matrix[weakest]) if k != weakest), reverse=True)
     results["weakest_class"] = {"class": data.classes[weakest], "called": {name: n for n, name in confused[:3]}}

@@ -293,7 +293,6 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def synchronize(device: torch.device) -> None:  # wait for queued GPU work: time the work, not its launch
-
     if device.type in ("cuda", "mps"):
         getattr(torch, device.type).synchronize()
 
@@ -357,7 +356,6 @@ _held_locks: dict[Path, Any] = {}  # folder -> open lock file, held until the pr
 def output_dir(cfg: Config, *names: str, flag: str = "--out") -> Path:
     """Create `cfg.out`, take its lock (an advisory lock on `.lock`; Windows has none) and check that each file in
     `names` is absent or ours to replace."""
-
     require(str(cfg.out).strip() != "", f"{flag} is empty (pass a folder, e.g. {flag} outputs/run1)")
     out, lock = writable_dir(cfg.out, flag), Path(cfg.out) / LOCK
     if out.resolve() not in _held_locks and os.name == "posix":
@@ -509,12 +507,7 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's package dataset-fashion-mnist
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+FASHION_MNIST_FILES = [f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
 
 
 class DataUnavailableError(UserError):
@@ -541,12 +534,11 @@ def _torchvision_dataset(name: str, data_dir: Path, download: bool):
     require(not data_dir.exists() or data_dir.is_dir(), f"--data-dir {data_dir} is {what}")
     folder, debian = data_dir / getattr(cls, "base_folder", "FashionMNIST"), DEBIAN_FASHION_MNIST
     again, splits = f"(delete {folder} and its archive to unpack or download them again)", []
-    try:  # Debian's copy of Fashion-MNIST, checked against the originals' MD5s, saves a download
+    try:  # Debian's copy of Fashion-MNIST saves a download
         unpack = name == "fashion-mnist" and (debian / "t10k-labels-idx1-ubyte.gz").exists()
         for n in FASHION_MNIST_FILES if unpack and not any(folder.glob("raw/*-ubyte")) else ():
             data = gzip.decompress((debian / f"{n}.gz").read_bytes())  # torchvision checks each header and length
             atomic_write(folder / "raw" / n, lambda tmp, data=data: tmp.write_bytes(data), checked=False)
-
         for train in (True, False):
             with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Files already downloaded"
                 ds = cls(root=str(data_dir), train=train, download=download)
@@ -640,9 +632,7 @@ def load_dataset(name, data_dir="data", val_size=5000, train_size=None, test_siz
         return load_dataset(substitute, data_dir, val_size, train_size, test_size, seed, download=False)
     require(0 < val_size < len(train_x), f"--val-size must be between 1 and {len(train_x) - 1} for {name}")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:val_size], order[val_size:]
-    if train_size is not None:
-        train_idx = train_idx[:train_size]
+    val_idx, train_idx = order[:val_size], order[val_size:][:train_size]  # train_size None: all the rest
     if test_size is not None:
         test_idx = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed + 1))[:test_size]
         test_x, test_y = test_x[test_idx], test_y[test_idx]
