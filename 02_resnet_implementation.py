@@ -15,7 +15,7 @@ Paper
     computes y = F(x, {W_i}) + x (Eq. 1), or y = F(x, {W_i}) + W_s x (Eq. 2) where the shape changes, then a ReLU.
 
 Run
-    python 02_resnet_implementation.py                        # 55-71 s on 2 CPU cores, fp32, most of it timing
+    python 02_resnet_implementation.py                        # 53-71 s on 2 CPU cores, fp32, most of it timing
     python 02_resnet_implementation.py --no-measure-latency   # the counts only, about 10 s
     python 02_resnet_implementation.py --pretrained           # classify a photo with torchvision's ImageNet weights
     `--pretrained` needs the network once; the cached file is checked against its published hash and loaded with

@@ -13,7 +13,7 @@ What you will learn
 Run
     python 05_visualization.py            # two 20-layer nets, 100 steps each, and 2 x 3 direction pairs x 81 points
     python 05_visualization.py --full     # the ResNet-56 pair, 6000 steps, 51x51 grid: meant for a GPU
-    Runtime on 2 quiet CPU cores: 121-199 s with bf16 training (AVX512-BF16), 134-167 s in fp32 (an AMD EPYC
+    Runtime on 2 quiet CPU cores: 121-199 s with bf16 training (AVX512-BF16), 127-167 s in fp32 (an AMD EPYC
     without bf16); the landscape itself is always fp32.
 
 What you should see (seed 0, Fashion-MNIST fallback; one batch of 32 training images)
