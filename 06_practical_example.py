@@ -655,7 +655,7 @@ def process_group(ddp, device: torch.device, cfg):
 
 # %% Lesson 02's CIFAR ResNets, assembled here from torchvision's BasicBlock and Bottleneck (lesson 02 proves its own
 # blocks equal to them) so that this lesson stands alone; tests/test_standalone.py proves each model equal to lesson
-# 02's, to the weights drawn from the same seed. Every block computes y = relu(F(x, {W_i}) + x)  (Eq. 1).
+# 02's, down to the weights drawn from the same seed. Every block computes y = relu(F(x, {W_i}) + x)  (Eq. 1).
 class ShortcutA(nn.Module):  # option A: subsample, then zero-pad the new channels; no parameters
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
