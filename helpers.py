@@ -260,10 +260,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+CPU_FLAGS = Path("/proc/cpuinfo")  # Linux's list of the CPU's features
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX on x86, BF16 on Arm, from Linux's /proc/cpuinfo; elsewhere (macOS, Windows) False. Without
     them bf16 autocast is emulated and slower than fp32 (the M1 has none): detect, never assume."""
-    flags = Path("/proc/cpuinfo").read_text().split() if os.path.isfile("/proc/cpuinfo") else []
+    flags = CPU_FLAGS.read_text().split() if CPU_FLAGS.is_file() else []
     if platform.machine() in ("arm64", "aarch64"):
         return "bf16" in flags
     capability = getattr(torch.backends.cpu, "get_cpu_capability", str)()  # e.g. "AVX512", "AVX2", "DEFAULT"

@@ -295,14 +295,10 @@ def test_auto_precision_on_cuda_follows_compute_capability(capability, expected,
     ],
 )
 def test_native_bf16_is_read_from_the_cpu_flags(machine, capability, cpuinfo, expected, monkeypatch, tmp_path):
-    cpuinfo_path = tmp_path / "cpuinfo"
+    cpuinfo_path = tmp_path / "cpuinfo"  # absent for macOS
     if cpuinfo is not None:
         cpuinfo_path.write_text(cpuinfo + "\n")
-    real_isfile, real_path = helpers.os.path.isfile, helpers.Path
-    monkeypatch.setattr(
-        helpers.os.path, "isfile", lambda p: cpuinfo is not None if p == "/proc/cpuinfo" else real_isfile(p)
-    )
-    monkeypatch.setattr(helpers, "Path", lambda p, *rest: cpuinfo_path if p == "/proc/cpuinfo" else real_path(p, *rest))
+    monkeypatch.setattr(helpers, "CPU_FLAGS", cpuinfo_path)
     monkeypatch.setattr(helpers.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert helpers.cpu_has_native_bf16() is expected
