@@ -19,7 +19,7 @@ Run
     python 06_practical_example.py --full           # cifar_resnet18, 200 epochs (a GPU)
     python 06_practical_example.py --resume outputs/06_practical_example/checkpoints/last.pt
     torchrun --standalone --nproc_per_node 2 06_practical_example.py --device cpu   # 2 processes (gloo)
-    Runtime on 2 quiet CPU cores: 112-155 s with bf16 (AVX512-BF16), 158-200 s in fp32 (an AMD EPYC with AVX2
+    Runtime on 2 quiet CPU cores: 112-155 s with bf16 (AVX512-BF16), 157-200 s in fp32 (an AMD EPYC with AVX2
     and no bf16). CIFAR-10 is not on either machine: the demo falls back to Fashion-MNIST.
 
 What you should see (quick demo, seed 0, Fashion-MNIST; tests/test_06_practical_example.py reruns it)
